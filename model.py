@@ -1,0 +1,287 @@
+"""A Llama in plain PyTorch: config from a Hugging Face config.json, lazy safetensors loading.
+
+The model knows nothing of KV-cache policy. Each attention layer computes q, the key before and
+after RoPE and v, asks its `gate` (if any) for one admission score per KV head and token, and hands
+everything to its `cache`, which writes and attends (see cache.py). Without a cache a layer runs
+plain causal attention over the tokens it is given.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the problem in one line."""
+
+
+# Keys of a Llama config.json that describe the file or training, not the forward pass.
+_METADATA_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id", "attention_dropout",
+    "pretraining_tp", "output_hidden_states", "output_attentions", "return_dict", "id2label",
+    "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "transformers.js_config",
+    "tokenizer_class", "max_length", "quantization_config_ignored", "pruned_heads", "tie_encoder_decoder",
+    "torchscript", "use_bfloat16", "tf_legacy_loss", "add_cross_attention", "cross_attention_hidden_size",
+    "is_decoder", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+}
+# Keys whose only supported value is the one given: anything else changes the math.
+_FIXED_KEYS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    dim: int                      # hidden size
+    n_layers: int
+    n_heads: int                  # Hq
+    n_kv_heads: int               # Hkv
+    intermediate_size: int
+    head_dim: int = 0             # D; 0 means dim // n_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)   # {} or Llama-3 "llama3" scaling parameters
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}")
+        rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise CheckpointError(f"rope scaling type {rope_type!r} is not supported (supported: none, 'llama3')")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """Build from the dict of a Hugging Face LlamaForCausalLM config.json; fail loudly on anything else."""
+        archs = hf.get("architectures") or ["LlamaForCausalLM"]
+        if hf.get("model_type", "llama") != "llama" or archs != ["LlamaForCausalLM"]:
+            raise CheckpointError(f"architecture {archs} / model_type {hf.get('model_type')!r} is not supported (supported: LlamaForCausalLM, model_type 'llama')")
+        for key, supported in _FIXED_KEYS.items():
+            if key in hf and hf[key] != supported:
+                raise CheckpointError(f"config.json {key}={hf[key]!r} is not supported (supported: {supported!r})")
+        # transformers 5 keeps rope_theta inside rope_parameters; 4.x has rope_theta and rope_scaling.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        mapping = {
+            "vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
+            "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+            "intermediate_size": "intermediate_size", "head_dim": "head_dim", "rms_norm_eps": "rms_norm_eps",
+            "max_position_embeddings": "max_position_embeddings", "tie_word_embeddings": "tie_word_embeddings",
+        }
+        known = set(mapping) | _METADATA_KEYS | set(_FIXED_KEYS) | {"rope_theta", "rope_scaling", "rope_parameters"}
+        unknown = sorted(k for k in hf if k not in known and not k.startswith("_"))
+        if unknown:
+            raise CheckpointError(f"config.json has unsupported fields {unknown} (supported: {sorted(mapping) + ['rope_theta', 'rope_scaling', 'rope_parameters']})")
+        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise CheckpointError(f"config.json lacks required fields {missing}")
+        kwargs = {ours: hf[theirs] for theirs, ours in mapping.items() if hf.get(theirs) is not None}
+        kwargs.setdefault("n_kv_heads", kwargs["n_heads"])
+        return cls(**kwargs, rope_theta=float(theta), rope_scaling=rope)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 as Hugging Face does; the weight multiplies in the input dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_frequencies(config: LlamaConfig) -> Tensor:
+    """Inverse frequencies (D/2,) in float64, with Llama-3 scaling when the config asks for it."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    s = config.rope_scaling
+    if s:
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        is_medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(is_medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE (the Hugging Face layout). x: (B, H, T, D); cos, sin: (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        # Both set from outside (setup_caches, gate.install); the layer only calls them.
+        self.cache: nn.Module | None = None   # (q, k, v, g, input_pos) -> (B, Hq, T, D)
+        self.gate: nn.Module | None = None    # (k_pre, k_post, input_pos) -> g (B, Hkv, T)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)          # (B, Hq, T, D)
+        k_pre = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)       # (B, Hkv, T, D)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k_pre, cos, sin)
+        g = self.gate(k_pre, k, input_pos) if self.gate is not None else None            # (B, Hkv, T)
+        if self.cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, Hq, T, D)
+        else:
+            y = self.cache(q, k, v, g, input_pos)                                         # (B, Hq, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)   # gate_proj
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)   # up_proj
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)   # down_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_frequencies(config).float(), persistent=False)   # (D/2,)
+
+    def setup_caches(self, make_cache) -> None:
+        """Give every layer its own cache: make_cache(layer_index) returns the module (see cache.py)."""
+        for i, layer in enumerate(self.layers):
+            layer.attention.cache = make_cache(i)
+
+    def body(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """Final-normed hidden states (B, T, dim). tokens: (B, T); input_pos: (T,) positions of the tokens."""
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)
+        # The angles are built in float32 from the positions, so no (S_max, D) table need be kept.
+        angles = input_pos.float()[:, None] * self.inv_freq[None, :]                  # (T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)                                   # (T, D)
+        x = self.tok_embeddings(tokens)                                                # (B, T, dim)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab) in float32."""
+        return self.output(self.body(tokens, input_pos)).float()
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "Transformer":
+        """Load a Hugging Face Llama directory (config.json + *.safetensors, single or sharded)."""
+        from safetensors import safe_open
+        checkpoint = Path(checkpoint)
+        config = LlamaConfig.from_hf(read_json(checkpoint / "config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        index = checkpoint / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(read_json(index)["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in checkpoint.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{checkpoint} holds no *.safetensors weights")
+        expected = {name: p.shape for name, p in model.state_dict().items()}
+        state = {}
+        for name in files:
+            with safe_open(checkpoint / name, framework="pt", device=str(device)) as f:
+                for hf_name in f.keys():
+                    ours = hf_to_ours(hf_name)
+                    if ours is None:
+                        continue
+                    state[ours] = f.get_tensor(hf_name).to(dtype)
+        if config.tie_word_embeddings or ("output.weight" not in state and "tok_embeddings.weight" in state):
+            state.setdefault("output.weight", state.get("tok_embeddings.weight"))
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        wrong = sorted(f"{n} {tuple(state[n].shape)} != {tuple(expected[n])}" for n in set(state) & set(expected)
+                       if state[n].shape != expected[n])
+        if missing or extra or wrong:
+            raise CheckpointError(f"{checkpoint}: weights do not match config.json: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                                  f"unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
+        model.load_state_dict(state, assign=True)
+        model.inv_freq = rope_frequencies(config).float().to(device)
+        if config.tie_word_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        return model.eval().requires_grad_(False)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+
+
+_HF_LAYER_NAMES = {
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+}
+
+
+def hf_to_ours(name: str) -> str | None:
+    """Map a Hugging Face Llama tensor name to ours; None for buffers we rebuild (rotary inv_freq)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    if name == "model.embed_tokens.weight":
+        return "tok_embeddings.weight"
+    if name == "model.norm.weight":
+        return "norm.weight"
+    if name == "lm_head.weight":
+        return "output.weight"
+    parts = name.split(".")
+    if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers":
+        module = ".".join(parts[3:-1])
+        if module in _HF_LAYER_NAMES:
+            return f"layers.{parts[2]}.{_HF_LAYER_NAMES[module]}.{parts[-1]}"
+    return name   # left as is, so the mismatch check names it
