@@ -101,3 +101,52 @@ def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: T
         out[:, :, :, start:end] = (torch.einsum("bhgts,bhsd->bhgtd", probs[..., :end - lo], v.float()[:, :, lo:end])
                                    + torch.einsum("bhgta,bhad->bhgtd", probs[..., end - lo:], v_adm))
     return out.view(B, Hq, T, D).to(q.dtype)
+
+
+def store_admitted_ref(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Tensor,
+                       k: Tensor, v: Tensor, g: Tensor, admitted_idx: Tensor, admitted_count: Tensor) -> None:
+    """Prefill: write the admitted prompt tokens into an empty global store, in place.
+
+    global_k, global_v: (B, Hkv, C, D); global_g: (B, Hkv, C); global_len: (B, Hkv);
+    k, v: (B, Hkv, T, D); g: (B, Hkv, T); admitted_idx, admitted_count from compact_admitted_ref.
+    When more than C tokens are admitted the store keeps the C with the highest g.
+    """
+    B, Hkv, C, D = global_k.shape
+    T = k.shape[2]
+    if C >= T:   # shapes, not data: everything admitted fits
+        idx = torch.cat((admitted_idx, admitted_idx.new_zeros(B, Hkv, C - T)), dim=-1)      # (B, Hkv, C)
+    else:
+        admitted = torch.arange(T, device=g.device) < admitted_count[..., None]            # (B, Hkv, T) in idx order
+        ranked = torch.where(admitted, g.gather(2, admitted_idx), torch.full_like(g, -1.0))
+        best = ranked.topk(C, dim=-1).indices                                              # (B, Hkv, C)
+        idx = admitted_idx.gather(2, best)
+    global_k.copy_(k.gather(2, idx[..., None].expand(B, Hkv, C, D)))
+    global_v.copy_(v.gather(2, idx[..., None].expand(B, Hkv, C, D)))
+    global_g.copy_(g.gather(2, idx).to(global_g.dtype))
+    global_len.copy_(admitted_count.clamp(max=C))
+
+
+def promote_ref(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Tensor,
+                k_out: Tensor, v_out: Tensor, g_out: Tensor, threshold: float) -> None:
+    """Decode: the token leaving the ring enters the global store if g > tau, in place, no host sync.
+
+    k_out, v_out: (B, Hkv, D); g_out: (B, Hkv) (an empty ring slot has g = -1, never admitted).
+    A full store admits the token in place of its lowest-g entry, and only if the token's g is higher.
+    """
+    B, Hkv, C, D = global_k.shape
+    full = global_len >= C                                                                  # (B, Hkv)
+    slot_in_store = torch.arange(C, device=global_len.device) < global_len[..., None]     # (B, Hkv, C)
+    lowest_g, lowest = torch.where(slot_in_store, global_g, torch.full_like(global_g, float("inf"))).min(-1)
+    write = (g_out > threshold) & (~full | (g_out > lowest_g))                              # (B, Hkv)
+    slot = torch.where(full, lowest, global_len.clamp(max=C - 1))                           # (B, Hkv)
+    # Rows that do not write get their own old value back, so the scatter is unconditional.
+    old_k = global_k.gather(2, slot[..., None, None].expand(B, Hkv, 1, D)).squeeze(2)      # (B, Hkv, D)
+    old_v = global_v.gather(2, slot[..., None, None].expand(B, Hkv, 1, D)).squeeze(2)
+    old_g = global_g.gather(2, slot[..., None]).squeeze(2)
+    new_k = torch.where(write[..., None], k_out.to(global_k.dtype), old_k)
+    new_v = torch.where(write[..., None], v_out.to(global_v.dtype), old_v)
+    new_g = torch.where(write, g_out.to(global_g.dtype), old_g)
+    global_k.scatter_(2, slot[..., None, None].expand(B, Hkv, 1, D), new_k[:, :, None])
+    global_v.scatter_(2, slot[..., None, None].expand(B, Hkv, 1, D), new_v[:, :, None])
+    global_g.scatter_(2, slot[..., None], new_g[..., None])
+    global_len.add_((write & ~full).to(global_len.dtype))
