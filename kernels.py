@@ -5,6 +5,8 @@ float32; partial results carry their log-sum-exp (lse) so two key sets merge exa
 
 Visibility (SPEC.md): query i sees key j iff j <= i and (i - j < W or g_j > tau).
 """
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -150,3 +152,18 @@ def promote_ref(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len
     global_v.scatter_(2, slot[..., None, None].expand(B, Hkv, 1, D), new_v[:, :, None])
     global_g.scatter_(2, slot[..., None], new_g[..., None])
     global_len.add_((write & ~full).to(global_len.dtype))
+
+
+class AttentionOps(NamedTuple):
+    """The five operations the write-gated cache needs; one implementation per backend, same signatures."""
+    compact_admitted: Callable
+    gated_prefill_attention: Callable
+    store_admitted: Callable
+    decode_attention: Callable
+    promote: Callable
+
+
+BACKENDS = {
+    "torch": AttentionOps(compact_admitted_ref, gated_prefill_attention_ref, store_admitted_ref,
+                          decode_attention_ref, promote_ref),
+}
