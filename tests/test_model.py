@@ -1,0 +1,76 @@
+"""model.py and the dense cache against transformers' LlamaForCausalLM on tiny random configs."""
+import pytest
+import torch
+
+from cache import DenseCache
+from model import CheckpointError, LlamaConfig, Transformer
+from tiny import random_llama
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+CONFIGS = {
+    "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "mqa-head-dim": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+    "gqa-llama3-rope": dict(num_attention_heads=8, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
+}
+
+
+def both(tmp_path, **config) -> tuple[Transformer, torch.Tensor, torch.Tensor]:
+    """Our model loaded from the checkpoint transformers saved; tokens (1, 48) and transformers' logits."""
+    hf = random_llama(**config)
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, hf.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits                                    # (1, T, vocab)
+    return ours, tokens, expected
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(tmp_path, name):
+    ours, tokens, expected = both(tmp_path, **CONFIGS[name])
+    with torch.no_grad():
+        logits = ours(tokens)
+    assert expected.std() > 0.5, "logits too flat to compare"
+    torch.testing.assert_close(logits, expected, rtol=0, atol=2e-5)
+
+
+def test_llama3_rope_scaling_changes_logits(tmp_path):
+    # Guards the test above: with positions past original_max_position_embeddings the scaling matters.
+    ours, tokens, expected = both(tmp_path, **CONFIGS["gqa-llama3-rope"])
+    plain = Transformer(LlamaConfig(**{**ours.config.__dict__, "rope_scaling": {}}))
+    plain.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert (plain(tokens) - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["gqa-tied", "gqa-llama3-rope"])
+def test_dense_cache_decode_equals_full_forward(tmp_path, name):
+    """Prefill of the first 20 tokens, then one token at a time through DenseCache: same logits as one pass."""
+    ours, tokens, _ = both(tmp_path, **CONFIGS[name])
+    c, T, P = ours.config, tokens.shape[1], 20
+    with torch.no_grad():
+        full = ours(tokens)                                             # (1, T, vocab)
+        ours.setup_caches(lambda i: DenseCache(1, c.n_kv_heads, T + 4, c.head_dim, torch.float32))
+        steps = [ours(tokens[:, :P], torch.arange(P))]
+        steps += [ours(tokens[:, t:t + 1], torch.tensor([t])) for t in range(P, T)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=2e-5)
+
+
+def test_bad_config_is_named(tmp_path):
+    random_llama().save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text().replace('"hidden_act": "silu"', '"hidden_act": "gelu"')
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match="hidden_act"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    random_llama().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"layers\.1\.feed_forward\.w3\.weight"):
+        Transformer.from_pretrained(tmp_path)

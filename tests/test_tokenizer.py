@@ -1,0 +1,86 @@
+"""tokenizer.py against transformers' tokenizer: chat templates, BOS, stop tokens, streaming decode."""
+import json
+
+import jinja2
+import pytest
+import transformers
+
+from tiny import LLAMA3_TEMPLATE, save_tiny_checkpoint, tiny_tokenizer
+from tokenizer import StreamDecoder, Tokenizer, compile_chat_template
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": " Hi 😀 "},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "東京?\n"}],
+]
+
+
+def hf_chat_ids(hf, messages, add_generation_prompt):
+    out = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+
+
+@pytest.fixture(scope="module", params=["chatml", "llama3"])
+def tiny_pair(request, tmp_path_factory):
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    return request.param, Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
+def test_chat_template_matches_transformers(tiny_pair, conversation, add_generation_prompt):
+    _, ours, hf = tiny_pair
+    messages = CONVERSATIONS[conversation]
+    expected = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    assert ours.render_chat(messages, add_generation_prompt) == expected
+    assert ours.encode_chat(messages, add_generation_prompt) == hf_chat_ids(hf, messages, add_generation_prompt)
+
+
+def test_one_bos_and_stop_ids(tiny_pair):
+    template, ours, hf = tiny_pair
+    chat = ours.encode_prompt("Hi")
+    assert chat[:1] == [hf.bos_token_id] and chat[1] != hf.bos_token_id   # the template's BOS, not a second one
+    assert ours.encode("Hi") == hf("Hi")["input_ids"]                      # raw text: what the post-processor adds
+    end_of_turn = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[template]
+    assert ours.stop_ids == {hf.eos_token_id, hf.convert_tokens_to_ids(end_of_turn)}
+    assert ours.encode_prompt("Hi", chat=False) == ours.encode("Hi")
+
+
+def test_template_raise_exception():
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(jinja2.TemplateError, match="alternate"):
+        compile_chat_template(LLAMA3_TEMPLATE).render(messages=messages, bos_token="<s>")
+
+
+def test_chat_template_jinja_file(tmp_path):
+    """transformers 5 saves the template beside tokenizer_config.json, in chat_template.jinja."""
+    path = save_tiny_checkpoint(tmp_path, "chatml")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "chat_template.jinja").write_text(config.pop("chat_template").replace("helpful", "jinja-file"))
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, hf = Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert "jinja-file" in ours.render_chat(CONVERSATIONS[0])
+    assert ours.encode_chat(CONVERSATIONS[0]) == hf_chat_ids(hf, CONVERSATIONS[0], True)
+
+
+def test_stream_decoder_holds_split_characters(tmp_path):
+    tok = tiny_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer(tmp_path)
+    text = "Café 東京 😀 naïve, über 🤖!"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in ours.decode([i]) for i in ids), "no character is split across tokens: the test tests nothing"
+    stream = StreamDecoder(ours)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2_checkpoint):
+    ours, hf = Tokenizer(smollm2_checkpoint), transformers.AutoTokenizer.from_pretrained(smollm2_checkpoint)
+    for messages in CONVERSATIONS:
+        assert ours.render_chat(messages) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert ours.encode_chat(messages) == hf_chat_ids(hf, messages, True)
+    assert ours.stop_ids == {hf.convert_tokens_to_ids("<|im_end|>")}
+    document = ours.decode(ours.encode_document("Some text."), skip_special_tokens=False)
+    assert document.endswith("<|im_start|>user\nSome text.<|im_end|>\n")
