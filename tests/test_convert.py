@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 Q = gguf.GGMLQuantizationType
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, FFN = 64, 2, 4, 2, 96   # Q8_0 blocks are 32 wide: input dims multiples of 32
 CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["Ġ t", "h e", "Ġt he", "1 2"]   # "1 2" exists so that only the digit splitter keeps "12" apart
+MERGES = ["Ġ t", "h e", "Ġt he", "1 2", "4 5"]   # digit merges tell the pre-tokenizers apart
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 
@@ -30,7 +30,7 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, tied: bool) -> dict[str, tuple[np.ndarray, Q]]:
+def write_tiny_gguf(path: Path, tied: bool, pre: str = "smollm", add_bos: bool = False) -> dict[str, tuple[np.ndarray, Q]]:
     """A 2-layer llama GGUF as llama.cpp's converter would write it; returns {HF name: (HF-layout weight, type)}."""
     rng = np.random.default_rng(0)
     byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -68,13 +68,13 @@ def write_tiny_gguf(path: Path, tied: bool) -> dict[str, tuple[np.ndarray, Q]]:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(MERGES)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     w.add_chat_template(TEMPLATE)
     for name, (weight, qtype) in source.items():
         if name.endswith("q_proj.weight"):
@@ -133,7 +133,26 @@ def test_tiny_gguf_tokenizer(tmp_path):
     assert [v["content"] for v in config["added_tokens_decoder"].values()] == CONTROL
 
 
-def test_convert_refuses_other_architectures_and_existing_output(tmp_path):
+@pytest.mark.parametrize("pre, add_bos, digits", [
+    ("smollm", False, ["1", "2", "3", "4", "5"]),   # every digit on its own
+    ("gpt-2", False, ["12", "3", "45"]),             # one run of digits, then BPE merges
+    ("llama-bpe", True, ["12", "3", "45"]),          # runs of up to 3 digits: "123" | "45"
+])
+def test_tiny_gguf_pretokenizers(tmp_path, pre, add_bos, digits):
+    write_tiny_gguf(tmp_path / "tiny.gguf", tied=True, pre=pre, add_bos=add_bos)
+    out = convert_gguf.convert(tmp_path / "tiny.gguf", tmp_path / "ckpt")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.encode("12345", add_special_tokens=False).tokens == digits
+    assert tok.encode("12345").ids == [1] * add_bos + tok.encode("12345", add_special_tokens=False).ids
+    text = "the 1234567 naïve 😀\n\n  x"
+    assert tok.decode(tok.encode(text).ids) == text
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] == add_bos
+
+
+def test_convert_refuses_other_architectures_tokenizers_and_existing_output(tmp_path):
+    write_tiny_gguf(tmp_path / "qwen_pre.gguf", tied=True, pre="qwen2")
+    with pytest.raises(CheckpointError, match="pre-tokenizer 'qwen2' is not supported"):
+        convert_gguf.convert(tmp_path / "qwen_pre.gguf", tmp_path / "out")
     w = gguf.GGUFWriter(tmp_path / "qwen.gguf", "qwen2")
     w.add_block_count(1)
     w.write_header_to_file()
@@ -153,14 +172,15 @@ def test_convert_refuses_other_architectures_and_existing_output(tmp_path):
 
 
 def pydoc_text() -> str:
-    """Python's own reference docs, shipped with every CPython: a fixed offline text."""
-    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    """The start of Python's own reference docs, shipped with every CPython: a fixed offline text."""
+    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))[:20000]
 
 
 def test_smollm2_perplexity(smollm2_checkpoint):
     tok = Tokenizer.from_file(str(smollm2_checkpoint / "tokenizer.json"))
     model = Transformer.from_pretrained(smollm2_checkpoint, dtype=torch.float32)
     ids = torch.tensor([tok.encode(pydoc_text()).ids[:1024]])   # (1, T)
+    assert ids.shape == (1, 1024)
     with torch.no_grad():
         logits = model(ids)                                         # (1, T, vocab)
     ppl = F.cross_entropy(logits[0, :-1], ids[0, 1:]).exp().item()
