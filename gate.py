@@ -2,16 +2,36 @@
 
     x = concat(RMSNorm_pre(k_pre), RMSNorm_post(k_post))       # (2D,), float32
     g = max(sigmoid(w2_h . gelu(W1_h x + b1_h) + b2_h), 1e-3)
+
+Also here: the gate file (safetensors with the authors' tensor names and shapes, metadata in the
+header; their .pt files load too), the baseline policies (full, none, random:P, sink:N) that stand in
+for a learned gate, and the one-call setup of gates and write-gated caches in a model.
+
+    python gate.py FILE      # prints a gate file's metadata and shapes
 """
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import RMSNorm
+from cache import WriteGatedCache, resolve_backend
+from model import CheckpointError, RMSNorm, Transformer
 
 GATE_NORM_EPS = 1e-6
 MIN_GATE = 1e-3
+DEFAULT_WINDOW = 256
+DEFAULT_THRESHOLD = 0.1
+
+
+class GateError(CheckpointError):
+    """A gate file or policy that cannot be used as asked; the message names the problem in one line."""
 
 
 class WriteGate(nn.Module):
@@ -36,3 +56,330 @@ class WriteGate(nn.Module):
         h = F.gelu(torch.einsum("bhtd,hkd->bhtk", x, self.w1) + self.b1[:, None, :])                      # (B, Hkv, T, hidden)
         logit = torch.einsum("bhtk,hk->bht", h, self.w2) + self.b2[:, None]                               # (B, Hkv, T)
         return torch.sigmoid(logit).clamp_min(MIN_GATE)
+
+    def official_state(self) -> dict[str, Tensor]:
+        """The authors' per-layer tensors: conv1/conv2 are grouped 1x1 convolutions, one group per KV head."""
+        H, K, D = self.n_kv_heads, self.hidden, self.head_dim
+        return {
+            "pre_key_norm.weight": self.pre_key_norm.weight.detach(),   # (D,)
+            "post_key_norm.weight": self.post_key_norm.weight.detach(),  # (D,)
+            "conv1.weight": self.w1.detach().reshape(H * K, 2 * D, 1),   # rows [h*K, (h+1)*K) are W1_h
+            "conv1.bias": self.b1.detach().reshape(H * K),
+            "conv2.weight": self.w2.detach().reshape(H, K, 1),
+            "conv2.bias": self.b2.detach(),
+        }
+
+    @classmethod
+    def from_official(cls, state: dict[str, Tensor]) -> "WriteGate":
+        """The inverse of official_state; shapes are checked by the loader."""
+        H, K, _ = state["conv2.weight"].shape
+        gate = cls(H, state["pre_key_norm.weight"].shape[0], K)
+        with torch.no_grad():
+            gate.pre_key_norm.weight.copy_(state["pre_key_norm.weight"])
+            gate.post_key_norm.weight.copy_(state["post_key_norm.weight"])
+            gate.w1.copy_(state["conv1.weight"].reshape(gate.w1.shape))
+            gate.b1.copy_(state["conv1.bias"].reshape(gate.b1.shape))
+            gate.w2.copy_(state["conv2.weight"].reshape(gate.w2.shape))
+            gate.b2.copy_(state["conv2.bias"])
+        return gate
+
+
+# -------------------------------------------------------------------------------------------------
+# The gate file: model.layers.{i}.self_attn.g_predictors.<name>, exactly as the authors write them.
+
+_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.g_predictors\.(.+)")
+_NAMES = ("pre_key_norm.weight", "post_key_norm.weight", "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
+# Header fields that are numbers; every other field (base_model, training, ...) is free-form text.
+_TYPED_METADATA = {"window": int, "threshold": float, "lambda": float}
+
+
+def save_gates(path: str | Path, gates: list[WriteGate], metadata: dict | None = None,
+               dtype: torch.dtype = torch.float32) -> None:
+    """Write a gate file. metadata: window, threshold, lambda, base_model, training (any value; non-strings go as JSON)."""
+    from safetensors.torch import save_file
+    tensors = {f"model.layers.{i}.self_attn.g_predictors.{name}": t.to("cpu", dtype).contiguous()
+               for i, gate in enumerate(gates) for name, t in gate.official_state().items()}
+    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if v is not None}
+    save_file(tensors, str(path), metadata=header)
+
+
+def load_gates(path: str | Path) -> tuple[list[WriteGate], dict]:
+    """Read a gate file (.safetensors, or the authors' .pt) -> (one float32 WriteGate per layer, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GateError(f"gate file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                state = {name: f.get_tensor(name) for name in f.keys()}
+                header = f.metadata() or {}
+        except Exception as e:   # the safetensors reader has no error type of its own for a corrupt file
+            raise GateError(f"gate file {path} is not readable safetensors: {e}") from None
+        metadata = {}
+        for k, v in header.items():
+            try:
+                metadata[k] = _TYPED_METADATA[k](v) if k in _TYPED_METADATA else v
+            except ValueError:
+                raise GateError(f"gate file {path}: metadata {k}={v!r} is not a number") from None
+    elif path.suffix in (".pt", ".pth"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:   # unpickling refuses anything but tensors and plain containers
+            raise GateError(f"gate file {path} is not a weights-only torch file: {str(e).splitlines()[0]}") from None
+        if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+            raise GateError(f"gate file {path} is not a flat dict of tensors")
+        # The authors name their files {model}-{lambda}.pt.
+        named = re.fullmatch(r"(.+)-(\d*\.?\d+)", path.stem)
+        metadata = {"base_model": named[1], "lambda": float(named[2])} if named else {}
+    else:
+        raise GateError(f"gate file {path}: unknown type {path.suffix!r} (expected .safetensors or .pt)")
+    return _gates_from_state(state, path), metadata
+
+
+def _gates_from_state(state: dict[str, Tensor], source: Path) -> list[WriteGate]:
+    layers: dict[int, dict[str, Tensor]] = {}
+    unknown = []
+    for key, tensor in state.items():
+        m = _KEY.fullmatch(key)
+        if m and m[2] in _NAMES:
+            layers.setdefault(int(m[1]), {})[m[2]] = tensor.float()
+        else:
+            unknown.append(key)
+    if unknown:
+        raise GateError(f"gate file {source}: unexpected tensors {sorted(unknown)[:3]} (expected model.layers.N.self_attn.g_predictors.*)")
+    if not layers or sorted(layers) != list(range(len(layers))):
+        raise GateError(f"gate file {source}: layers {sorted(layers)[:8]} are not 0..N-1")
+    gates = []
+    for i, tensors in sorted(layers.items()):
+        missing = [n for n in _NAMES if n not in tensors]
+        if missing:
+            raise GateError(f"gate file {source}: layer {i} lacks {missing}")
+        H, K = tensors["conv2.weight"].shape[:2]
+        D = tensors["pre_key_norm.weight"].shape[0]
+        expected = {"pre_key_norm.weight": (D,), "post_key_norm.weight": (D,), "conv1.weight": (H * K, 2 * D, 1),
+                    "conv1.bias": (H * K,), "conv2.weight": (H, K, 1), "conv2.bias": (H,)}
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise GateError(f"gate file {source}: layer {i} {name} has shape {tuple(tensors[name].shape)}, "
+                                f"expected {shape} for {H} KV heads, head dim {D}, hidden width {K}")
+        gates.append(WriteGate.from_official(tensors))
+    return gates
+
+
+def check_fits(gates: list[nn.Module], model: Transformer, source: str = "gate") -> None:
+    """Raise GateError naming the first way the learned gates do not fit the model."""
+    c = model.config
+    if len(gates) != c.n_layers:
+        raise GateError(f"{source} has {len(gates)} layers, the model has {c.n_layers}")
+    for i, gate in enumerate(gates):
+        if isinstance(gate, WriteGate):
+            if gate.n_kv_heads != c.n_kv_heads:
+                raise GateError(f"{source} has {gate.n_kv_heads} KV heads in layer {i}, the model has {c.n_kv_heads}")
+            if gate.head_dim != c.head_dim:
+                raise GateError(f"{source} has head dim {gate.head_dim} in layer {i}, the model has {c.head_dim}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Baseline policies: same call contract as WriteGate, (k_pre, k_post, input_pos) -> g (B, Hkv, T).
+
+class ConstantGate(nn.Module):
+    """`full` (g = 1: every token admitted, the dense cache) or `none` (g = 0: the window only)."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, k_pre: Tensor, k_post: Tensor, input_pos: Tensor) -> Tensor:
+        return torch.full(k_pre.shape[:3], self.value, dtype=torch.float32, device=k_pre.device)   # (B, Hkv, T)
+
+
+class SinkGate(nn.Module):
+    """`sink:N` (StreamingLLM): the first N positions are admitted, the rest only pass through the window."""
+
+    def __init__(self, n_sink: int):
+        super().__init__()
+        self.n_sink = n_sink
+
+    def forward(self, k_pre: Tensor, k_post: Tensor, input_pos: Tensor) -> Tensor:
+        g = (input_pos < self.n_sink).float()                                                     # (T,)
+        return g.expand(*k_pre.shape[:3])                                                         # (B, Hkv, T)
+
+
+def hash32(x):
+    """A 32-bit integer mixer for Python ints and int64 tensors alike (multipliers < 2^31: no int64 overflow)."""
+    x = x & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+    x = ((x ^ (x >> 15)) * 0x5BD1E995) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+class RandomGate(nn.Module):
+    """`random:P`: admit each (layer, KV head, position) with probability P.
+
+    The draw is a hash of (seed, layer, head, position), not a generator: prefill and decode agree,
+    every run is the same, batch rows share the decision, and the decode step needs no RNG state.
+    """
+
+    def __init__(self, fraction: float, n_kv_heads: int, layer: int, seed: int = 0):
+        super().__init__()
+        self.fraction = fraction
+        salt = hash32(hash32(seed) ^ layer)
+        self.register_buffer("head_keys", hash32(hash32(torch.arange(n_kv_heads) ^ salt)), persistent=False)  # (Hkv,)
+
+    def forward(self, k_pre: Tensor, k_post: Tensor, input_pos: Tensor) -> Tensor:
+        h = hash32(self.head_keys[:, None] ^ hash32(input_pos.long())[None, :])                 # (Hkv, T) in [0, 2^32)
+        uniform = (h >> 8).float() * 2.0 ** -24                                                   # (Hkv, T) in [0, 1)
+        return (uniform < self.fraction).float().expand(k_pre.shape[0], -1, -1)                 # (B, Hkv, T)
+
+
+@dataclass
+class Policy:
+    kind: str                 # "file", "full", "none", "random" or "sink"
+    path: Path | None = None  # the gate file, for kind "file"
+    fraction: float = 0.0     # random:P
+    n_sink: int = 0           # sink:N
+
+    def __str__(self) -> str:
+        return {"file": str(self.path), "random": f"random:{self.fraction:g}", "sink": f"sink:{self.n_sink}"}.get(self.kind, self.kind)
+
+
+def parse_policy(spec: str) -> Policy:
+    """The --gate value: PATH | full | none | random:P | sink:N."""
+    if spec in ("full", "none"):
+        return Policy(spec)
+    kind, _, arg = spec.partition(":")
+    if kind == "random":
+        try:
+            fraction = float(arg)
+        except ValueError:
+            fraction = -1.0
+        if not 0.0 <= fraction <= 1.0:
+            raise GateError(f"gate policy {spec!r}: random:P needs a fraction P in [0, 1]")
+        return Policy("random", fraction=fraction)
+    if kind == "sink":
+        if not arg.isdigit():
+            raise GateError(f"gate policy {spec!r}: sink:N needs a whole number of tokens N >= 0")
+        return Policy("sink", n_sink=int(arg))
+    if not Path(spec).is_file():
+        raise GateError(f"gate {spec!r} is neither a file nor a policy (expected PATH, full, none, random:P or sink:N)")
+    return Policy("file", path=Path(spec))
+
+
+def make_gates(policy: Policy, model: Transformer, seed: int = 0) -> tuple[list[nn.Module], dict]:
+    """One gate module per layer for the policy, and the gate file's metadata ({} for the built-ins)."""
+    c = model.config
+    if policy.kind == "file":
+        gates, metadata = load_gates(policy.path)
+        check_fits(gates, model, f"gate file {policy.path}")
+        return gates, metadata
+    if policy.kind == "random":
+        return [RandomGate(policy.fraction, c.n_kv_heads, i, seed) for i in range(c.n_layers)], {}
+    if policy.kind == "sink":
+        return [SinkGate(policy.n_sink) for _ in range(c.n_layers)], {}
+    return [ConstantGate(1.0 if policy.kind == "full" else 0.0) for _ in range(c.n_layers)], {}
+
+
+# -------------------------------------------------------------------------------------------------
+# Setup and statistics.
+
+def install(model: Transformer, gates: list[nn.Module] | None) -> None:
+    """Give every layer its gate (None removes them): the attention calls it on each new key."""
+    for i, layer in enumerate(model.layers):
+        layer.attention.gate = gates[i] if gates is not None else None
+
+
+@dataclass
+class GatedSetup:
+    policy: str
+    window: int
+    threshold: float
+    capacity: int             # global store slots per (batch, KV head)
+    backend: str
+    max_seq_len: int
+    metadata: dict = field(default_factory=dict)
+
+
+def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq_len: int, dtype: torch.dtype,
+                      device: torch.device | str, window: int | None = None, threshold: float | None = None,
+                      global_capacity: int | None = None, backend: str = "auto", seed: int = 0) -> GatedSetup:
+    """Install gates and a WriteGatedCache in every layer.
+
+    gate: the --gate spec (PATH | full | none | random:P | sink:N). window and threshold default to the
+    gate file's metadata, else W = 256, tau = 0.1; the capacity defaults to what max_seq_len needs
+    (the built-in policies that admit less get less). Bad input raises GateError (one line); an
+    unavailable backend raises ValueError (one line).
+    """
+    policy = parse_policy(gate)
+    gates, metadata = make_gates(policy, model, seed)
+    window = window if window is not None else metadata.get("window", DEFAULT_WINDOW)
+    threshold = threshold if threshold is not None else metadata.get("threshold", DEFAULT_THRESHOLD)
+    if window < 1:
+        raise GateError(f"window {window} must be at least 1")
+    needed = max_seq_len - window
+    if policy.kind == "none":
+        needed = 0
+    elif policy.kind == "sink":
+        needed = min(needed, policy.n_sink)
+    capacity = global_capacity if global_capacity is not None else max(needed, 1)
+    if capacity < 1:
+        raise GateError(f"global capacity {capacity} must be at least 1")
+    backend = resolve_backend(backend, device)
+    install(model, [g.to(device=device, dtype=torch.float32).requires_grad_(False) for g in gates])
+    c = model.config
+    # A window longer than the sequence sees the same keys as one of max_seq_len slots: allocate no more.
+    ring = min(window, max_seq_len)
+    model.setup_caches(lambda i: WriteGatedCache(batch_size, c.n_kv_heads, c.head_dim, ring, threshold,
+                                                 capacity, dtype, device, backend))
+    return GatedSetup(str(policy), window, threshold, capacity, backend, max_seq_len, metadata)
+
+
+def admission_stats(model: Transformer) -> dict:
+    """What the write-gated caches did, read from the device once (after generation, not in the loop).
+
+    admitted_fraction: tokens with g > tau among all tokens scored (those still in the ring included);
+    bytes_in_use: K/V held (ring + store) vs dense_bytes, a dense cache of the same tokens;
+    capacity_drops: admitted tokens that the store's capacity rule (keep the highest g) threw away.
+    """
+    caches = [layer.attention.cache for layer in model.layers]
+    counts = {k: torch.stack([c.counts()[k].sum() for c in caches]).tolist() for k in caches[0].counts()}
+    per_token = caches[0].bytes_per_token()
+    admitted, seen = counts["admitted"], counts["seen"]
+    return {
+        "admitted_fraction": sum(admitted) / max(sum(seen), 1),
+        "admitted_fraction_per_layer": [a / max(s, 1) for a, s in zip(admitted, seen)],
+        "bytes_allocated": sum(c.bytes_allocated() for c in caches),
+        "bytes_in_use": sum(counts["held"]) * per_token,
+        "dense_bytes": sum(seen) * per_token,
+        "capacity_drops": sum(counts["capacity_drops"]),
+    }
+
+
+def format_stats(stats: dict) -> str:
+    """The statistics as lines for stderr."""
+    per_layer = " ".join(f"{f:.2f}" for f in stats["admitted_fraction_per_layer"])
+    return (f"admitted {stats['admitted_fraction']:.1%} of tokens (per layer: {per_layer})\n"
+            f"KV bytes in use {stats['bytes_in_use'] / 2**20:.2f} MiB vs dense {stats['dense_bytes'] / 2**20:.2f} MiB "
+            f"({stats['bytes_in_use'] / max(stats['dense_bytes'], 1):.1%}); allocated {stats['bytes_allocated'] / 2**20:.2f} MiB\n"
+            f"capacity rule (store keeps the highest-g tokens): {stats['capacity_drops']} admitted tokens dropped")
+
+
+def main(file: str) -> None:
+    try:
+        gates, metadata = load_gates(file)
+    except GateError as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)
+    for key, value in metadata.items():
+        print(f"{key}: {value}")
+    g = gates[0]
+    n_params = sum(p.numel() for gate in gates for p in gate.parameters())
+    print(f"layers: {len(gates)}, KV heads: {g.n_kv_heads}, head dim: {g.head_dim}, hidden: {g.hidden}, parameters: {n_params:,}")
+    for name, t in g.official_state().items():
+        print(f"  model.layers.*.self_attn.g_predictors.{name}: {tuple(t.shape)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Print a write-gate file's metadata and shapes.")
+    parser.add_argument("file", help="a gate file (.safetensors, or the authors' .pt)")
+    main(**vars(parser.parse_args()))

@@ -1,0 +1,211 @@
+"""WriteGatedCache against the SPEC oracle: dense attention under the visibility mask built from the g's."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gate
+from cache import DenseCache, WriteGatedCache, resolve_backend
+from model import LlamaConfig, Transformer
+
+
+def tiny_model(n_kv_heads: int, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, intermediate_size=96)
+    return Transformer(config).eval().requires_grad_(False)
+
+
+def random_gates(model: Transformer, seed: int = 0) -> list[gate.WriteGate]:
+    """Learned-gate stand-ins: random weights with a wide logit spread centred near tau = 0.1."""
+    torch.manual_seed(seed)
+    c = model.config
+    gates = [gate.WriteGate(c.n_kv_heads, c.head_dim) for _ in range(c.n_layers)]
+    with torch.no_grad():
+        for g in gates:
+            g.w2.mul_(20.0)
+            g.b2.copy_(-2.2 + torch.empty_like(g.b2).uniform_(-1.0, 1.0))
+    return [g.requires_grad_(False) for g in gates]
+
+
+def visibility_mask(g: torch.Tensor, window: int, threshold: float) -> torch.Tensor:
+    """SPEC: query i sees key j iff j <= i and (i - j < W or g_j > tau). g: (B, Hkv, T) -> (B, Hkv, T, T)."""
+    T = g.shape[-1]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return (j <= i) & ((i - j < window) | (g[..., None, :] > threshold))
+
+
+class MaskedAttention(nn.Module):
+    """A cache-contract module for one full forward: SDPA under mask_of(g) -> (B or 1, Hkv or 1, T, T)."""
+
+    def __init__(self, mask_of):
+        super().__init__()
+        self.mask_of = mask_of
+
+    def forward(self, q, k, v, g, input_pos):
+        mask = self.mask_of(g)
+        mask = mask.repeat_interleave(q.shape[1] // k.shape[1], dim=1) if mask.shape[1] > 1 else mask  # (B, Hq, T, T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def generate(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy: prefill, then `steps` decode steps. Returns the tokens fed (B, T0 + steps) and their logits."""
+    T0 = prompt.shape[1]
+    logits = [model(prompt, torch.arange(T0))]                                     # (B, T0, V)
+    tokens = [prompt]
+    for pos in range(T0, T0 + steps):
+        tokens.append(logits[-1][:, -1:].argmax(-1))
+        logits.append(model(tokens[-1], torch.tensor([pos])))
+    return torch.cat(tokens, 1), torch.cat(logits, 1)
+
+
+def oracle_logits(model: Transformer, tokens: torch.Tensor, mask_of) -> torch.Tensor:
+    model.setup_caches(lambda i: MaskedAttention(mask_of))
+    return model(tokens)
+
+
+def setup_learned(model, gates, window, max_seq_len, batch_size=2, capacity=None):
+    gate.install(model, gates)
+    c = model.config
+    model.setup_caches(lambda i: WriteGatedCache(batch_size, c.n_kv_heads, c.head_dim, window, gate.DEFAULT_THRESHOLD,
+                                                 capacity or max(max_seq_len - window, 1), torch.float32))
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("window", [1, 3, 8, 64])
+@pytest.mark.parametrize("prompt_len", [5, 20])
+def test_matches_visibility_oracle(n_kv_heads, window, prompt_len):
+    model = tiny_model(n_kv_heads)
+    gates = random_gates(model)
+    steps = 40
+    setup_learned(model, gates, window, prompt_len + steps)
+    prompt = torch.randint(0, 97, (2, prompt_len), generator=torch.Generator().manual_seed(1))
+    tokens, logits = generate(model, prompt, steps)
+    stats = gate.admission_stats(model)
+    assert 0.15 < stats["admitted_fraction"] < 0.85, stats   # both admission outcomes are exercised
+    assert stats["capacity_drops"] == 0
+    expected = oracle_logits(model, tokens, lambda g: visibility_mask(g, window, gate.DEFAULT_THRESHOLD))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["sink:3", "random:0.3"])
+def test_policies_match_visibility_oracle(spec):
+    model = tiny_model(2)
+    window, steps = 4, 40
+    gate.setup_write_gated(model, spec, batch_size=2, max_seq_len=12 + steps, dtype=torch.float32, device="cpu",
+                           window=window)
+    prompt = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    tokens, logits = generate(model, prompt, steps)
+    expected = oracle_logits(model, tokens, lambda g: visibility_mask(g, window, gate.DEFAULT_THRESHOLD))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_full_policy_equals_dense_cache():
+    model = tiny_model(2)
+    prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    c, steps = model.config, 30
+    model.setup_caches(lambda i: DenseCache(2, c.n_kv_heads, 9 + steps, c.head_dim, torch.float32))
+    dense_tokens, dense_logits = generate(model, prompt, steps)
+    gate.setup_write_gated(model, "full", batch_size=2, max_seq_len=9 + steps, dtype=torch.float32, device="cpu", window=4)
+    tokens, logits = generate(model, prompt, steps)
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-5, atol=1e-5)
+    assert gate.admission_stats(model)["admitted_fraction"] == 1.0
+
+
+def test_none_policy_equals_sliding_window():
+    model = tiny_model(2)
+    window, steps = 5, 30
+    gate.setup_write_gated(model, "none", batch_size=2, max_seq_len=11 + steps, dtype=torch.float32, device="cpu",
+                           window=window)
+    prompt = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(4))
+    tokens, logits = generate(model, prompt, steps)
+    T = tokens.shape[1]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    band = ((j <= i) & (i - j < window))[None, None]                               # (1, 1, T, T)
+    gate.install(model, None)
+    torch.testing.assert_close(logits, oracle_logits(model, tokens, lambda g: band), rtol=1e-4, atol=1e-4)
+
+
+def test_sink_policy_admits_exactly_the_first_tokens():
+    model = tiny_model(2)
+    gate.setup_write_gated(model, "sink:3", batch_size=2, max_seq_len=40, dtype=torch.float32, device="cpu", window=4)
+    generate(model, torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(5)), 20)
+    for layer in model.layers:
+        cache = layer.attention.cache
+        assert torch.equal(cache.global_len, torch.full((2, 2), 3))
+        assert torch.equal(cache.counts()["admitted"], torch.full((2, 2), 3))
+
+
+def run_capacity(cache, T0, steps, seed):
+    """Feed random keys and gates; after prefill and after every decode step, the store must hold exactly
+    the C highest-g tokens among the admitted ones that left the ring."""
+    B, H, W, C = *cache.global_len.shape, cache.window, cache.capacity
+    D = cache.global_k.shape[-1]
+    torch.manual_seed(seed)
+    k = torch.randn(B, H, T0 + steps, D)
+    g = torch.rand(B, H, T0 + steps)
+    q = torch.randn(B, 2 * H, T0 + steps, D)
+
+    def check(n_tokens):
+        left = max(n_tokens - W, 0)
+        for b in range(B):
+            for h in range(H):
+                gl = g[b, h, :left]
+                admitted = (gl > cache.threshold).nonzero().flatten()
+                best = admitted[gl[admitted].argsort(descending=True)[:C]]
+                n = int(cache.global_len[b, h])
+                assert n == len(best)
+                stored = cache.global_k[b, h, :n]
+                # Every stored row is one of the best tokens' keys, and all of them are there.
+                match = (stored[:, None, :] == k[b, h, best][None, :, :]).all(-1)   # (n, len(best))
+                assert match.any(1).all() and match.any(0).all()
+                torch.testing.assert_close(cache.global_g[b, h, :n].sort().values, g[b, h, best].sort().values)
+
+    cache(q[:, :, :T0], k[:, :, :T0], k[:, :, :T0], g[:, :, :T0], torch.arange(T0))
+    check(T0)
+    for p in range(T0, T0 + steps):
+        cache(q[:, :, p:p + 1], k[:, :, p:p + 1], k[:, :, p:p + 1], g[:, :, p:p + 1], torch.tensor([p]))
+        check(p + 1)
+
+
+def test_capacity_keeps_highest_g():
+    cache = WriteGatedCache(2, 2, 8, window=3, threshold=0.3, capacity=4, dtype=torch.float32)
+    run_capacity(cache, T0=20, steps=25, seed=0)
+    drops = cache.counts()["capacity_drops"]
+    assert (drops > 0).all()
+    # Every admitted token that left the ring is either stored or counted as dropped.
+    assert torch.equal(cache.n_admitted, cache.global_len + drops)
+
+
+def test_capacity_fills_during_decode():
+    # A short prompt: the store starts nearly empty and fills, then evicts, during decode.
+    cache = WriteGatedCache(2, 2, 8, window=2, threshold=0.3, capacity=5, dtype=torch.float32)
+    run_capacity(cache, T0=4, steps=30, seed=1)
+
+
+def test_decode_compiles_fullgraph_and_matches_eager():
+    model = tiny_model(2)
+    setup_learned(model, random_gates(model), window=3, max_seq_len=16)
+    prompt = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(6))
+
+    def run(step):
+        logits = [model(prompt, torch.arange(6))[:, -1:]]       # the prefill empties the cache first
+        for pos in range(6, 12):
+            logits.append(step(logits[-1].argmax(-1), torch.tensor([pos])).clone())
+        return torch.cat(logits, 1)
+
+    eager = run(model)
+    compiled = run(torch.compile(model, fullgraph=True, dynamic=False))
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_backend_names():
+    assert resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):
+        resolve_backend("cuda", "cpu")
+
+
+@pytest.mark.skipif("triton" in __import__("kernels").BACKENDS, reason="the Triton kernels exist")
+def test_missing_triton_backend_says_so():
+    with pytest.raises(ValueError, match="Triton kernels are not available"):
+        WriteGatedCache(1, 1, 4, window=2, threshold=0.1, capacity=2, dtype=torch.float32, backend="triton")
