@@ -1,0 +1,138 @@
+"""Prefill and decode speed of our Llama, eager and compiled, next to transformers' generate on the
+same model, weights and prompt (greedy, batch 1). Prints a markdown table on stdout, progress on stderr.
+
+    python bench.py                                               # the README's table: embedded SmolLM2, float32
+    python bench.py --prefill 512 --contexts 1024 --new-tokens 16  # a shorter run
+
+Prefill tok/s: prompt tokens over the time to the first new token. Decode tok/s at context C: a prompt
+of C tokens, then --new-tokens tokens; decode steps over their time (the prefill is not counted).
+"""
+import argparse
+import platform
+import sys
+import time
+
+import pydoc_data.topics
+import torch
+
+import generate
+from generate import Timings
+from model import CheckpointError
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+class Ours:
+    """Our model and dense caches. Compiled: the decode step as generate.py --compile does, and the
+    prefill with dynamic shapes. One set of caches per context, reused, so the compiled step sees
+    the same buffers again instead of recompiling for new ones."""
+
+    def __init__(self, model, compiled: bool):
+        self.model, self.caches = model, {}
+        self.prefill_step = torch.compile(generate.prefill, dynamic=True, fullgraph=True) if compiled else generate.prefill
+        self.decode_step = generate.compile_decode_step("cpu") if compiled else generate.decode_one_token
+
+    def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> Timings:
+        if max_seq_len not in self.caches:
+            generate.setup_caches(self.model, max_seq_len)
+            self.caches[max_seq_len] = [layer.attention.cache for layer in self.model.layers]
+        self.model.setup_caches(self.caches[max_seq_len].__getitem__)
+        new, timings = generate.generate(self.model, ids, new_tokens, prefill_step=self.prefill_step,
+                                         decode_step=self.decode_step)
+        assert len(new) == new_tokens
+        return timings
+
+
+class Transformers:
+    """transformers' LlamaForCausalLM.generate, timed by a streamer that notes when each token arrives."""
+
+    def __init__(self, checkpoint):
+        import transformers
+        from transformers.generation.streamers import BaseStreamer
+
+        class Clock(BaseStreamer):
+            def __init__(self):
+                self.times = []
+
+            def put(self, value):   # called with the prompt, then with each new token
+                self.times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        self.clock = Clock
+        self.model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> Timings:
+        clock, tokens = self.clock(), torch.tensor([ids])                                  # (1, T)
+        start = time.perf_counter()
+        out = self.model.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False, streamer=clock,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        end = time.perf_counter()
+        assert out.shape[1] == len(ids) + new_tokens
+        return Timings(len(ids), clock.times[1] - start, new_tokens - 1, end - clock.times[1])
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """The first n tokens of Python's own documentation topics: offline, fixed, real prose and code."""
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    ids = tokenizer.encode(text[:8 * n])
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
+         systems=("transformers", "eager", "compiled")) -> None:
+    if checkpoint is None:
+        from convert_gguf import ensure_default_checkpoint
+        checkpoint = ensure_default_checkpoint()
+    model, tokenizer = generate.load(checkpoint)
+    largest = max([*prefill, *contexts]) + new_tokens
+    makers = {"transformers": lambda: Transformers(checkpoint), "eager": lambda: Ours(model, compiled=False),
+              "compiled": lambda: Ours(model, compiled=True)}
+    rows = {f"prefill {n} tok/s": (n, 1) for n in prefill} | {f"decode @ {c} tok/s": (c, new_tokens) for c in contexts}
+    results = {name: {} for name in systems}
+    for name in systems:
+        runner = makers[name]()
+        t0 = time.perf_counter()
+        for size in sorted({largest, *(c + new_tokens for c in contexts)}):   # warm up every cache size used
+            runner.run(prompt_ids(tokenizer, 64), 4, size)
+        log(f"{name}: warm-up (compilation included) {time.perf_counter() - t0:.1f} s")
+        for row, (n, new) in rows.items():
+            size = largest if new == 1 else n + new_tokens
+            best = min((runner.run(prompt_ids(tokenizer, n), new, size) for _ in range(repeats)),
+                       key=lambda t: t.prefill_s if new == 1 else t.decode_s)
+            results[name][row] = n / best.prefill_s if new == 1 else best.decode_steps / best.decode_s
+            log(f"{name}: {row} {results[name][row]:.1f}")
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"{checkpoint} | float32 | batch 1 | greedy | {cpu}, {torch.get_num_threads()} threads | "
+          f"torch {torch.__version__} | decode: {new_tokens} new tokens | best of {repeats}\n")
+    ours = [s for s in systems if s != "transformers"]
+    ratios = [f"{s} / transformers" for s in ours] if "transformers" in systems else []
+    print("| | " + " | ".join(systems) + "".join(f" | {r}" for r in ratios) + " |")
+    print("|---" * (1 + len(systems) + len(ratios)) + "|")
+    for row in rows:
+        cells = [f"{results[s][row]:.1f}" for s in systems] + [f"{results[s][row] / results['transformers'][row]:.2f}x"
+                                                               for s in ours if ratios]
+        print(f"| {row} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    parser = generate.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="Hugging Face Llama directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--prefill", type=int, nargs="+", default=[512, 2048], help="prompt lengths for prefill")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096], help="context lengths for decode")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps measured per context")
+    parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per cell")
+    parser.add_argument("--systems", nargs="+", default=["transformers", "eager", "compiled"],
+                        choices=["transformers", "eager", "compiled"])
+    try:
+        main(**vars(parser.parse_args()))
+    except CheckpointError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

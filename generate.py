@@ -1,0 +1,228 @@
+"""Generate text with a Llama checkpoint: prefill the prompt, then decode one token at a time.
+
+    python generate.py --prompt "What is the capital of France?"            # the embedded SmolLM2-135M
+    python generate.py --checkpoint checkpoints/meta-llama/Llama-3.2-1B-Instruct --compile
+
+The completion streams to stdout as it is decoded; statistics go to stderr. The decode step has no
+host sync, so `--compile` can hand it whole to torch.compile (CUDA graphs on a GPU).
+"""
+import argparse
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cache import DenseCache
+from model import CheckpointError, Transformer
+from tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+class BadInput(ValueError):
+    """Input the user can fix; the CLI prints the one-line message and exits with code 2."""
+
+
+def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer of a Hugging Face checkpoint directory."""
+    from safetensors import SafetensorError
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint {checkpoint} is not a directory")
+    try:
+        model = Transformer.from_pretrained(checkpoint, dtype=dtype, device=device)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {checkpoint} has unreadable weights: {e}") from None
+    return model, Tokenizer(checkpoint)
+
+
+def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1) -> int:
+    """Give every layer a fresh dense K/V cache for max_seq_len positions; returns its bytes in all.
+    The one place a cache policy is chosen: the write-gated cache is built here too."""
+    c, w = model.config, model.output.weight
+    model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
+    return sum(layer.attention.cache.bytes_allocated() for layer in model.layers)
+
+
+def sample(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Next tokens (B, 1) from logits (B, vocab), with no host sync. Temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        pivot = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]               # (B, 1)
+        logits = logits.masked_fill(logits < pivot, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)                                                     # (B, vocab)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)                                # (B, vocab)
+        # Keep the smallest set of likeliest tokens whose mass reaches top_p: drop those after it.
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # gpt-fast's trick: argmax(p / E) with E ~ Exp(1) draws from p (unnormalised is fine), and unlike
+    # torch.multinomial it never syncs with the host.
+    noise = torch.empty_like(probs).exponential_(1)
+    return (probs / noise).argmax(-1, keepdim=True)
+
+
+def prefill(model: Transformer, tokens: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Write the prompt tokens (B, T) into the empty caches; returns the first new tokens (B, 1)."""
+    input_pos = torch.arange(tokens.shape[1], device=tokens.device)                           # (T,)
+    last = model.body(tokens, input_pos)[:, -1]                                               # (B, dim)
+    return sample(model.output(last).float(), temperature, top_k, top_p)                      # only one row of logits
+
+
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor,
+                     temperature: float, top_k: int, top_p: float) -> Tensor:
+    """One decode step: token (B, 1) at position input_pos (1,) -> the next tokens (B, 1)."""
+    logits = model(token, input_pos)[:, -1]                                                   # (B, vocab)
+    return sample(logits, temperature, top_k, top_p)
+
+
+def compile_decode_step(device: str):
+    # On CUDA "reduce-overhead" captures the step in a CUDA graph, which pays off at one token a step.
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    return torch.compile(decode_one_token, fullgraph=True, mode=mode)
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int
+    prefill_s: float
+    decode_steps: int      # tokens made by the decode step (the first new token comes from the prefill)
+    decode_s: float
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop_ids=frozenset(), on_token=None,
+             prefill_step=prefill, decode_step=decode_one_token) -> tuple[list[int], Timings]:
+    """New tokens after the prompt, until a stop token (not returned) or max_new_tokens. The caches must
+    hold len(prompt_ids) + max_new_tokens - 1 positions; a prefill starts them afresh, so they can be reused.
+    on_token(id) is called as each token is known, so the caller can stream. prefill_step and decode_step
+    are prefill and decode_one_token or their compiled versions."""
+    device = model.tok_embeddings.weight.device
+    synchronize(device)
+    start = time.perf_counter()
+    token = prefill_step(model, torch.tensor([prompt_ids], device=device), temperature, top_k, top_p)   # (1, 1)
+    next_id = int(token)   # the one host sync per token: streaming and stopping need the id
+    prefill_s, start = time.perf_counter() - start, time.perf_counter()
+    input_pos = torch.tensor([len(prompt_ids)], device=device)                                   # (1,)
+    new, steps = [], 0
+    while next_id not in stop_ids:
+        new.append(next_id)
+        if on_token is not None:
+            on_token(next_id)
+        if len(new) == max_new_tokens:
+            break
+        # Cloned because a CUDA-graph replay overwrites its output buffer on the next replay.
+        token = decode_step(model, token, input_pos, temperature, top_k, top_p).clone()          # (1, 1)
+        input_pos += 1
+        steps += 1
+        next_id = int(token)
+    return new, Timings(len(prompt_ids), prefill_s, steps, time.perf_counter() - start)
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"   # ru_maxrss is in KiB
+
+
+def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: str | None = None,
+         no_chat: bool = False, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
+         top_p: float = 1.0, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
+         max_seq_len: int | None = None, compile: bool = False) -> None:
+    if device not in ("cpu", "cuda"):
+        raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda, but CUDA is not available on this machine")
+    if dtype not in DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+    if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or (max_seq_len or 1) < 1:
+        raise BadInput("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --max-seq-len >= 1")
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"cannot read --prompt-file {prompt_file}: {e}") from None
+        if not prompt.strip():
+            raise BadInput(f"--prompt-file {prompt_file} is empty")
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    if not prompt.strip():
+        raise BadInput("the prompt is empty")
+    if checkpoint is None:
+        from convert_gguf import ensure_default_checkpoint
+        checkpoint = ensure_default_checkpoint()
+    if seed is not None:
+        torch.manual_seed(seed)
+
+    model, tokenizer = load(checkpoint, device, DTYPES[dtype])
+    prompt_ids = tokenizer.encode_prompt(prompt, chat=not no_chat)
+    T = len(prompt_ids)
+    max_seq_len = max_seq_len or T + max_new_tokens
+    if T >= max_seq_len:
+        raise BadInput(f"the prompt is {T} tokens, which leaves no room to generate within --max-seq-len {max_seq_len}")
+    if T + max_new_tokens > max_seq_len:
+        max_new_tokens = max_seq_len - T
+        print(f"--max-seq-len {max_seq_len} leaves room for {max_new_tokens} new tokens", file=sys.stderr)
+    kv_bytes = setup_caches(model, max_seq_len)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+
+    decode_step = decode_one_token
+    if compile:
+        decode_step = compile_decode_step(device)
+        # A throwaway run on the same prompt compiles the step (and records the CUDA graph), so that
+        # compilation is timed apart; the real run's prefill starts the caches afresh.
+        t0 = time.perf_counter()
+        generate(model, prompt_ids, min(3, max_new_tokens), decode_step=decode_step, **sampling)
+        print(f"compile and warm-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    stream = StreamDecoder(tokenizer)
+    new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, decode_step=decode_step,
+                      on_token=lambda i: print(stream.push(i), end="", flush=True), **sampling)
+    print(stream.flush(), flush=True)
+
+    decode = f"{t.decode_steps / t.decode_s:.1f} tok/s ({t.decode_steps} steps)" if t.decode_steps else "no steps"
+    print(f"prompt tokens: {T} | prefill: {t.prefill_s:.3f} s, {T / t.prefill_s:.1f} tok/s | new tokens: {len(new)} "
+          f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(model.output.weight.device)}",
+          file=sys.stderr)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, not argparse's usage block: bad input gets a single line naming the problem.
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    parser = ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="Hugging Face Llama directory (default: the embedded SmolLM2-135M-Instruct)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    source.add_argument("--prompt-file", help="read the prompt from this file")
+    parser.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 keeps all tokens")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--max-seq-len", type=int, help="longest prompt plus completion (default: exactly that)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
+    try:
+        main(**vars(parser.parse_args()))
+    except (BadInput, CheckpointError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

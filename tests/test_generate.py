@@ -1,0 +1,124 @@
+"""generate.py: greedy output equal to transformers' generate, sampling, --compile, bad input, the real model."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import generate
+from tiny import save_tiny_checkpoint
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "What is the capital of France?"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+@pytest.fixture(scope="module", params=["chatml", "llama3"])
+def tiny_checkpoint(request, tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=3)
+
+
+def hf_greedy(checkpoint: Path, prompt_ids: list[int], max_new_tokens: int, stop_ids) -> list[int]:
+    model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids])                                                     # (1, T)
+    # An explicit mask: transformers would otherwise mask every prompt token equal to pad_token_id.
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                         eos_token_id=sorted(stop_ids), pad_token_id=max(stop_ids))
+    new = out[0, len(prompt_ids):].tolist()
+    return new[:-1] if new and new[-1] in stop_ids else new   # ours does not return the stop token
+
+
+def test_greedy_matches_transformers(tiny_checkpoint):
+    tok = Tokenizer(tiny_checkpoint)
+    prompt_ids = tok.encode_prompt(PROMPT)
+    expected = hf_greedy(tiny_checkpoint, prompt_ids, 40, tok.stop_ids)
+    assert len(expected) >= 10, "the random model stops too soon to compare much"
+
+    model, _ = generate.load(tiny_checkpoint)
+    generate.setup_caches(model, len(prompt_ids) + 40)
+    new, timings = generate.generate(model, prompt_ids, 40, stop_ids=tok.stop_ids)
+    assert new == expected
+    assert timings.prompt_tokens == len(prompt_ids) and timings.decode_steps == len(new) - 1 + (len(new) < 40)
+
+    cli = run("--checkpoint", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "40")
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout == tok.decode(expected) + "\n"
+    assert f"prompt tokens: {len(prompt_ids)} " in cli.stderr and "decode:" in cli.stderr and "KV cache:" in cli.stderr
+
+
+def test_compile_gives_eager_tokens(tmp_path):
+    checkpoint = save_tiny_checkpoint(tmp_path, "chatml", seed=3, num_hidden_layers=1)
+    args = ["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens", "12"]
+    eager, compiled = run(*args), run(*args, "--compile")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and len(eager.stdout) > 5
+    assert "compile and warm-up:" in compiled.stderr
+
+
+def test_sampling():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 2.9, 1.0, -1.0]]).repeat(400, 1)                   # (B, vocab)
+    assert generate.sample(logits, 0.0, 0, 1.0).unique().tolist() == [1]
+    assert generate.sample(logits, 1.0, 1, 1.0).unique().tolist() == [1]              # top-k 1 is greedy
+    assert generate.sample(logits, 1.0, 2, 1.0).unique().tolist() == [1, 2]
+    assert generate.sample(logits, 1.0, 0, 0.5).unique().tolist() == [1, 2]           # p(1) < 0.5 <= p(1) + p(2)
+    assert generate.sample(logits, 1.0, 0, 1.0).unique().tolist() == [0, 1, 2, 3, 4]
+    hot = generate.sample(logits, 100.0, 0, 1.0)
+    assert (hot == 4).sum() > 40                                                          # high temperature: near uniform
+
+
+BAD_INPUTS = {
+    "missing checkpoint": (["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt is not a directory"),
+    "unreadable config": (["--checkpoint", "{garbled_config}"], "config.json is unreadable"),
+    "unreadable weights": (["--checkpoint", "{garbled_weights}"], "unreadable weights"),
+    "prompt too long": (["--checkpoint", "{tiny}", "--max-seq-len", "8"], "leaves no room to generate within --max-seq-len 8"),
+    "unknown device": (["--checkpoint", "{tiny}", "--device", "tpu"], "unknown device 'tpu'"),
+    "unknown dtype": (["--checkpoint", "{tiny}", "--dtype", "float8"], "unknown dtype 'float8'"),
+    "empty prompt file": (["--checkpoint", "{tiny}", "--prompt-file", "{empty_file}"], "is empty"),
+    "missing prompt file": (["--checkpoint", "{tiny}", "--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
+    "empty prompt": (["--checkpoint", "{tiny}", "--prompt", " "], "the prompt is empty"),
+    "bad number": (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
+    "no cuda": (["--checkpoint", "{tiny}", "--device", "cuda"], "CUDA is not available"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of generate.py for every case, run side by side to save time."""
+    root = tmp_path_factory.mktemp("bad")
+    tiny = save_tiny_checkpoint(root / "tiny")
+    (root / "garbled_config").mkdir()
+    (root / "garbled_config" / "config.json").write_text("{not json")
+    garbled = save_tiny_checkpoint(root / "garbled_weights")
+    (garbled / "model.safetensors").write_bytes(b"\x00" * 100)
+    (root / "empty.txt").write_text("\n  \n")
+    paths = {"tiny": tiny, "garbled_config": root / "garbled_config",
+             "garbled_weights": garbled, "empty_file": root / "empty.txt"}
+    procs = {case: subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *(a.format(**paths) for a in args)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for case, (args, _) in BAD_INPUTS.items()}
+    return {case: (p.wait(timeout=600), *p.communicate()) for case, p in procs.items()}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_one_line_exit_2(case, bad_input_results):
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    returncode, stdout, stderr = bad_input_results[case]
+    assert returncode == 2, stderr
+    assert stdout == ""
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert BAD_INPUTS[case][1] in stderr
+
+
+def test_embedded_model_knows_paris(smollm2_checkpoint):
+    result = run("--prompt", PROMPT, "--max-new-tokens", "20")   # no --checkpoint: the embedded default
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
