@@ -67,22 +67,28 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
     return docs
 
 
-def make_samples(docs: list[tuple[str, str]], prefix: list[int], encode, seq_len: int) -> Tensor:
+def chat_prefix(tokenizer) -> list[int]:
+    """Ids of the chat template up to the document (system turn, user header, PROMPT); tokenizer is a
+    tokenizer.Tokenizer. Without a template the prefix is PROMPT alone."""
+    sentinel = "\x00DOCUMENT\x00"
+    if tokenizer.chat_template is None:
+        return tokenizer.encode(PROMPT, add_special_tokens=False)
+    text = tokenizer.render_chat([{"role": "user", "content": PROMPT + sentinel}], add_generation_prompt=False)
+    return tokenizer.encode(text.partition(sentinel)[0], add_special_tokens=False)
+
+
+def make_samples(docs: list[list[int]], prefix: list[int], seq_len: int) -> Tensor:
     """Token ids (N, seq_len): the chat prefix followed by consecutive pieces of each document.
 
-    prefix: ids of the chat template up to the document (system turn, user header, PROMPT);
-    encode: text -> ids, with no special tokens. A document's last piece is dropped when short, so
-    every sample is exactly seq_len tokens as in the authors' recipe."""
+    docs: each document's ids (no special tokens). A document's last piece is dropped when short, so
+    every sample is exactly seq_len tokens, as in the authors' recipe (truncated on the right)."""
     piece = seq_len - len(prefix)
     if piece < 1:
         raise DataError(f"sequence length {seq_len} leaves no room for a document after the {len(prefix)}-token chat prefix")
-    rows = []
-    for _, text in docs:
-        ids = encode(text)
-        rows += [prefix + ids[i:i + piece] for i in range(0, len(ids) - piece + 1, piece)]
+    rows = [prefix + ids[i:i + piece] for ids in docs for i in range(0, len(ids) - piece + 1, piece)]
     if not rows:
-        raise DataError(f"no document is long enough for one {seq_len}-token sample (longest: "
-                        f"{max(len(encode(t)) for _, t in docs)} tokens + {len(prefix)} of chat prefix)")
+        raise DataError(f"no document is long enough for one {seq_len}-token sample (the longest has "
+                        f"{max(map(len, docs))} tokens, and the chat prefix takes {len(prefix)})")
     return torch.tensor(rows, dtype=torch.long)
 
 

@@ -1,0 +1,281 @@
+"""The gate trainer on tiny random models: soft-gated attention, regularizer, a step, a run, resume, DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import train_gate
+from data import chat_prefix, make_samples, read_documents
+from gate import load_gates
+from model import Transformer
+from tokenizer import Tokenizer as ChatTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEXT = ("The write gate decides which tokens enter the cache. Old tokens leave the window and are kept "
+        "only when admitted. Numbers like 12345 and words like admission, eviction and selection recur. ")
+
+
+def make_tiny_model(path: Path, seed: int = 0, n_layers: int = 2) -> Path:
+    """A random Llama (2 layers, 4 query / 2 KV heads, D = 8) with a small BPE tokenizer and a ChatML template."""
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT * 4], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tok.get_vocab_size(),
+              "hidden_size": 32, "num_hidden_layers": n_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 64, "max_position_embeddings": 256, "rope_theta": 10000.0, "tie_word_embeddings": True}
+    (path / "config.json").write_text(json.dumps(config))
+    g = torch.Generator().manual_seed(seed)
+    V, C, I = config["vocab_size"], 32, 64
+    w = lambda *shape: torch.randn(*shape, generator=g) * 0.2
+    state = {"model.embed_tokens.weight": w(V, C), "model.norm.weight": torch.ones(C)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        state |= {p + "input_layernorm.weight": torch.ones(C), p + "post_attention_layernorm.weight": torch.ones(C),
+                  p + "self_attn.q_proj.weight": w(C, C), p + "self_attn.k_proj.weight": w(16, C),
+                  p + "self_attn.v_proj.weight": w(16, C), p + "self_attn.o_proj.weight": w(C, C),
+                  p + "mlp.gate_proj.weight": w(I, C), p + "mlp.up_proj.weight": w(I, C), p + "mlp.down_proj.weight": w(C, I)}
+    save_file(state, str(path / "model.safetensors"))
+    return path
+
+
+def make_docs(path: Path, n: int = 3, repeat: int = 6) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (path / f"doc{i}.txt").write_text(f"Document {i}. " + TEXT * repeat)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return make_tiny_model(root / "model"), make_docs(root / "docs")
+
+
+def run_args(model: Path, data: Path, out: Path, **overrides) -> dict:
+    args = dict(checkpoint=str(model), data=str(data), out=str(out), seq_len=64, steps=6, batch_size=1, lam=0.05,
+                window=8, threshold=0.1, lr=1e-2, weight_decay=0.01, warmup=0.1, hidden=0, seed=0, dtype="float32",
+                device="cpu", activation_checkpointing=False, block=16, save_every=2, threads=1, resume=False,
+                export=None, export_dtype="float16")
+    return args | overrides
+
+
+def cli(args: dict) -> list[str]:
+    flags = []
+    for k, v in args.items():
+        flag = "--lambda" if k == "lam" else "--" + k.replace("_", "-")
+        if v is True:
+            flags.append(flag)
+        elif v not in (None, False):
+            flags += [flag, str(v)]
+    return flags
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def dense_soft_gated(q, k, v, g, window):
+    """The oracle: a full T x T bias (log g beyond the window, -inf above the diagonal) and plain softmax."""
+    T = q.shape[2]
+    G = q.shape[1] // k.shape[1]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    bias = torch.where(i - j >= window, g.log()[:, :, None, :], 0.0).masked_fill(j > i, float("-inf"))   # (B, Hkv, T, T)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
+                                          attn_mask=bias.repeat_interleave(G, 1))
+
+
+@pytest.mark.parametrize("T,block", [(37, 8), (37, 64), (64, 16)])
+def test_soft_gated_attention_matches_dense_oracle(T, block):
+    torch.manual_seed(0)
+    B, Hq, Hkv, D, W = 2, 6, 2, 8, 5
+    inputs = [torch.randn(B, Hq, T, D, dtype=torch.float64), torch.randn(B, Hkv, T, D, dtype=torch.float64),
+              torch.randn(B, Hkv, T, D, dtype=torch.float64), torch.rand(B, Hkv, T, dtype=torch.float64).clamp_min(1e-3)]
+    ours = [t.clone().requires_grad_() for t in inputs]
+    ref = [t.clone().requires_grad_() for t in inputs]
+    out = train_gate.soft_gated_attention(*ours, W, block)
+    expected = dense_soft_gated(*ref, W)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
+    assert ours[3].grad[:, :, -W:].abs().max() == 0   # the last W keys are never beyond anyone's window
+
+
+def test_soft_gated_attention_with_open_gates_is_causal_attention():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 50, 8), torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+    out = train_gate.soft_gated_attention(q, k, v, torch.ones(1, 2, 50), window=7, block=16)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_regularizer_hand_computed():
+    # N = 4, W = 2: o_s = min(2 / (4 - s), 1) = 1/2, 2/3, 1, 1.
+    g = torch.tensor([[[[0.5, 0.1, 0.9, 0.3]]], [[[1.0, 0.0, 0.2, 0.2]]]])       # (L=2, B=1, Hkv=1, N=4)
+    # layer 0: 1/2 + 1/2 * 0.75 = 0.875; 2/3 + 1/3 * 0.19 = 0.73; 1; 1
+    # layer 1: 1/2 + 1/2 * 1 = 1;        2/3 + 1/3 * 0 = 2/3;     1; 1
+    expected = (0.875 + (2 / 3 + 0.19 / 3) + 1 + 1 + 1 + 2 / 3 + 1 + 1) / 8
+    assert train_gate.regularizer(g, window=2).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_learning_rate_schedule():
+    lrs = [train_gate.learning_rate(s, 100, 1e-3, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)           # linear warm-up over 10 steps
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] < 1e-6                           # then cosine towards 0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_samples_are_the_document_in_a_user_turn(tiny):
+    model_dir, docs_dir = tiny
+    tok = ChatTokenizer(model_dir)
+    prefix = chat_prefix(tok)
+    assert tok.decode(prefix, skip_special_tokens=False) == "<|im_start|>user\nPlease analyze and summarize the following text:\n\n"
+    docs = read_documents(docs_dir)
+    ids = [tok.encode(text, add_special_tokens=False) for _, text in docs]
+    samples = make_samples(ids, prefix, 64)
+    piece = 64 - len(prefix)
+    assert samples.shape == (sum(len(d) // piece for d in ids), 64)
+    assert samples[0].tolist() == prefix + ids[0][:piece] and samples[1].tolist() == prefix + ids[0][piece:2 * piece]
+
+
+def test_a_step_trains_only_the_gates(tiny):
+    model_dir, docs_dir = tiny
+    model = Transformer.from_pretrained(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    gates = train_gate.build_gates(model, 0)
+    gates_before = [p.detach().clone() for p in gates.parameters()]
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=1e-2)
+    distiller = train_gate.Distiller(model, gates, window=8, threshold=0.1, block=16)
+    x = torch.randint(0, model.config.vocab_size, (1, 48))
+    loss, stats = distiller.loss(x, lam=0.1)
+    loss.backward()
+    optimizer.step()
+    gate_ids = {id(p) for p in gates.parameters()}
+    frozen = [p for p in model.parameters() if id(p) not in gate_ids]   # the gates sit inside the wired model
+    assert len(frozen) == 2 + 9 * 2 and all(p.grad is None and not p.requires_grad for p in frozen)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(gates_before, gates.parameters()))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)   # the model's own tensors, bit for bit
+    assert stats.shape == (5,) and 0 <= stats[3] <= 1
+
+
+def test_loss_falls_and_lambda_sets_sparsity(tiny, tmp_path):
+    model_dir, _ = tiny
+    one_sample = make_docs(tmp_path / "one", n=1, repeat=2)   # every step sees the same sequence
+    finals = {}
+    for lam in (0.0, 1.0):
+        out = tmp_path / f"run{lam}"
+        train_gate.train(**run_args(model_dir, one_sample, out, lam=lam, steps=12, lr=3e-2, warmup=0.0, save_every=100))
+        rows = log(out)
+        assert len(rows) == 12 and all(r["step"] == i + 1 for i, r in enumerate(rows))
+        if lam == 0.0:
+            assert rows[-1]["distill"] < 0.7 * rows[0]["distill"]
+        else:
+            assert rows[-1]["loss"] < rows[0]["loss"]
+        finals[lam] = rows[-1]["admitted"]
+        gates, meta = load_gates(out / "gate.safetensors")
+        assert len(gates) == 2 and meta["lambda"] == lam and meta["window"] == 8
+    assert finals[1.0] < finals[0.0]
+
+
+def test_export_writes_a_16_bit_gate_file(tiny, tmp_path):
+    model_dir, docs_dir = tiny
+    out = tmp_path / "run"
+    train_gate.train(**run_args(model_dir, docs_dir, out, steps=2))
+    target = tmp_path / "gates" / "tiny-0.05.safetensors"
+    train_gate.train(**run_args(model_dir, docs_dir, out, steps=2, export=str(target)))
+    assert {t.dtype for t in load_file(target).values()} == {torch.float16}
+    gates, meta = load_gates(target)
+    assert meta["lambda"] == 0.05 and meta["threshold"] == 0.1 and json.loads(meta["training"])["steps"] == 2
+    full, _ = load_gates(out / "gate.safetensors")
+    torch.testing.assert_close(gates[1].w1, full[1].w1, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("problem", ["missing data", "empty data", "too long", "existing run", "nothing to resume"])
+def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, problem, capsys):
+    model_dir, docs_dir = tiny
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "checkpoint.pt").write_bytes(b"")
+    args = run_args(model_dir, docs_dir, tmp_path / "new")
+    args |= {"missing data": dict(data=str(tmp_path / "nope")), "empty data": dict(data=str(tmp_path / "empty")),
+             "too long": dict(seq_len=1000), "existing run": dict(out=str(tmp_path / "existing")),
+             "nothing to resume": dict(resume=True)}[problem]
+    with pytest.raises(SystemExit) as e:
+        train_gate.main(**args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_gate.py: ")
+
+
+def test_interrupt_nan_and_resume_follow_the_uninterrupted_trajectory(tmp_path):
+    model_dir, docs_dir = make_tiny_model(tmp_path / "model"), make_docs(tmp_path / "docs")
+    args = run_args(model_dir, docs_dir, tmp_path / "whole", steps=40, save_every=100)
+    train_gate.train(**args)
+    whole = log(tmp_path / "whole")
+
+    # Ctrl-C in the middle: the run saves after the current step and exits 130.
+    out = tmp_path / "parts"
+    cmd = [sys.executable, str(REPO / "train_gate.py")] + cli(args | dict(out=str(out)))
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, proc.stderr.read()
+    stopped = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 40
+
+    # A model that turns NaN: the run stops before updating anything and keeps the last good checkpoint.
+    weights = load_file(model_dir / "model.safetensors")
+    broken = dict(weights, **{"model.layers.1.self_attn.o_proj.weight": torch.full((32, 32), float("nan"))})
+    save_file(broken, str(model_dir / "model.safetensors"))
+    result = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "not finite" in result.stderr and f"(step {stopped})" in result.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == stopped
+
+    save_file(weights, str(model_dir / "model.safetensors"))
+    train_gate.train(**args | dict(out=str(out), resume=True))
+    parts = log(out)
+    assert [r["step"] for r in parts] == list(range(1, 41))
+    for a, b in zip(whole, parts):
+        assert a["loss"] == b["loss"] and a["admitted"] == b["admitted"], a["step"]
+    assert all(torch.equal(a, b) for a, b in zip(load_file(tmp_path / "whole" / "gate.safetensors").values(),
+                                                 load_file(out / "gate.safetensors").values()))
+
+
+def test_two_gloo_processes_match_one_process(tiny, tmp_path):
+    model_dir, docs_dir = tiny
+    args = run_args(model_dir, docs_dir, tmp_path / "one", batch_size=2, steps=3, save_every=100)
+    train_gate.train(**args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
+           str(REPO / "train_gate.py")] + cli(args | dict(out=str(tmp_path / "two")))
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = load_file(tmp_path / "one" / "gate.safetensors"), load_file(tmp_path / "two" / "gate.safetensors")
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
+    for a, b in zip(log(tmp_path / "one"), log(tmp_path / "two")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)

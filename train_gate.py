@@ -1,0 +1,474 @@
+"""Train the write gates by self-distillation (SPEC.md, Training); the model stays frozen.
+
+Teacher: the model with full causal attention, under no_grad. Student: the same model where every key
+at least W behind the query has log g added to its attention logit (soft admission; gradients reach g
+through the softmax). Loss = MSE of the final normed hidden states + lambda * the lifetime-weighted
+regularizer. AdamW (lr 1e-3, wd 0.01), 10% linear warm-up then cosine to 0; gates in float32.
+
+    python data.py                                        # once: the offline corpora under data/
+    python train_gate.py --lambda 0.16                    # the embedded SmolLM2 on data/train
+    python train_gate.py --out runs/gate-0.16 --resume    # continue from the run's last checkpoint
+    torchrun --nproc_per_node 2 train_gate.py --lambda 0.16   # data parallel (gloo on CPU, NCCL on GPU)
+    python train_gate.py --out runs/gate-0.16 --export gates/smollm2-135m-instruct-0.16.safetensors
+
+Progress goes to stderr (one line per step) and to OUT/log.jsonl; OUT/checkpoint.pt is rewritten
+atomically every --save-every steps, on Ctrl-C and at the end, when OUT/gate.safetensors is written too.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from data import DataError, chat_prefix, make_samples, read_documents
+from gate import WriteGate, save_gates
+from model import CheckpointError, Transformer
+from tokenizer import Tokenizer
+
+# Flags that fix a run's trajectory: --resume refuses a checkpoint written with other values.
+TRAJECTORY = ("checkpoint", "data", "seq_len", "steps", "batch_size", "lam", "window", "threshold", "lr",
+              "weight_decay", "warmup", "hidden", "seed", "dtype")
+
+
+class TrainError(Exception):
+    """A run that cannot go on as asked; the message names the problem in one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The student's attention: soft admission without a T x T bias for all heads
+
+class _SoftGatedAttention(torch.autograd.Function):
+    """Causal softmax attention with log g_j added to the logit of each key j at least W behind the query.
+
+    Computed one block of queries at a time, flash-attention style: forward keeps only the output and
+    the log-sum-exp, backward recomputes each block's probabilities. Memory is O(Hq * block * T) for
+    the working block instead of O(Hq * T * T) per layer, so 8k tokens train on a CPU. FlexAttention's
+    score_mod would express the same thing, but it has no backward on the CPU."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, window: int, block: int) -> Tensor:
+        B, Hq, T, D = q.shape
+        Hkv = k.shape[1]
+        G = Hq // Hkv
+        f32 = torch.promote_types(q.dtype, torch.float32)   # at least float32 (float64 for gradcheck)
+        qf = q.to(f32).view(B, Hkv, G, T, D)                                                  # (B, Hkv, G, T, D)
+        kf, vf = k.to(f32), v.to(f32)                                                         # (B, Hkv, T, D)
+        o = torch.empty_like(qf)                                                              # (B, Hkv, G, T, D)
+        lse = qf.new_empty(B, Hkv, G, T)                                                      # (B, Hkv, G, T)
+        for s in range(0, T, block):
+            e = min(s + block, T)
+            scores, _ = _block_scores(qf[:, :, :, s:e], kf[:, :, :e], log_g[:, :, :e].to(f32), s, window)
+            lse[:, :, :, s:e] = torch.logsumexp(scores, dim=-1)
+            p = torch.exp(scores - lse[:, :, :, s:e, None])                                   # (B, Hkv, G, Tb, e)
+            o[:, :, :, s:e] = (p.view(B, Hkv, -1, e) @ vf[:, :, :e]).view(B, Hkv, G, e - s, D)
+        ctx.save_for_backward(q, k, v, log_g, o, lse)
+        ctx.window, ctx.block = window, block
+        return o.view(B, Hq, T, D).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, log_g, o, lse = ctx.saved_tensors
+        B, Hq, T, D = q.shape
+        Hkv = k.shape[1]
+        G = Hq // Hkv
+        f32 = o.dtype
+        qf, kf, vf = q.to(f32).view(B, Hkv, G, T, D), k.to(f32), v.to(f32)
+        dof = do.to(f32).view(B, Hkv, G, T, D)                                                # (B, Hkv, G, T, D)
+        delta = (dof * o).sum(-1)                                                             # (B, Hkv, G, T)
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        dlog_g = torch.zeros_like(log_g, dtype=f32)                                           # (B, Hkv, T)
+        scale = D ** -0.5
+        for s in range(0, T, ctx.block):
+            e = min(s + ctx.block, T)
+            scores, far = _block_scores(qf[:, :, :, s:e], kf[:, :, :e], log_g[:, :, :e].to(f32), s, ctx.window)
+            p = torch.exp(scores - lse[:, :, :, s:e, None])                                   # (B, Hkv, G, Tb, e)
+            do_b = dof[:, :, :, s:e].reshape(B, Hkv, -1, D)                                    # (B, Hkv, G*Tb, D)
+            dv[:, :, :e] += p.view(B, Hkv, -1, e).transpose(-1, -2) @ do_b
+            dp = (do_b @ vf[:, :, :e].transpose(-1, -2)).view_as(p)                            # (B, Hkv, G, Tb, e)
+            ds = p * (dp - delta[:, :, :, s:e, None])                                          # d loss / d logit
+            dlog_g[:, :, :e] += (ds.sum(2) * far).sum(-2)                                      # log g enters far logits as is
+            ds = ds.view(B, Hkv, -1, e)                                                        # (B, Hkv, G*Tb, e)
+            dq[:, :, :, s:e] = (ds @ kf[:, :, :e]).view(B, Hkv, G, e - s, D) * scale
+            dk[:, :, :e] += ds.transpose(-1, -2) @ qf[:, :, :, s:e].reshape(B, Hkv, -1, D) * scale
+        return dq.view(B, Hq, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog_g.to(log_g.dtype), None, None
+
+
+def _block_scores(q: Tensor, k: Tensor, log_g: Tensor, start: int, window: int) -> tuple[Tensor, Tensor]:
+    """Logits of queries start..start+Tb-1 over keys 0..e-1: scaled q.k, + log g where i - j >= W, -inf where j > i.
+
+    q: (B, Hkv, G, Tb, D); k: (B, Hkv, e, D); log_g: (B, Hkv, e). Returns scores (B, Hkv, G, Tb, e) and
+    the far mask (Tb, e)."""
+    B, Hkv, G, Tb, D = q.shape
+    e = k.shape[2]
+    scores = (q.reshape(B, Hkv, G * Tb, D) @ k.transpose(-1, -2)).view(B, Hkv, G, Tb, e) * D ** -0.5
+    i = torch.arange(start, start + Tb, device=q.device)[:, None]                              # (Tb, 1)
+    j = torch.arange(e, device=q.device)[None, :]                                              # (1, e)
+    far = i - j >= window                                                                      # (Tb, e)
+    bias = torch.where(far, log_g[:, :, None, :], 0.0).masked_fill(j > i, float("-inf"))       # (B, Hkv, Tb, e)
+    return scores + bias[:, :, None], far
+
+
+def soft_gated_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, window: int, block: int = 256) -> Tensor:
+    """q: (B, Hq, T, D); k, v: (B, Hkv, T, D); g: (B, Hkv, T) in (0, 1] -> (B, Hq, T, D) in q's dtype."""
+    return _SoftGatedAttention.apply(q, k, v, torch.log(g), window, block)
+
+
+class SoftGatedAttention(nn.Module):
+    """The student's per-layer attention, in the place of a cache: cache(q, k, v, g, input_pos).
+    It keeps the layer's g of the last call, which the regularizer reads."""
+
+    def __init__(self, window: int, block: int):
+        super().__init__()
+        self.window, self.block = window, block
+        self.g: Tensor | None = None   # (B, Hkv, T)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
+        self.g = g
+        return soft_gated_attention(q, k, v, g, self.window, self.block)
+
+
+class Checkpointed(nn.Module):
+    """A block whose activations are recomputed in backward instead of kept (--activation-checkpointing)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        if torch.is_grad_enabled():
+            return checkpoint(self.block, *args, use_reentrant=False)
+        return self.block(*args)
+
+
+class Distiller:
+    """The teacher and the student of one frozen model: the same layers, wired to the gates and the
+    soft-gated attention for the student pass only."""
+
+    def __init__(self, model: Transformer, gates: nn.ModuleList, window: int, threshold: float, block: int = 256,
+                 activation_checkpointing: bool = False):
+        self.model, self.gates, self.window, self.threshold = model, gates, window, threshold
+        self.blocks = list(model.layers)
+        self.attns = [SoftGatedAttention(window, block) for _ in self.blocks]
+        if activation_checkpointing:
+            model.layers = nn.ModuleList(Checkpointed(b) for b in self.blocks)
+
+    def wire(self, student: bool) -> None:
+        for b, gate, attn in zip(self.blocks, self.gates, self.attns):
+            b.attention.gate, b.attention.cache = (gate, attn) if student else (None, None)
+
+    def loss(self, x: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+        """x: (B, T) token ids -> the loss to back-propagate, and (loss, distill, reg, admitted share,
+        mean g) as a float64 CPU tensor of statistics."""
+        self.wire(student=False)
+        with torch.no_grad():
+            target = self.model.body(x).float()                                               # (B, T, dim)
+        self.wire(student=True)
+        hidden_states = self.model.body(x).float()                                            # (B, T, dim)
+        gs = torch.stack([a.g for a in self.attns])                                           # (L, B, Hkv, T)
+        for a in self.attns:
+            a.g = None
+        distill = F.mse_loss(hidden_states, target)
+        reg = regularizer(gs, self.window)
+        loss = distill + lam * reg
+        with torch.no_grad():
+            stats = torch.stack([loss, distill, reg, (gs > self.threshold).float().mean(), gs.mean()])
+        return loss, stats.double().cpu()
+
+
+def regularizer(gs: Tensor, window: int) -> Tensor:
+    """The authors' sparsity penalty: mean over (layer, batch, head, s) of o_s + (1 - o_s)(1 - (1 - g_s)^2),
+    o_s = min(W / (N - s), 1), the share of key s's future queries that see it inside the window anyway.
+
+    gs: (L, B, Hkv, N) -> scalar. 1 - (1 - g)^2 equals g at 0 and 1 and is concave, pushing g to 0 or 1."""
+    N = gs.shape[-1]
+    s = torch.arange(N, device=gs.device, dtype=torch.float32)
+    o = (window / (N - s)).clamp(max=1.0)                                                     # (N,)
+    return (o + (1 - o) * (1 - (1 - gs) ** 2)).mean()
+
+
+def learning_rate(step: int, steps: int, lr: float, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` share of steps, then cosine to 0 (step counts from 0)."""
+    n_warm = max(1, round(warmup * steps))
+    if step < n_warm:
+        return lr * (step + 1) / n_warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
+
+
+def sample_index(i: int, n: int, seed: int) -> int:
+    """The i-th sample of the whole run: epoch i // n visits all n samples in its own seeded order,
+    so the data order is a pure function of (seed, step) and a resumed run sees what it would have."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + i // n))
+    return int(order[i % n])
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+def format_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype: torch.dtype) -> None:
+    """Write the gate file (gate.py's format) with what a reader needs to know of its training."""
+    a = state["args"]
+    metadata = {
+        "window": a["window"], "threshold": a["threshold"], "lambda": a["lam"],
+        "base_model": Path(a["checkpoint"]).name,
+        "training": {"steps": state["step"], "of_steps": a["steps"], "seq_len": a["seq_len"], "batch_size": a["batch_size"],
+                     "lr": a["lr"], "weight_decay": a["weight_decay"], "data": a["data"], "run": str(run),
+                     "train_seconds": round(state["elapsed"]), "machine": state["machine"],
+                     "final": {k: state["last"][k] for k in ("distill", "reg", "admitted")} if state.get("last") else None},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_gates(tmp, list(gates), metadata, dtype=dtype)
+    os.replace(tmp, path)
+
+
+def build_gates(model: Transformer, hidden: int) -> nn.ModuleList:
+    c = model.config
+    return nn.ModuleList(WriteGate(c.n_kv_heads, c.head_dim, hidden) for _ in range(c.n_layers))
+
+
+def train(checkpoint: str | None, data: str, out: str | None, seq_len: int, steps: int, batch_size: int, lam: float,
+          window: int, threshold: float, lr: float, weight_decay: float, warmup: float, hidden: int, seed: int,
+          dtype: str, device: str | None, activation_checkpointing: bool, block: int, save_every: int,
+          threads: int, resume: bool, export: str | None, export_dtype: str) -> None:
+    args = dict(locals())
+    if checkpoint is None:
+        from convert_gguf import ensure_default_checkpoint
+        args["checkpoint"] = checkpoint = str(ensure_default_checkpoint())
+    run = Path(out if out is not None else f"runs/gate-{lam:g}")
+    args["out"] = str(run)
+    if export is not None:   # export a run's latest checkpoint, nothing else
+        state = load_checkpoint(run)
+        gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
+        gates.load_state_dict(state["gates"])
+        export_gates(run, gates, state, Path(export), getattr(torch, export_dtype))
+        print(export)
+        print(f"exported step {state['step']}/{state['args']['steps']} of {run} ({export_dtype})", file=sys.stderr)
+        return
+
+    for name, value, low in (("--seq-len", seq_len, 2), ("--steps", steps, 1), ("--batch-size", batch_size, 1),
+                             ("--window", window, 1), ("--block", block, 1), ("--save-every", save_every, 1)):
+        if value < low:
+            raise TrainError(f"{name} must be at least {low}, got {value}")
+    if lam < 0 or lr <= 0 or not 0 <= warmup <= 1 or not 0 < threshold < 1:
+        raise TrainError(f"need --lambda >= 0, --lr > 0, 0 <= --warmup <= 1, 0 < --threshold < 1 "
+                         f"(got {lam}, {lr}, {warmup}, {threshold})")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if distributed:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if batch_size % world:
+        raise TrainError(f"--batch-size {batch_size} is not a multiple of the {world} processes")
+    if threads:
+        torch.set_num_threads(threads)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+
+    # Resume only what was asked, and never overwrite a run silently.
+    state = None
+    if resume:
+        state = load_checkpoint(run)
+        changed = [f"{k} {state['args'][k]!r} -> {args[k]!r}" for k in TRAJECTORY if state["args"][k] != args[k]]
+        if changed:
+            raise TrainError(f"{run}/checkpoint.pt was written with other settings ({'; '.join(changed)}); "
+                             f"resume with the same flags or start a new --out")
+    elif (run / "checkpoint.pt").exists():
+        raise TrainError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
+
+    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
+    if seq_len > model.config.max_position_embeddings:
+        raise TrainError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_position_embeddings} tokens")
+    if state is not None and (run / "samples.pt").exists():
+        # The run's own tokenized samples: a resumed run trains on exactly what it started with.
+        samples = torch.load(run / "samples.pt", weights_only=True).long()                    # (N, seq_len)
+    else:
+        tok = Tokenizer(checkpoint)
+        docs = read_documents(data)
+        t0 = time.time()
+        ids = [e.ids for e in tok.backend.encode_batch([text for _, text in docs], add_special_tokens=False)]
+        samples = make_samples(ids, chat_prefix(tok), seq_len)                                # (N, seq_len)
+        say(f"data: {len(docs)} documents under {data} -> {samples.shape[0]} samples of {seq_len} tokens "
+            f"({time.time() - t0:.0f} s to tokenize)")
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            save_atomic(samples.int(), run / "samples.pt")
+
+    torch.manual_seed(seed)
+    gates = build_gates(model, hidden).to(device)
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=lr, weight_decay=weight_decay)
+    step, elapsed = 0, 0.0
+    if state is not None:
+        gates.load_state_dict(state["gates"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        say(f"resumed {run} at step {step}/{steps}")
+    distiller = Distiller(model, gates, window, threshold, block, activation_checkpointing)
+
+    def snapshot(last: dict | None) -> dict:
+        return {"step": step, "elapsed": elapsed, "args": args, "gates": gates.state_dict(),
+                "gate_shapes": [(g.n_kv_heads, g.head_dim, g.hidden) for g in gates],
+                "optimizer": optimizer.state_dict(), "machine": machine(device, world), "last": last}
+
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        trim_log(run / "log.jsonl", step)
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:   # a second Ctrl-C: leave now
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        say(f"{stop['signal']}: saving after this step (Ctrl-C again to abort without saving)")
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    local = batch_size // world
+    tokens_per_step = batch_size * seq_len
+    start_step, start_time = step, time.time()
+    last = state["last"] if state is not None else None
+    say(f"training {sum(p.numel() for p in gates.parameters()):,} gate parameters on {machine(device, world)}: "
+        f"{steps} steps x {batch_size} x {seq_len} tokens, lambda {lam:g}, W {window}, tau {threshold:g}")
+    while step < steps:
+        t_step = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup)
+        totals = torch.zeros(5, dtype=torch.float64)   # loss, distill, reg, admitted, g mean (sums over the global batch)
+        for i in range(local):
+            x = samples[sample_index(step * batch_size + rank * local + i, samples.shape[0], seed)][None].to(device)  # (1, T)
+            loss, stats = distiller.loss(x, lam)
+            (loss / batch_size).backward()
+            totals += stats
+        stopping = torch.tensor([stop["signal"] is not None], dtype=torch.float64)
+        if distributed:
+            flat = torch.cat([p.grad.reshape(-1) for p in gates.parameters()])
+            dist.all_reduce(flat)   # the sum of the ranks' (loss / batch_size) gradients is the batch mean's
+            offset = 0
+            for p in gates.parameters():
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            both = torch.cat([totals, stopping]).to(device)
+            dist.all_reduce(both)
+            totals, stopping = both[:5].cpu(), both[5:].cpu()
+        stats = (totals / batch_size).tolist()
+        if not all(math.isfinite(v) for v in stats):
+            kept = f"the last good checkpoint is {run}/checkpoint.pt (step {step_saved(run)})" if (run / "checkpoint.pt").exists() \
+                else "no checkpoint was written yet"
+            raise TrainError(f"loss is not finite at step {step + 1} ({stats[0]}); stopped without updating the gates; {kept}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.time() - t_step
+        elapsed += dt
+        last = dict(zip(("loss", "distill", "reg", "admitted", "g_mean"), stats))
+        rate = (time.time() - start_time) / (step - start_step)
+        say(f"step {step}/{steps} loss {stats[0]:.5f} distill {stats[1]:.5f} reg {stats[2]:.4f} "
+            f"admit {100 * stats[3]:.1f}% lr {optimizer.param_groups[0]['lr']:.1e} "
+            f"{tokens_per_step / dt:.0f} tok/s eta {format_time(rate * (steps - step))}")
+        if rank == 0:
+            with open(run / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **last, "lr": optimizer.param_groups[0]["lr"],
+                                    "tokens_per_s": tokens_per_step / dt, "seconds": elapsed}) + "\n")
+        if stopping.item() or step % save_every == 0 or step == steps:
+            if rank == 0:
+                save_atomic(snapshot(last), run / "checkpoint.pt")
+            if stopping.item():
+                say(f"saved {run}/checkpoint.pt at step {step}; continue with --resume")
+                raise SystemExit(130)
+    if rank == 0:
+        final = snapshot(last)
+        export_gates(run, gates, final, run / "gate.safetensors", torch.float32)
+        say(f"done: {run}/gate.safetensors ({format_time(elapsed)} of training)")
+        print(run / "gate.safetensors")
+    if distributed:
+        dist.destroy_process_group()
+
+
+def load_checkpoint(run: Path) -> dict:
+    path = run / "checkpoint.pt"
+    if not path.exists():
+        raise TrainError(f"{path} not found: nothing to resume or export")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # a truncated or foreign file; torch raises several types
+        raise TrainError(f"{path} is unreadable: {str(e).splitlines()[0]}") from None
+
+
+def step_saved(run: Path) -> int:
+    return load_checkpoint(run)["step"]
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint being resumed (written after it, then lost with the process)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def machine(device: str, world: int) -> str:
+    name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else f"{platform.processor() or platform.machine()} CPU"
+    return f"{world} x {name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main(**kwargs) -> None:
+    try:
+        train(**kwargs)
+    except (TrainError, DataError, CheckpointError) as e:
+        print(f"train_gate.py: {e}", file=sys.stderr)
+        sys.exit(1 if "not finite" in str(e) else 2)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", help="model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default="data/train", help="folder (or file) of .txt/.md/.jsonl documents")
+    p.add_argument("--out", help="run directory for checkpoint.pt, log.jsonl, gate.safetensors (default: runs/gate-LAMBDA)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sample (chat prefix + document piece)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per step, over all processes")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.16, help="weight of the sparsity regularizer")
+    p.add_argument("--window", type=int, default=256, help="W: every token is visible to the next W-1 queries")
+    p.add_argument("--threshold", type=float, default=0.1, help="tau: a token is admitted when g > tau")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.1, help="share of the steps with linear warm-up")
+    p.add_argument("--hidden", type=int, default=0, help="gate MLP width (0: 4 x head dim)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the gate initialisation and the data order")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the frozen model's precision (gates are float32); bfloat16 is slow on CPUs without it")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each layer in backward instead of keeping its activations (long sequences)")
+    p.add_argument("--block", type=int, default=256, help="queries per block of the soft-gated attention")
+    p.add_argument("--save-every", type=int, default=25, help="steps between checkpoints")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--export", help="write OUT's latest checkpoint as a gate file at this path and exit")
+    p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    main(**vars(p.parse_args()))
