@@ -1,0 +1,660 @@
+"""Quality against KV memory for every admission policy: perplexity, agreement with dense, passkey retrieval.
+
+    python eval.py --quick                          # a small grid, a few minutes on a CPU
+    python eval.py --out eval.json                  # the full grid (2k/4k/8k), tables on stdout
+    python eval.py --gate my-gate.safetensors       # a gate file besides those under gates/ (.pt too)
+
+Policies, each through the cache it runs with: `dense` (DenseCache); every gate file under --gates-dir
+and each --gate (WriteGatedCache, no capacity limit); `random ~ G`: G's own admissions on the same
+sequence moved to random positions (per layer and KV head, among the tokens older than the window and
+among those inside it, separately), so it holds exactly G's KV bytes; `snapkv ~ G`: eviction at G's
+budget (SnapKVCache below); `none` (the window alone); `sink:N` (StreamingLLM).
+
+Protocols (the output states them too):
+- perplexity: one prefill of the whole document per policy. Prefill and decode obey the same visibility
+  rule, so query i's logits in a gated prefill are those decode would give at i; the run measures the
+  difference on the decode table's tokens and prints it. Scored: the predictions of queries at
+  positions >= W (before that every policy sees the same keys), against the document's next token;
+  KL(dense || policy) and top-1 agreement with dense on the same predictions.
+- decode: an eviction store changes while decoding, so no single prefill stands in for it. Prefill
+  L - n tokens, then feed the last n one at a time; every policy, dense included, runs this way and is
+  scored on the n predictions of queries L-n-1 .. L-2, against dense's single prefill.
+- passkey: a 5-digit key hidden at a grid of depths in held-out prose, in the chat template; prefill
+  the prompt, generate greedily; correct when the first number in the answer is the key.
+admitted: the share of the tokens that left the window which the cache still holds; KV held: K/V bytes
+held at the end of the sequence, against a dense cache of the same tokens.
+
+Tables go to stdout (markdown), JSON to --out, a PNG plot to --plot (needs matplotlib), progress to stderr.
+"""
+import argparse
+import json
+import platform
+import random
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import zip_longest
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from cache import DenseCache, WriteGatedCache
+from data import DataError, chat_prefix, make_samples, read_documents
+from gate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, install, load_gates, setup_write_gated
+from model import Transformer
+from tokenizer import Tokenizer
+
+FULL = dict(lengths=[2048, 4096, 8192], docs=2, decode_tokens=128, passkey_lengths=[2048, 4096, 8192],
+            depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2)
+QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5, 1.0], trials=1)
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked; the message names the problem in one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: held-out documents and passkey prompts
+
+def source_order(docs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Documents taken in turn from each source folder (austen/, python-docs/, ...), so the first few span them all."""
+    groups: dict[str, list] = {}
+    for name, text in docs:
+        groups.setdefault(name.split("/")[0], []).append((name, text))
+    return [d for turn in zip_longest(*groups.values()) for d in turn if d is not None]
+
+
+def document_samples(tok: Tokenizer, docs: list[tuple[str, str]], lengths: list[int], n: int) -> dict[int, list[tuple[str, Tensor]]]:
+    """Per length L, (name, ids (L,)) of the first n documents long enough: the chat prefix and the
+    document's start, exactly as the gate trainer builds a sample (data.make_samples)."""
+    prefix = chat_prefix(tok)
+    longest = max(lengths)
+    # Prose runs about 4 characters a token; 16 per token leaves room for any text.
+    ids = [(name, tok.encode(text[:16 * longest], add_special_tokens=False)) for name, text in docs]
+    samples = {}
+    for L in lengths:
+        fit = [(name, make_samples([t], prefix, L)[0]) for name, t in ids if len(prefix) + len(t) >= L][:n]
+        if len(fit) < n:
+            raise DataError(f"only {len(fit)} held-out documents reach {L} tokens, {n} asked (--docs)")
+        samples[L] = fit
+    return samples
+
+
+INSTRUCTION = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it: "
+               "I will ask you for it at the end.\n\n")
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\n\nWhat is the pass key?"
+ANSWER = "The pass key is"
+
+
+@dataclass
+class Passkey:
+    """Passkey prompts of an exact token length: head + filler with the needle inside + tail."""
+    head: list[int]      # up to the haystack: the chat template's opening and INSTRUCTION
+    tail: list[int]      # after it: QUESTION, the end of the user turn, the assistant's header and ANSWER
+    filler: list[int]    # held-out prose, token ids
+    tok: Tokenizer
+
+    @classmethod
+    def build(cls, tok: Tokenizer, filler: list[int]) -> "Passkey":
+        sentinel = "\x00HAYSTACK\x00"
+        if tok.chat_template is None:
+            text = INSTRUCTION + sentinel + QUESTION + "\n" + ANSWER
+        else:
+            text = tok.render_chat([{"role": "user", "content": INSTRUCTION + sentinel + QUESTION}]) + ANSWER
+        head, tail = text.split(sentinel)
+        encode = lambda s: tok.encode(s, add_special_tokens=False)
+        return cls(encode(head), encode(tail), filler, tok)
+
+    def needle(self, key: str) -> list[int]:
+        return self.tok.encode(NEEDLE.format(key=key), add_special_tokens=False)
+
+    def prompt(self, key: str, length: int, depth: float, offset: int = 0) -> tuple[list[int], int]:
+        """(ids of exactly `length` tokens, index of the needle's first token): the needle sits after
+        round(depth * F) of the F filler tokens (depth 0: right after the instruction, 1: right before the question)."""
+        needle = self.needle(key)
+        n_fill = length - len(self.head) - len(needle) - len(self.tail)
+        if n_fill < 0:
+            raise EvalError(f"passkey length {length} is shorter than the prompt without filler "
+                            f"({length - n_fill} tokens)")
+        if offset + n_fill > len(self.filler):
+            raise DataError(f"the held-out documents hold {len(self.filler)} tokens of filler, a passkey prompt "
+                            f"of {length} tokens at offset {offset} needs {offset + n_fill}")
+        fill = self.filler[offset:offset + n_fill]
+        at = round(depth * n_fill)
+        return self.head + fill[:at] + needle + fill[at:] + self.tail, len(self.head) + at
+
+
+def passkey_correct(answer: str, key: str) -> bool:
+    """The first number in the answer is the key (so "71432." passes, "714321" and "7143" do not)."""
+    number = re.search(r"\d+", answer)
+    return number is not None and number.group() == key
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies that need more than a --gate spec: matched random admission and the eviction baseline
+
+class Recorder(nn.Module):
+    """A gate that keeps every g it hands out, so the baselines matched to it see its decisions."""
+
+    def __init__(self, gate: nn.Module):
+        super().__init__()
+        self.gate = gate
+        self.calls: list[Tensor] = []
+
+    def forward(self, k_pre: Tensor, k_post: Tensor, input_pos: Tensor) -> Tensor:
+        g = self.gate(k_pre, k_post, input_pos)                                                  # (B, Hkv, T)
+        self.calls.append(g)
+        return g
+
+    def admitted(self, threshold: float) -> Tensor:
+        """(Hkv, S) bool: g > tau at every position the sequence reached (batch row 0)."""
+        return torch.cat(self.calls, dim=-1)[0] > threshold
+
+
+class TableGate(nn.Module):
+    """Admission decisions fixed in advance, read by position: g = table[h, pos] in {0, 1}."""
+
+    def __init__(self, table: Tensor):
+        super().__init__()
+        self.register_buffer("table", table.float(), persistent=False)                           # (Hkv, S)
+
+    def forward(self, k_pre: Tensor, k_post: Tensor, input_pos: Tensor) -> Tensor:
+        return self.table[:, input_pos].expand(k_pre.shape[0], -1, -1)                           # (B, Hkv, T)
+
+
+def shuffled(admitted: Tensor, window: int, generator: torch.Generator) -> Tensor:
+    """admitted (Hkv, S) with each head's decisions permuted at random among the positions older than
+    the last W and, apart, among the last W: every head keeps as many tokens in its store and its ring."""
+    H, S = admitted.shape
+    out = torch.empty_like(admitted)
+    cut = max(S - window, 0)
+    for segment in (slice(0, cut), slice(cut, S)):
+        n = segment.stop - segment.start
+        perm = torch.rand(H, n, generator=generator).argsort(dim=-1).to(admitted.device)      # (Hkv, n)
+        out[:, segment] = admitted[:, segment].gather(1, perm)
+    return out
+
+
+def matched_capacity(admitted: Tensor, window: int) -> int:
+    """Store slots per KV head for the eviction baseline in one layer: the gate's mean count of held
+    tokens older than the window, rounded, at least 1 (so the layer's total is within one token per head)."""
+    old = admitted[:, :max(admitted.shape[1] - window, 0)].sum(-1).float()                    # (Hkv,)
+    return max(1, round(old.mean().item()))
+
+
+def snapkv_scores(q: Tensor, k: Tensor, scale: float, observe: int, pool: int) -> Tensor:
+    """SnapKV's importance of every prompt token: the attention the last `observe` queries pay it, summed
+    over those queries and over the KV head's query heads, max-pooled over `pool` neighbours.
+
+    q: (B, Hq, T, D); k: (B, Hkv, T, D) -> (B, Hkv, T) float32.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    n = min(observe, T)
+    qo = q[:, :, T - n:].float().view(B, Hkv, Hq // Hkv, n, D)                                 # (B, Hkv, G, n, D)
+    s = torch.einsum("bhgnd,bhtd->bhgnt", qo, k.float()) * scale                                # (B, Hkv, G, n, T)
+    pos = torch.arange(T, device=q.device)
+    causal = pos[None, :] <= pos[T - n:, None]                                                  # (n, T)
+    probs = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+    score = probs.sum(dim=(2, 3))                                                               # (B, Hkv, T)
+    return F.max_pool1d(score, pool, stride=1, padding=pool // 2)
+
+
+class SnapKVCache(WriteGatedCache):
+    """The eviction baseline: SnapKV's score in place of g, in the write-gated cache's own capacity rule.
+
+    With tau = 0 and every score > 0, every token is admitted, so the prefill attends densely (SnapKV
+    compresses after reading the prompt), and the store of C slots keeps the C tokens older than the
+    window with the highest score. The ring keeps its tokens' scores too, and a token leaving it takes
+    the place of the store's lowest-score entry when its own score is higher (promote). Tokens decoded
+    later get g = 0 from their gate (ConstantGate(0)): they have no score and the eval never decodes
+    more than W tokens, so none leaves the ring. The cache holds C + W tokens per head at most.
+    """
+
+    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
+                 observe: int = 32, pool: int = 7):
+        super().__init__(batch_size, n_kv_heads, head_dim, window, 0.0, capacity, dtype, device, backend)
+        self.observe, self.pool = observe, pool
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
+        score = snapkv_scores(q, k, self.scale, self.observe, self.pool)                        # (B, Hkv, T)
+        return super().prefill(q, k, v, score.clamp_min(torch.finfo(torch.float32).tiny), input_pos)
+
+
+@dataclass
+class Policy:
+    name: str
+    kind: str          # "dense", "gate" (a file), "builtin" (none, sink:N), "random" or "snapkv" (matched to a gate)
+    spec: str = ""     # the --gate spec (gate, builtin) or the matched gate's name (random, snapkv)
+
+
+def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int, recorded: dict,
+                   dtype: torch.dtype, device: str, backend: str, seed: int) -> None:
+    """Gates and caches for one sequence of seq_len positions. recorded: {gate name: per layer (Hkv, S) admissions}."""
+    c = model.config
+    H, D = c.n_kv_heads, c.head_dim
+    if policy.kind == "dense":
+        install(model, None)
+        model.setup_caches(lambda i: DenseCache(1, H, seq_len, D, dtype, device))
+    elif policy.kind in ("gate", "builtin"):
+        setup_write_gated(model, policy.spec, batch_size=1, max_seq_len=seq_len, dtype=dtype, device=device,
+                          window=window, backend=backend)
+        if policy.kind == "gate":
+            install(model, [Recorder(layer.attention.gate) for layer in model.layers])
+    elif policy.kind == "random":
+        # A fresh generator: the same gate decisions give the same shuffle in every table.
+        generator = torch.Generator().manual_seed(seed)
+        install(model, [TableGate(shuffled(a, window, generator)) for a in recorded[policy.spec]])
+        model.setup_caches(lambda i: WriteGatedCache(1, H, D, window, DEFAULT_THRESHOLD, seq_len - window,
+                                                     dtype, device, backend))
+    else:
+        capacity = [matched_capacity(a, window) for a in recorded[policy.spec]]
+        install(model, [ConstantGate(0.0) for _ in model.layers])
+        model.setup_caches(lambda i: SnapKVCache(1, H, D, window, capacity[i], dtype, device, backend))
+
+
+def recording(model: Transformer) -> list[Tensor]:
+    """The admissions a gate policy made on the sequence just run, per layer (Hkv, S)."""
+    return [layer.attention.gate.admitted(layer.attention.cache.threshold) for layer in model.layers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a sequence through the installed policy, and scoring it
+
+def prefill_all(model: Transformer, ids: Tensor) -> Tensor:
+    """Hidden states (L, dim) of one prefill of ids (L,)."""
+    return model.body(ids[None])[0]
+
+
+def prefill_then_decode(model: Transformer, ids: Tensor, n: int) -> Tensor:
+    """Hidden states (n, dim) of queries L-n-1 .. L-2: prefill ids[:L-n], then feed ids[L-n:] one at a
+    time (the last one's output predicts past the sample, but its K/V and admission count in the stats)."""
+    L = ids.shape[0]
+    positions = torch.arange(L, device=ids.device)
+    out = [model.body(ids[None, :L - n])[0, -1:]]
+    for p in range(L - n, L):
+        out.append(model.body(ids[None, p:p + 1], positions[p:p + 1])[0])
+    return torch.cat(out[:-1])
+
+
+def generate(model: Transformer, ids: Tensor, n_new: int) -> list[int]:
+    """Greedy: prefill ids (P,), then n_new tokens; P + n_new - 1 positions pass through the cache."""
+    P = ids.shape[0]
+    tokens = [model.output(model.body(ids[None])[0, -1]).argmax()]
+    for p in range(P, P + n_new - 1):
+        h = model.body(tokens[-1].view(1, 1), torch.tensor([p], device=ids.device))           # (1, 1, dim)
+        tokens.append(model.output(h[0, -1]).argmax())
+    return torch.stack(tokens).tolist()
+
+
+def compare(model: Transformer, hidden: Tensor, ref: Tensor, targets: Tensor, chunk: int = 512) -> dict[str, Tensor]:
+    """Per prediction: NLL of the target, KL(dense || policy), top-1 agreement with dense.
+
+    hidden, ref: (N, dim) the policy's and dense's final hidden states; targets: (N,). Logits are
+    made a chunk at a time: at 8k tokens a whole (N, vocab) pair would take gigabytes.
+    """
+    nll, kl, agree = [], [], []
+    for s in range(0, hidden.shape[0], chunk):
+        lp = F.log_softmax(model.output(hidden[s:s + chunk]).float(), dim=-1)                 # (n, V)
+        lr = F.log_softmax(model.output(ref[s:s + chunk]).float(), dim=-1)                    # (n, V)
+        nll.append(-lp.gather(-1, targets[s:s + chunk, None])[:, 0])
+        kl.append((lr.exp() * (lr - lp)).sum(-1))
+        agree.append((lp.argmax(-1) == lr.argmax(-1)).float())
+    return {"nll": torch.cat(nll).cpu(), "kl": torch.cat(kl).cpu(), "agree": torch.cat(agree).cpu()}
+
+
+def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
+    """Token counts summed over layers and KV heads, read once after a sequence: tokens older than the
+    window (left), those of them still held (kept), all held (held) and all seen; bytes per token."""
+    c = model.config
+    caches = [layer.attention.cache for layer in model.layers]
+    heads = c.n_layers * c.n_kv_heads
+    per_token = 2 * c.head_dim * caches[0].k_cache.element_size() if isinstance(caches[0], DenseCache) \
+        else caches[0].bytes_per_token()
+    if isinstance(caches[0], DenseCache):
+        left = heads * max(seen - window, 0)
+        return {"left": left, "kept": left, "held": heads * seen, "seen": heads * seen, "bytes_per_token": per_token}
+    counts = {k: int(torch.stack([cache.counts()[k].sum() for cache in caches]).sum()) for k in ("held", "seen")}
+    left = int(torch.stack([cache.n_left.sum() for cache in caches]).sum())
+    kept = int(torch.stack([cache.global_len.sum() for cache in caches]).sum())
+    return {"left": left, "kept": kept, **counts, "bytes_per_token": per_token}
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+def policy_list(gates: list[tuple[str, str]], sink: int) -> list[Policy]:
+    """dense, each gate with its matched baselines, none, sink:N (a gate runs before the rows matched to it)."""
+    rows = [Policy("dense", "dense")]
+    for name, path in gates:
+        rows += [Policy(name, "gate", path), Policy(f"random ~ {name}", "random", name),
+                 Policy(f"snapkv ~ {name}", "snapkv", name)]
+    return rows + [Policy("none", "builtin", "none"), Policy(f"sink:{sink}", "builtin", f"sink:{sink}")]
+
+
+def evaluate(model: Transformer, tok: Tokenizer, policies: list[Policy], samples: dict, passkey: Passkey | None,
+             window: int, decode_tokens: int, passkey_lengths: list[int], depths: list[float], trials: int,
+             dtype: torch.dtype, device: str, backend: str, seed: int) -> dict:
+    """Run every task; returns {"perplexity" | "decode" | "passkey": [per (length, policy, sequence) records], "checks": [...]}."""
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)
+    setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded, dtype,
+                                                             device, backend, seed)
+    out = {"perplexity": [], "decode": [], "passkey": [], "checks": []}
+    uncapped = [p for p in policies if p.kind != "snapkv"]
+    for L, docs in samples.items():
+        for i, (doc, ids) in enumerate(docs):
+            ids = ids.to(device)
+            recorded, one_prefill, ref = {}, {}, None
+            for policy in uncapped:
+                t0 = time.time()
+                setup(policy, L, recorded)
+                hidden = prefill_all(model, ids)                                                    # (L, dim)
+                if policy.kind == "gate":
+                    recorded[policy.name] = recording(model)
+                ref = hidden if ref is None else ref          # dense runs first
+                m = compare(model, hidden[window:L - 1], ref[window:L - 1], ids[window + 1:])
+                one_prefill[policy.name] = m["nll"]
+                out["perplexity"].append({"length": L, "policy": policy.name, "doc": doc, **m,
+                                          **kv_stats(model, L, window)})
+                say(f"[perplexity L={L} doc {i + 1}/{len(docs)}] {policy.name}: "
+                    f"ppl {m['nll'].mean().exp():.3f}, {time.time() - t0:.1f} s")
+            if not decode_tokens:
+                continue
+            n = decode_tokens
+            for policy in policies:
+                t0 = time.time()
+                setup(policy, L, recorded)
+                hidden = prefill_then_decode(model, ids, n)                                         # (n, dim)
+                m = compare(model, hidden, ref[L - n - 1:L - 1], ids[L - n:])
+                out["decode"].append({"length": L, "policy": policy.name, "doc": doc, **m,
+                                      **kv_stats(model, L, window)})
+                say(f"[decode L={L} doc {i + 1}/{len(docs)}] {policy.name}: prefill {L - n} + decode {n}: "
+                    f"ppl {m['nll'].mean().exp():.3f}, {time.time() - t0:.1f} s")
+                if policy.name in one_prefill:
+                    diff = (one_prefill[policy.name][-n:] - m["nll"]).abs().max().item()
+                    out["checks"].append({"length": L, "doc": doc, "policy": policy.name, "max_abs_nll_diff": diff})
+            worst = max((c for c in out["checks"] if c["length"] == L and c["doc"] == doc),
+                        key=lambda c: c["max_abs_nll_diff"])
+            say(f"check: one prefill vs prefill + decode on the last {n} predictions, L={L}, {doc}: "
+                f"largest |NLL difference| {worst['max_abs_nll_diff']:.2e} ({worst['policy']})")
+
+    keys = random.Random(seed)
+    longest = max(passkey_lengths, default=0)
+    for L in passkey_lengths:
+        for depth in depths:
+            for trial in range(trials):
+                key = str(keys.randrange(10000, 100000))
+                ids, at = passkey.prompt(key, L, depth, offset=trial * longest)
+                ids = torch.tensor(ids, device=device)
+                n_new = len(tok.encode(" " + key, add_special_tokens=False)) + 1
+                recorded = {}
+                for policy in policies:
+                    t0 = time.time()
+                    seen = L + n_new - 1
+                    setup(policy, seen, recorded)
+                    answer = tok.decode(generate(model, ids, n_new))
+                    if policy.kind == "gate":
+                        recorded[policy.name] = recording(model)
+                    correct = passkey_correct(answer, key)
+                    out["passkey"].append({"length": L, "policy": policy.name, "depth": depth, "trial": trial,
+                                           "key": key, "needle_at": at, "answer": answer, "correct": correct,
+                                           **kv_stats(model, seen, window)})
+                    say(f"[passkey L={L} depth {depth:g} trial {trial + 1}/{trials}] {policy.name}: "
+                        f"{'right' if correct else 'wrong'} {answer!r}, {time.time() - t0:.1f} s")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries, tables, plot
+
+def summarize(records: list[dict], policies: list[Policy], metrics: bool) -> list[dict]:
+    """One row per (length, policy), pooled over its sequences."""
+    rows = []
+    for L in sorted({r["length"] for r in records}):
+        for policy in policies:
+            rs = [r for r in records if r["length"] == L and r["policy"] == policy.name]
+            if not rs:
+                continue
+            total = lambda k: sum(r[k] for r in rs)
+            row = {"length": L, "policy": policy.name, "sequences": len(rs),
+                   "admitted": total("kept") / max(total("left"), 1),
+                   "kv_held": total("held") / total("seen"),
+                   "kv_bytes": total("held") * rs[0]["bytes_per_token"] / len(rs)}
+            if metrics:
+                pool = lambda k: torch.cat([r[k] for r in rs])
+                row |= {"ppl": pool("nll").mean().exp().item(), "kl": pool("kl").mean().item(),
+                        "top1": pool("agree").mean().item(), "predictions": pool("nll").numel()}
+            rows.append(row)
+    return rows
+
+
+def summarize_passkey(records: list[dict], policies: list[Policy], depths: list[float]) -> list[dict]:
+    rows = summarize(records, policies, metrics=False)
+    for row in rows:
+        rs = [r for r in records if r["length"] == row["length"] and r["policy"] == row["policy"]]
+        row["cells"] = {f"{d:g}": [r["correct"] for r in rs if r["depth"] == d] for d in depths}
+        row["accuracy"] = sum(r["correct"] for r in rs) / len(rs)
+    return rows
+
+
+def markdown(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def memory_cells(row: dict) -> list[str]:
+    return [str(row["length"]), row["policy"], f"{row['admitted']:.1%}", f"{row['kv_held']:.1%}",
+            f"{row['kv_bytes'] / 2**20:.1f}"]
+
+
+def report(result: dict, window: int, decode_tokens: int) -> str:
+    """The markdown on stdout: one table per task with its protocol, then the run's footer."""
+    head = ["L", "policy", "admitted", "KV held", "KV MiB"]
+    parts = []
+    if result["perplexity"]:
+        parts += [f"### Held-out perplexity and agreement with dense (one prefill per policy; scored: predictions "
+                  f"of queries at positions >= W = {window})",
+                  markdown(head + ["ppl", "KL", "top-1"],
+                           [memory_cells(r) + [f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['top1']:.1%}"]
+                            for r in result["perplexity"]])]
+    if result["decode"]:
+        parts += [f"### Equal KV budget, decoding (prefill L - {decode_tokens}, decode {decode_tokens} tokens one by "
+                  f"one; scored: those {decode_tokens} predictions)",
+                  markdown(head + ["ppl", "KL", "top-1"],
+                           [memory_cells(r) + [f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['top1']:.1%}"]
+                            for r in result["decode"]])]
+    if result["passkey"]:
+        depths = list(result["passkey"][0]["cells"])
+        parts += ["### Passkey retrieval (correct / trials at each depth of the needle in the prompt)",
+                  markdown(head + [f"depth {d}" for d in depths] + ["all"],
+                           [memory_cells(r) + [f"{sum(c)}/{len(c)}" for c in r["cells"].values()]
+                            + [f"{r['accuracy']:.0%}"] for r in result["passkey"]])]
+    run = result["run"]
+    parts.append(f"admitted: share of the tokens that left the window which the cache still holds; KV held: K/V bytes "
+                 f"held at the end of each sequence against a dense cache of the same tokens (KV MiB: per sequence). "
+                 f"Model {run['model']}, W = {window}, {run['dtype']} on {run['machine']}, {run['date']}, "
+                 f"{run['wall_s']:.0f} s: `{run['command']}`")
+    return "\n\n".join(parts)
+
+
+def plot(result: dict, path: str) -> None:
+    """Quality against the share of the KV cache held, one panel per task."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no plot: matplotlib is not installed (pip install matplotlib to get {path})", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(k, y, label) for k, y, label in (("perplexity", "ppl", "held-out perplexity (one prefill)"),
+                                               ("decode", "ppl", "perplexity, prefill + decode"),
+                                               ("passkey", "accuracy", "passkey accuracy"))
+              if result[k]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    names = list(dict.fromkeys(r["policy"] for k, _, _ in panels for r in result[k]))
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    lengths = sorted({r["length"] for k, _, _ in panels for r in result[k]})
+    markers = dict(zip(lengths, "osD^vP*X"))
+    for ax, (k, y, label) in zip(axes[0], panels):
+        for r in result[k]:
+            ax.scatter(r["kv_held"], r[y], color=colors[r["policy"]], marker=markers[r["length"]])
+        ax.set_xlabel("KV cache held (share of dense)")
+        ax.set_ylabel(label)
+        ax.set_xscale("log")
+        if y == "ppl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[n], marker="o", linestyle="", label=n) for n in names]
+    handles += [plt.Line2D([], [], color="gray", marker=markers[L], linestyle="", label=f"L = {L}") for L in lengths]
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quick: bool, lengths: list[int] | None,
+        docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
+        trials: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
+        threads: int, seed: int, out: str | None, plot_path: str | None) -> None:
+    t_start = time.time()
+    grid = QUICK if quick else FULL
+    lengths = lengths if lengths is not None else grid["lengths"]
+    docs = docs if docs is not None else grid["docs"]
+    decode_tokens = decode_tokens if decode_tokens is not None else grid["decode_tokens"]
+    passkey_lengths = passkey_lengths if passkey_lengths is not None else grid["passkey_lengths"]
+    depths = depths if depths is not None else grid["depths"]
+    trials = trials if trials is not None else grid["trials"]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    if checkpoint is None:
+        from convert_gguf import ensure_default_checkpoint
+        checkpoint = str(ensure_default_checkpoint())
+    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
+    tok = Tokenizer(checkpoint)
+
+    files = sorted(p for p in Path(gates_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".pth")) \
+        if Path(gates_dir).is_dir() else []
+    files += [Path(g) for g in gate]
+    gate_meta = {}
+    for path in {p.resolve(): p for p in files}.values():   # a --gate also under --gates-dir runs once
+        loaded, metadata = load_gates(path)
+        check_fits(loaded, model, f"gate file {path}")
+        gate_meta[path.stem if path.stem not in gate_meta else str(path)] = (str(path), metadata)
+    if window is None:
+        window = next((m["window"] for _, m in gate_meta.values() if "window" in m), DEFAULT_WINDOW)
+    for name, (path, metadata) in gate_meta.items():
+        if metadata.get("window", window) != window:
+            print(f"note: gate {name} was trained with W = {metadata['window']}, evaluated at W = {window}", file=sys.stderr)
+    if not gate_meta:
+        print(f"note: no gate files under {gates_dir}/ and no --gate: the table has the built-in policies only",
+              file=sys.stderr)
+
+    # Check the whole grid before the first long run.
+    limit = model.config.max_position_embeddings
+    for L in lengths + passkey_lengths:
+        if L > limit:
+            raise EvalError(f"length {L} exceeds the model's context of {limit} tokens")
+    if window < 1 or sink < 0 or docs < 1 or trials < 0 or decode_tokens < 0:
+        raise EvalError("need --window >= 1, --sink >= 0, --docs >= 1, --trials >= 0, --decode-tokens >= 0")
+    if decode_tokens > window:
+        raise EvalError(f"--decode-tokens {decode_tokens} exceeds the window W = {window}: the eviction baseline "
+                        f"scores prompt tokens only, so no decoded token may leave the window")
+    for L in lengths:
+        if L <= window + decode_tokens + 1:
+            raise EvalError(f"length {L} leaves nothing outside the window: need more than W + decode tokens + 1 "
+                            f"= {window + decode_tokens + 1}")
+    if any(not 0 <= d <= 1 for d in depths):
+        raise EvalError(f"depths {depths} must lie in [0, 1]")
+
+    documents = source_order(read_documents(data))
+    samples = document_samples(tok, documents, lengths, docs) if lengths else {}
+    passkey = None
+    if passkey_lengths and depths and trials:
+        need = trials * max(passkey_lengths)
+        filler = []
+        for _, text in documents:
+            filler += tok.encode(text + "\n\n", add_special_tokens=False)
+            if len(filler) >= need:
+                break
+        passkey = Passkey.build(tok, filler)
+        for L in passkey_lengths:   # raises on a length too short for the prompt or filler too short
+            passkey.prompt("00000", L, 0.5, offset=(trials - 1) * max(passkey_lengths))
+    else:
+        passkey_lengths = []
+
+    policies = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink)
+    print(f"eval: {len(policies)} policies, perplexity at {lengths} x {docs} documents, decode {decode_tokens} "
+          f"tokens, passkey at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}",
+          file=sys.stderr)
+    with torch.inference_mode():
+        records = evaluate(model, tok, policies, samples, passkey, window, decode_tokens, passkey_lengths, depths,
+                           trials, getattr(torch, dtype), device, backend, seed)
+
+    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    result = {
+        "run": {"model": Path(checkpoint).name, "checkpoint": checkpoint, "machine": machine, "dtype": dtype,
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
+                "command": shlex.join(["python", "eval.py"] + sys.argv[1:]), "wall_s": time.time() - t_start},
+        "grid": {"lengths": lengths, "docs": docs, "decode_tokens": decode_tokens, "passkey_lengths": passkey_lengths,
+                 "depths": depths, "trials": trials, "window": window, "sink": sink, "seed": seed},
+        "gates": {name: {"path": path, "metadata": metadata} for name, (path, metadata) in gate_meta.items()},
+        "perplexity": summarize(records["perplexity"], policies, metrics=True),
+        "decode": summarize(records["decode"], policies, metrics=True),
+        "passkey": summarize_passkey(records["passkey"], policies, depths),
+        "checks": records["checks"],
+    }
+    # Per sequence, without the per-token tensors: what the matched baselines held, each answer.
+    result["sequences"] = {k: [{f: v for f, v in r.items() if not isinstance(v, Tensor)} for r in records[k]]
+                           for k in ("perplexity", "decode", "passkey")}
+    print(report(result, window, decode_tokens))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}", file=sys.stderr)
+    plot_path = plot_path or (str(Path(out).with_suffix(".png")) if out else None)
+    if plot_path:
+        plot(result, plot_path)
+
+
+def main(**kwargs) -> None:
+    try:
+        run(**kwargs)
+    except ValueError as e:   # CheckpointError, GateError, DataError, EvalError and a bad --backend: one line each
+        print(f"eval.py: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="Hugging Face Llama directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--data", default="data/heldout", help="held-out documents (default: data/heldout, see data.py)")
+    parser.add_argument("--gates-dir", default="gates", help="every .safetensors/.pt gate file here is a policy (default: gates)")
+    parser.add_argument("--gate", action="append", default=[], help="another gate file to evaluate (repeatable)")
+    parser.add_argument("--quick", action="store_true", help=f"the small grid {QUICK} instead of {FULL}")
+    parser.add_argument("--lengths", type=int, nargs="*", help="perplexity / decode lengths in tokens")
+    parser.add_argument("--docs", type=int, help="held-out documents per length")
+    parser.add_argument("--decode-tokens", type=int, help="tokens decoded one by one in the equal-budget table (0: skip it)")
+    parser.add_argument("--passkey-lengths", type=int, nargs="*", help="passkey prompt lengths (none: skip passkey)")
+    parser.add_argument("--depths", type=float, nargs="*", help="needle depths in [0, 1]")
+    parser.add_argument("--trials", type=int, help="passkey prompts per (length, depth)")
+    parser.add_argument("--window", type=int, help="local window W for every policy (default: the first gate's, else 256)")
+    parser.add_argument("--sink", type=int, default=4, help="sink tokens of the sink:N baseline (default 4)")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--backend", default="auto", help="attention backend of the write-gated cache (auto, torch, triton)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="passkey keys and the matched random shuffles")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--plot", dest="plot_path", help="write the PNG plot here (default: beside --out)")
+    main(**vars(parser.parse_args()))

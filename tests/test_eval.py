@@ -1,0 +1,156 @@
+"""eval.py: the quick grid end to end on a tiny random model, the passkey generator and checker, the baselines' matching."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as ev
+from gate import WriteGate, save_gates
+from tiny import CORPUS, save_tiny_checkpoint
+from tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+WINDOW = 32
+
+
+def tiny_gates(n_layers: int, n_kv_heads: int, head_dim: int) -> list[WriteGate]:
+    """Random gates whose bias puts tau = 0.1 near the middle of their scores, so they admit some tokens, not all."""
+    torch.manual_seed(0)
+    gates = [WriteGate(n_kv_heads, head_dim) for _ in range(n_layers)]
+    with torch.no_grad():
+        for g in gates:
+            k = torch.randn(1, n_kv_heads, 256, head_dim)
+            logit = torch.logit(g(k, k)) - g.b2[:, None]                                         # (1, Hkv, 256)
+            g.b2.copy_(math.log(0.1 / 0.9) - logit[0].median(dim=-1).values)
+    return gates
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    checkpoint = save_tiny_checkpoint(root / "tiny", max_position_embeddings=1024)
+    # Two held-out "sources", each a long document of the tokenizer's own sentences, numbered.
+    for source in ("prose", "code"):
+        text = "\n".join(f"{CORPUS[i % len(CORPUS)]} ({source} {i})" for i in range(300))
+        (root / "heldout" / source).mkdir(parents=True)
+        (root / "heldout" / source / "doc.txt").write_text(text)
+    (root / "gates").mkdir()
+    save_gates(root / "gates" / "tiny-0.5.safetensors", tiny_gates(2, 2, 16),
+               {"window": WINDOW, "threshold": 0.1, "lambda": 0.5})
+    return root, checkpoint
+
+
+@pytest.fixture(scope="module")
+def quick(setup):
+    root, checkpoint = setup
+    out = root / "eval.json"
+    cmd = [sys.executable, str(REPO / "eval.py"), "--quick", "--checkpoint", str(checkpoint),
+           "--data", str(root / "heldout"), "--gates-dir", str(root / "gates"), "--lengths", "160",
+           "--docs", "2", "--decode-tokens", "16", "--passkey-lengths", "400", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_quick_runs_every_policy_and_task(quick):
+    proc, result = quick
+    names = ["dense", "tiny-0.5", "random ~ tiny-0.5", "none", "sink:4"]
+    assert [r["policy"] for r in result["perplexity"]] == names
+    assert [r["policy"] for r in result["decode"]] == names[:3] + ["snapkv ~ tiny-0.5"] + names[3:]
+    assert [r["policy"] for r in result["passkey"]] == names[:3] + ["snapkv ~ tiny-0.5"] + names[3:]
+    assert all(len(r["cells"]) == 3 for r in result["passkey"])
+    for table in ("perplexity", "decode", "passkey"):
+        for r in result[table]:
+            assert 0.0 <= r["admitted"] <= 1.0 and 0.0 < r["kv_held"] <= 1.0
+            assert f"| {r['policy']} | {r['admitted']:.1%} |" in proc.stdout
+    rows = {r["policy"]: r for r in result["perplexity"]}
+    assert 0.0 < rows["tiny-0.5"]["admitted"] < 1.0
+    assert rows["dense"]["admitted"] == 1.0 and rows["none"]["admitted"] == 0.0
+    # Dense against itself: exactly the reference in one prefill, the rounding floor when decoding.
+    assert rows["dense"]["kl"] == 0.0 and rows["dense"]["top1"] == 1.0
+    assert rows["none"]["kl"] > 1e-3 and rows["none"]["top1"] < 1.0
+    decode = {r["policy"]: r for r in result["decode"]}
+    assert abs(decode["dense"]["kl"]) < 1e-6 and decode["dense"]["top1"] == 1.0
+    assert decode["none"]["kl"] > 1e-3
+    # The protocol claim: one prefill gives the logits decode gives, for every uncapped policy.
+    assert {c["policy"] for c in result["checks"]} == set(names)
+    assert max(c["max_abs_nll_diff"] for c in result["checks"]) < 1e-4
+    assert "matplotlib" in proc.stderr or (Path(result["run"]["command"].split("--out ")[1]).with_suffix(".png")).exists()
+
+
+def test_matched_baselines_hold_the_gates_kv_bytes(quick):
+    """random ~ G and snapkv ~ G hold G's K/V bytes on every sequence, within one token per KV head."""
+    _, result = quick
+    heads = 2 * 2   # layers x KV heads of the tiny model
+    for table, baselines in (("perplexity", ["random"]), ("decode", ["random", "snapkv"]),
+                             ("passkey", ["random", "snapkv"])):
+        seqs = result["sequences"][table]
+        gate = [s for s in seqs if s["policy"] == "tiny-0.5"]
+        assert gate
+        for kind in baselines:
+            matched = [s for s in seqs if s["policy"] == f"{kind} ~ tiny-0.5"]
+            assert len(matched) == len(gate)
+            for g, m in zip(gate, matched):
+                assert abs(m["held"] - g["held"]) <= heads, (table, kind, g["held"], m["held"])
+                assert m["seen"] == g["seen"]
+    # Held bytes that differ from the window alone: the gate really admits something to match.
+    none = [s for s in result["sequences"]["perplexity"] if s["policy"] == "none"]
+    assert all(g["held"] > n["held"] for g, n in zip(gate, none))
+
+
+def test_passkey_prompt_puts_the_key_at_the_depth():
+    tok = Tokenizer(save_tiny_checkpoint(Path(__import__("tempfile").mkdtemp()) / "tiny"))
+    filler = tok.encode(" ".join(CORPUS * 20), add_special_tokens=False)
+    task = ev.Passkey.build(tok, filler)
+    needle = task.needle("71432")
+    for length in (300, 451):
+        n_fill = length - len(task.head) - len(needle) - len(task.tail)
+        for depth in (0.0, 0.25, 0.5, 1.0):
+            ids, at = task.prompt("71432", length, depth, offset=7)
+            assert len(ids) == length
+            assert at == len(task.head) + round(depth * n_fill)
+            assert ids[at:at + len(needle)] == needle and "71432" in tok.decode(ids[at:at + len(needle)])
+            assert ids[:len(task.head)] == task.head and ids[-len(task.tail):] == task.tail
+            assert ids[len(task.head):at] == filler[7:7 + at - len(task.head)]
+    assert task.prompt("71432", 300, 1.0)[1] == 300 - len(task.tail) - len(needle)   # right before the question
+    with pytest.raises(ev.EvalError):
+        task.prompt("71432", len(task.head) + len(task.tail), 0.5)
+
+
+def test_passkey_checker():
+    assert ev.passkey_correct(" 71432. It was easy.", "71432")
+    assert ev.passkey_correct("The pass key is 71432", "71432")
+    assert not ev.passkey_correct(" 71433.", "71432")
+    assert not ev.passkey_correct(" 714321", "71432")
+    assert not ev.passkey_correct(" 7143", "71432")
+    assert not ev.passkey_correct(" I do not know.", "71432")
+
+
+def test_shuffled_admissions_keep_each_heads_counts():
+    torch.manual_seed(0)
+    admitted = torch.rand(3, 100) < torch.tensor([[0.1], [0.5], [0.9]])                        # (Hkv, S)
+    out = ev.shuffled(admitted, 20, torch.Generator().manual_seed(1))
+    assert torch.equal(out[:, :80].sum(-1), admitted[:, :80].sum(-1))
+    assert torch.equal(out[:, 80:].sum(-1), admitted[:, 80:].sum(-1))
+    assert not torch.equal(out, admitted)
+    assert ev.matched_capacity(admitted, 20) == round(admitted[:, :80].sum(-1).float().mean().item())
+
+
+def test_snapkv_prefill_is_dense_and_keeps_the_top_scores():
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D, W, C = 1, 4, 2, 64, 16, 8, 10
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    cache = ev.SnapKVCache(B, Hkv, D, W, C, torch.float32, observe=6, pool=3)
+    y = cache(q, k, v, torch.zeros(B, Hkv, T), torch.arange(T))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
+    score = ev.snapkv_scores(q, k, D ** -0.5, 6, 3)                                             # (B, Hkv, T)
+    assert torch.equal(cache.global_len, torch.full((B, Hkv), C))
+    for h in range(Hkv):   # max-pooling makes ties, so compare the kept scores, not the positions
+        stored = [int(torch.nonzero((k[0, h] == cache.global_k[0, h, s]).all(-1))[0]) for s in range(C)]
+        assert max(stored) < T - W
+        assert sorted(score[0, h, stored].tolist()) == sorted(score[0, h, :T - W].topk(C).values.tolist())
