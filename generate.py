@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from cache import DenseCache
@@ -30,7 +31,6 @@ class BadInput(ValueError):
 
 def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a Hugging Face checkpoint directory."""
-    from safetensors import SafetensorError
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint {checkpoint} is not a directory")
@@ -43,7 +43,7 @@ def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
 def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1) -> int:
     """Give every layer a fresh dense K/V cache for max_seq_len positions; returns its bytes in all.
-    The one place a cache policy is chosen: the write-gated cache is built here too."""
+    Caches are built here and nowhere else, so that the write-gated cache (--gate) slots in here."""
     c, w = model.config, model.output.weight
     model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
     return sum(layer.attention.cache.bytes_allocated() for layer in model.layers)
@@ -97,11 +97,6 @@ class Timings:
     decode_s: float
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=frozenset(), on_token=None,
@@ -111,7 +106,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
     on_token(id) is called as each token is known, so the caller can stream. prefill_step and decode_step
     are prefill and decode_one_token or their compiled versions."""
     device = model.tok_embeddings.weight.device
-    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)   # so the prefill's time is its own
     start = time.perf_counter()
     token = prefill_step(model, torch.tensor([prompt_ids], device=device), temperature, top_k, top_p)   # (1, 1)
     next_id = int(token)   # the one host sync per token: streaming and stopping need the id
@@ -163,8 +159,6 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
     if checkpoint is None:
         from convert_gguf import ensure_default_checkpoint
         checkpoint = ensure_default_checkpoint()
-    if seed is not None:
-        torch.manual_seed(seed)
 
     model, tokenizer = load(checkpoint, device, DTYPES[dtype])
     prompt_ids = tokenizer.encode_prompt(prompt, chat=not no_chat)
@@ -187,6 +181,8 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
         generate(model, prompt_ids, min(3, max_new_tokens), decode_step=decode_step, **sampling)
         print(f"compile and warm-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
+    if seed is not None:   # after the warm-up, so that --compile draws the same samples as eager
+        torch.manual_seed(seed)
     stream = StreamDecoder(tokenizer)
     new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, decode_step=decode_step,
                       on_token=lambda i: print(stream.push(i), end="", flush=True), **sampling)
