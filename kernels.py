@@ -1,14 +1,27 @@
-"""Attention over the write-gated cache: the plain-PyTorch reference of every kernel.
+"""Attention over the write-gated cache: the plain-PyTorch reference of every kernel, then the Triton kernels.
 
 The references are the CPU path and the oracle of the Triton kernels. All attention math runs in
 float32; partial results carry their log-sum-exp (lse) so two key sets merge exactly.
+The Triton kernels have the same signatures and are PyTorch custom ops (BACKENDS["triton"]), so
+torch.compile traces through them and a decode step that calls them is captured by a CUDA graph.
 
 Visibility (SPEC.md): query i sees key j iff j <= i and (i - j < W or g_j > tau).
 """
+import math
+import os
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter (the tests, and
+# --attn-backend triton on a CPU). The choice is made when a kernel is defined, so it comes first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton                      # noqa: E402
+import triton.language as tl       # noqa: E402
+from torch.library import triton_op, wrap_triton   # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction   # noqa: E402
 
 
 def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -105,6 +118,21 @@ def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: T
     return out.view(B, Hq, T, D).to(q.dtype)
 
 
+def kept_positions(g: Tensor, admitted_idx: Tensor, admitted_count: Tensor, capacity: int) -> Tensor:
+    """The prompt positions a global store of `capacity` slots keeps: (B, Hkv, min(C, T)) int64.
+
+    The first min(count, C) entries are meaningful: every admitted position in order when C >= T
+    (shapes, not data, pick the branch), else the C admitted tokens with the highest g, best first.
+    """
+    T = g.shape[-1]
+    if capacity >= T:
+        return admitted_idx
+    admitted = torch.arange(T, device=g.device) < admitted_count[..., None]                # (B, Hkv, T) in idx order
+    ranked = torch.where(admitted, g.gather(2, admitted_idx), torch.full_like(g, -1.0))
+    best = ranked.topk(capacity, dim=-1).indices                                           # (B, Hkv, C)
+    return admitted_idx.gather(2, best)
+
+
 def store_admitted_ref(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Tensor,
                        k: Tensor, v: Tensor, g: Tensor, admitted_idx: Tensor, admitted_count: Tensor) -> None:
     """Prefill: write the admitted prompt tokens into an empty global store, in place.
@@ -114,14 +142,8 @@ def store_admitted_ref(global_k: Tensor, global_v: Tensor, global_g: Tensor, glo
     When more than C tokens are admitted the store keeps the C with the highest g.
     """
     B, Hkv, C, D = global_k.shape
-    T = k.shape[2]
-    if C >= T:   # shapes, not data: everything admitted fits
-        idx = torch.cat((admitted_idx, admitted_idx.new_zeros(B, Hkv, C - T)), dim=-1)      # (B, Hkv, C)
-    else:
-        admitted = torch.arange(T, device=g.device) < admitted_count[..., None]            # (B, Hkv, T) in idx order
-        ranked = torch.where(admitted, g.gather(2, admitted_idx), torch.full_like(g, -1.0))
-        best = ranked.topk(C, dim=-1).indices                                              # (B, Hkv, C)
-        idx = admitted_idx.gather(2, best)
+    keep = kept_positions(g, admitted_idx, admitted_count, C)                              # (B, Hkv, min(C, T))
+    idx = torch.cat((keep, keep.new_zeros(B, Hkv, C - keep.shape[-1])), dim=-1)            # (B, Hkv, C)
     global_k.copy_(k.gather(2, idx[..., None].expand(B, Hkv, C, D)))
     global_v.copy_(v.gather(2, idx[..., None].expand(B, Hkv, C, D)))
     global_g.copy_(g.gather(2, idx).to(global_g.dtype))
@@ -167,3 +189,453 @@ BACKENDS = {
     "torch": AttentionOps(compact_admitted_ref, gated_prefill_attention_ref, store_admitted_ref,
                           decode_attention_ref, promote_ref),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. Scores are kept in log2 units (scale * log2 e folded in) so softmax uses exp2.
+# On a GPU, bf16/fp16 tiles feed the tensor cores directly; the interpreter's tl.dot is wrong on
+# bfloat16 operands, so there every tile is upcast to float32 first (UPCAST).
+
+LOG2E = 1.4426950408889634
+PREFILL_BLOCK_M, PREFILL_BLOCK_N = 128, 64   # query rows (positions x group heads) x keys per tile on a GPU
+DECODE_BLOCK_N = 64                          # keys per decode tile on a GPU
+DECODE_PROGRAMS_PER_SM = 2                   # the decode grid: a fixed number of programs per multiprocessor
+
+
+def _launch(kernel):
+    """wrap_triton, except for the interpreter's kernels, which torch < 2.13 refuses to wrap (they only run eagerly)."""
+    return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)
+
+
+def _dot_options(x: Tensor) -> dict:
+    """UPCAST in the interpreter; exact float32 products for float32 inputs (not tf32), as the references."""
+    upcast = x.device.type != "cuda"
+    return dict(UPCAST=upcast, PRECISION="ieee" if upcast or x.dtype == torch.float32 else "tf32")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x with a unit stride in its last dimension, as the kernels index it."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, k, v, visible, qk_scale,
+            MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the online softmax. q: (M, D); k, v: (N, D); visible: (M, N) or broadcastable."""
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale                        # (M, N)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    # m_i starts finite (-1e30), so a row that sees nothing yet gets exp2(-inf) = 0, never NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)
+    if UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+# --- admission: prefill compaction ------------------------------------------------------------
+
+@triton.jit
+def _compact_kernel(G, IDX, COUNT, stride_gb, stride_gh, T, threshold, window,
+                    HKV: tl.constexpr, BLOCK_T: tl.constexpr):
+    bh = tl.program_id(0)
+    g_row = G + (bh // HKV).to(tl.int64) * stride_gb + (bh % HKV) * stride_gh
+    idx_row = IDX + bh.to(tl.int64) * T
+    offs = tl.arange(0, BLOCK_T)
+    count = 0
+    for start in range(0, T, BLOCK_T):
+        j = start + offs
+        admitted = (tl.load(g_row + j, mask=j < T, other=0.0) > threshold) & (j < T - window)
+        count += tl.sum(admitted.to(tl.int32))
+    # A stable partition, as the reference's stable sort: admitted positions first, then the rest, each in order.
+    before = 0
+    for start in range(0, T, BLOCK_T):
+        j = start + offs
+        admitted = (tl.load(g_row + j, mask=j < T, other=0.0) > threshold) & (j < T - window)
+        a = admitted.to(tl.int32)
+        rank = before + tl.cumsum(a, 0) - a                                                  # admitted before j
+        tl.store(idx_row + tl.where(admitted, rank, count + j - rank), j.to(tl.int64), mask=j < T)
+        before += tl.sum(a)
+    tl.store(COUNT + bh, count.to(tl.int64))
+
+
+@triton_op("wgkv::compact_admitted", mutates_args=())
+def compact_admitted(g: Tensor, threshold: float, window: int) -> tuple[Tensor, Tensor]:
+    """compact_admitted_ref as one kernel: per (batch, KV head) a prefix sum over g > tau, two passes over g."""
+    g = _rows(g)
+    B, Hkv, T = g.shape
+    idx = torch.empty(B, Hkv, T, dtype=torch.int64, device=g.device)                        # (B, Hkv, T)
+    count = torch.empty(B, Hkv, dtype=torch.int64, device=g.device)                         # (B, Hkv)
+    block = 1024 if g.device.type == "cuda" else 16
+    _launch(_compact_kernel)[(B * Hkv,)](g, idx, count, g.stride(0), g.stride(1), T, threshold, window,
+                                         HKV=Hkv, BLOCK_T=block)
+    return idx, count
+
+
+# --- gated prefill attention ------------------------------------------------------------------
+
+@triton.jit
+def _count_at_most(ptr, n, limit, LANES: tl.constexpr, STEPS: tl.constexpr):
+    """How many of the n ascending values at ptr are <= limit: a search that samples LANES values per
+    step (the last of LANES equal chunks of the candidate range), so 400k values take 3 dependent loads."""
+    lanes = tl.arange(0, LANES)
+    lo = n * 0                       # the answer lies in [lo, lo + width]; values past it are > limit
+    width = n
+    for _ in tl.static_range(STEPS):
+        step = tl.cdiv(width, LANES)
+        last = lo + (lanes + 1) * step - 1
+        below = tl.load(ptr + last, mask=last < n, other=0) <= limit
+        lo += tl.sum((below & (last < n)).to(tl.int32), 0) * step   # whole chunks at or below the limit
+        width = step
+    return lo
+
+
+@triton.jit
+def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_ib, stride_ih, stride_ob, stride_oh, stride_ot,
+                          T, window, qk_scale,
+                          HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SEARCH_LANES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # The tile's rows are (position, query head of the group) pairs, position-major, so every K/V
+    # tile loaded serves the G query heads that share it. The last tiles, the longest, start first.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    h = bh % HKV
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G                                                                            # (M,) query positions
+    head = (h * G + rows % G).to(tl.int64)                                                   # (M,) query heads
+    row_ok = t < T
+    d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :],
+                mask=row_ok[:, None], other=0.0)                                             # (M, D)
+    first = (tile * BLOCK_M) // G
+    last = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // G, T - 1)
+    k_head = K + b * stride_kb + h * stride_kh
+    v_head = V + b * stride_kb + h * stride_kh
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+    # Admitted keys at least W behind their query: a prefix of the ascending list. The first n_all
+    # are seen by every query of the tile (no mask), the next ones up to n_any by some of them.
+    idx_head = IDX + b * stride_ib + h * stride_ih
+    count = tl.load(COUNT + bh).to(tl.int32)
+    n_all = _count_at_most(idx_head, count, first - window, SEARCH_LANES, SEARCH_STEPS)
+    n_any = _count_at_most(idx_head, count, last - window, SEARCH_LANES, SEARCH_STEPS)
+    n_all_tiles = (n_all // BLOCK_N) * BLOCK_N
+    for start in range(0, n_all_tiles, BLOCK_N):
+        j = tl.load(idx_head + start + offs_n)                                               # (N,) key positions
+        k = tl.load(k_head + j[:, None] * stride_kt + d[None, :])
+        v = tl.load(v_head + j[:, None] * stride_kt + d[None, :])
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, True, qk_scale, False, UPCAST, PRECISION)
+    for start in range(n_all_tiles, n_any, BLOCK_N):
+        a = start + offs_n
+        j = tl.load(idx_head + a, mask=a < n_any, other=0)
+        k = tl.load(k_head + j[:, None] * stride_kt + d[None, :], mask=(a < n_any)[:, None], other=0.0)
+        v = tl.load(v_head + j[:, None] * stride_kt + d[None, :], mask=(a < n_any)[:, None], other=0.0)
+        visible = (a < n_any)[None, :] & (j[None, :] <= t[:, None] - window)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, visible, qk_scale, True, UPCAST, PRECISION)
+
+    # The band: each query's last W positions up to itself; every tile holds a key some query sees.
+    for start in range(tl.maximum(first - window + 1, 0), last + 1, BLOCK_N):
+        j = start + offs_n
+        k = tl.load(k_head + j[:, None] * stride_kt + d[None, :], mask=(j <= last)[:, None], other=0.0)
+        v = tl.load(v_head + j[:, None] * stride_kt + d[None, :], mask=(j <= last)[:, None], other=0.0)
+        visible = (j[None, :] <= t[:, None]) & (t[:, None] - j[None, :] < window)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, visible, qk_scale, True, UPCAST, PRECISION)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                                         # padding rows have l = 0
+    tl.store(OUT + b * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_ot + d[None, :], out,
+             mask=row_ok[:, None])
+
+
+@triton_op("wgkv::gated_prefill_attention", mutates_args=())
+def gated_prefill_attention(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, admitted_count: Tensor,
+                            window: int, scale: float) -> Tensor:
+    """gated_prefill_attention_ref as one FlashAttention-style kernel over the band and the admitted keys.
+
+    Each query tile reads only key tiles that hold a key one of its queries sees, so the cost grows
+    as T * (W + admitted). (The reference's `block` is its own chunking; the kernel has its tiles.)
+    Returns (B, Hq, T, D) in q's dtype, laid out as (B, T, Hq, D) so the output projection reads it as is.
+    """
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    assert k.stride() == v.stride(), "k and v must share a layout"
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)          # (B, Hq, T, D)
+    if q.device.type == "cuda":
+        block_m, block_n, launch = PREFILL_BLOCK_M, PREFILL_BLOCK_N, dict(num_warps=8, num_stages=3)
+        search_lanes = 128
+    else:   # the interpreter: small tiles, so small tests cross tile edges, and a search of several steps
+        block_m, block_n, launch = 32, 16, {}
+        search_lanes = 4
+    grid = (triton.cdiv(T * (Hq // Hkv), block_m), B * Hkv)
+    _launch(_gated_prefill_kernel)[grid](
+        q, k, v, admitted_idx, admitted_count, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        admitted_idx.stride(0), admitted_idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        T, window, scale * LOG2E,
+        HKV=Hkv, G=Hq // Hkv, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        SEARCH_LANES=search_lanes, SEARCH_STEPS=max(1, math.ceil(math.log(max(int(T), 2), search_lanes))) + 1,
+        **_dot_options(q), **launch)
+    return out
+
+
+# --- admission: prefill store -----------------------------------------------------------------
+
+@triton.jit
+def _store_kernel(GK, GV, GG, GLEN, K, V, GSRC, KEEP, COUNT,
+                  stride_sb, stride_sh, stride_st, stride_ggb, stride_ggh,
+                  stride_kb, stride_kh, stride_kt, stride_gb, stride_gh, stride_keepb, stride_keeph, C,
+                  HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    bh = tl.program_id(1)
+    b = tl.cast(bh // HKV, tl.int64)
+    h = bh % HKV
+    n = tl.minimum(tl.load(COUNT + bh), C)
+    tl.store(GLEN + bh, n, mask=tl.program_id(0) == 0)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)                                   # store slots
+    ok = s < n
+    d = tl.arange(0, D)
+    src = tl.load(KEEP + b * stride_keepb + h * stride_keeph + s, mask=ok, other=0)          # prompt positions
+    dst = b * stride_sb + h * stride_sh + s[:, None] * stride_st + d[None, :]
+    from_kv = b * stride_kb + h * stride_kh + src[:, None] * stride_kt + d[None, :]
+    tl.store(GK + dst, tl.load(K + from_kv, mask=ok[:, None]), mask=ok[:, None])
+    tl.store(GV + dst, tl.load(V + from_kv, mask=ok[:, None]), mask=ok[:, None])
+    tl.store(GG + b * stride_ggb + h * stride_ggh + s, tl.load(GSRC + b * stride_gb + h * stride_gh + src, mask=ok),
+             mask=ok)
+
+
+@triton_op("wgkv::store_admitted",
+           mutates_args={"global_k", "global_v", "global_g", "global_len"})
+def store_admitted(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Tensor,
+                   k: Tensor, v: Tensor, g: Tensor, admitted_idx: Tensor, admitted_count: Tensor) -> None:
+    """store_admitted_ref with the copy as a kernel that writes only the kept slots [0, len).
+
+    The choice of slots stays in PyTorch (kept_positions: nothing when everything fits, a top-k over
+    g when the store overflows, rare and prefill-only); the kernel then moves min(count, C) rows per
+    head straight from the prompt's K/V into the store, where the reference gathers all C rows into
+    a temporary first. Slots at or past the new length are left as they were.
+    """
+    k, v, g = _rows(k), _rows(v), _rows(g)
+    B, Hkv, C, D = global_k.shape
+    assert global_k.stride() == global_v.stride() and k.stride() == v.stride(), "k and v must share a layout"
+    assert global_len.is_contiguous() and admitted_count.is_contiguous()
+    keep = kept_positions(g, admitted_idx, admitted_count, C)                              # (B, Hkv, min(C, T))
+    block = 64 if k.device.type == "cuda" else 16
+    _launch(_store_kernel)[(triton.cdiv(keep.shape[-1], block), B * Hkv)](
+        global_k, global_v, global_g, global_len, k, v, g, keep, admitted_count,
+        global_k.stride(0), global_k.stride(1), global_k.stride(2), global_g.stride(0), global_g.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), g.stride(0), g.stride(1), keep.stride(0), keep.stride(1), C,
+        HKV=Hkv, D=D, BLOCK_S=block)
+
+
+# --- admission: ring-exit promotion -----------------------------------------------------------
+
+@triton.jit
+def _promote_kernel(GK, GV, GG, GLEN, KO, VO, GO,
+                    stride_sb, stride_sh, stride_st, stride_ggb, stride_ggh, stride_ob, stride_oh,
+                    stride_gob, stride_goh, C, threshold,
+                    HKV: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr):
+    bh = tl.program_id(0)
+    b = tl.cast(bh // HKV, tl.int64)
+    h = bh % HKV
+    n = tl.load(GLEN + bh)
+    g_new = tl.load(GO + b * stride_gob + h * stride_goh)
+    full = n >= C
+    admit = g_new > threshold
+    # The lowest g of a full store, scanned only when it decides something (the loop is empty otherwise).
+    g_head = GG + b * stride_ggb + h * stride_ggh
+    offs = tl.arange(0, BLOCK_C)
+    lane_g = tl.full([BLOCK_C], float("inf"), tl.float32)
+    lane_i = offs
+    for start in range(0, tl.where(admit & full, C, 0), BLOCK_C):
+        c = start + offs
+        gc = tl.load(g_head + c, mask=c < C, other=float("inf")).to(tl.float32)
+        lower = gc < lane_g                        # strict: each lane keeps its first minimum
+        lane_i = tl.where(lower, c, lane_i)
+        lane_g = tl.where(lower, gc, lane_g)
+    lowest_g = tl.min(lane_g, 0)
+    lowest = tl.min(tl.where(lane_g == lowest_g, lane_i, C), 0)   # the first slot holding the minimum, as torch.min
+    write = admit & (~full | (g_new > lowest_g))
+    slot = tl.where(full, lowest, n).to(tl.int64)
+    d = tl.arange(0, D)
+    dst = b * stride_sb + h * stride_sh + slot * stride_st + d
+    src = b * stride_ob + h * stride_oh + d
+    write_row = d < tl.where(write, D, 0)          # (D,) all or nothing: the interpreter wants a vector mask
+    tl.store(GK + dst, tl.load(KO + src), mask=write_row)
+    tl.store(GV + dst, tl.load(VO + src), mask=write_row)
+    tl.store(g_head + slot, g_new, mask=write)
+    tl.store(GLEN + bh, n + (write & ~full).to(n.dtype))
+
+
+@triton_op("wgkv::promote", mutates_args={"global_k", "global_v", "global_g", "global_len"})
+def promote(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Tensor,
+            k_out: Tensor, v_out: Tensor, g_out: Tensor, threshold: float) -> None:
+    """promote_ref as one launch of one program per (batch, KV head), no host sync.
+
+    The reference scans every head's C gates on every step; here a head reads them only when its
+    store is full and the leaving token is admitted, the only case the lowest entry matters.
+    """
+    k_out, v_out = _rows(k_out), _rows(v_out)
+    B, Hkv, C, D = global_k.shape
+    assert global_k.stride() == global_v.stride() and k_out.stride() == v_out.stride(), "k and v must share a layout"
+    assert global_len.is_contiguous()
+    block = 1024 if global_k.device.type == "cuda" else 16
+    _launch(_promote_kernel)[(B * Hkv,)](
+        global_k, global_v, global_g, global_len, k_out, v_out, g_out,
+        global_k.stride(0), global_k.stride(1), global_k.stride(2), global_g.stride(0), global_g.stride(1),
+        k_out.stride(0), k_out.stride(1), g_out.stride(0), g_out.stride(1), C, threshold,
+        HKV=Hkv, D=D, BLOCK_C=block)
+
+
+# --- dual-cache decode attention --------------------------------------------------------------
+# Split-K over a fixed grid: the keys of all heads (ring, then global store) are cut into tiles
+# of BLOCK_N, the tiles of all (batch, KV head) pairs are laid end to end and every program takes
+# the same number of consecutive tiles, whatever the lengths, read on the device. A program emits
+# one partial result (o, lse) per head its tiles touch; a second kernel merges each head's partials.
+
+@triton.jit
+def _decode_schedule(RLEN, GLEN, BH, BLOCK_N: tl.constexpr, BH_PAD: tl.constexpr, n_programs):
+    """Tiles per head (ring tiles, global tiles of each head) and tiles per program."""
+    ring_len = tl.load(RLEN).to(tl.int32)
+    ring_tiles = tl.cdiv(ring_len, BLOCK_N)
+    lanes = tl.arange(0, BH_PAD)
+    glen = tl.load(GLEN + lanes, mask=lanes < BH, other=0).to(tl.int32)
+    tiles = tl.where(lanes < BH, ring_tiles + tl.cdiv(glen, BLOCK_N), 0)                    # (BH_PAD,)
+    per_program = tl.maximum(tl.cdiv(tl.sum(tiles, 0), n_programs), 1)
+    return ring_len, ring_tiles, lanes, tiles, per_program
+
+
+@triton.jit
+def _decode_split_kernel(Q, RK, RV, RLEN, GK, GV, GLEN, PART_O, PART_LSE,
+                         stride_qb, stride_qh, stride_rb, stride_rh, stride_rt, stride_gb, stride_gh, stride_gt,
+                         qk_scale, BH,
+                         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BH_PAD: tl.constexpr,
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    ring_len, ring_tiles, lanes, tiles, per_program = _decode_schedule(RLEN, GLEN, BH, BLOCK_N, BH_PAD, n_programs)
+    first_tile = pid * per_program
+    rows = tl.arange(0, G_PAD)                        # the group's query heads, padded to a dot-sized tile
+    d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    head_start = 0
+    for bh in range(0, BH):
+        n_tiles = tl.sum(tl.where(lanes == bh, tiles, 0), 0)
+        lo = tl.maximum(first_tile - head_start, 0)              # this program's tiles of head bh: [lo, hi)
+        hi = tl.minimum(first_tile + per_program - head_start, n_tiles)
+        if lo < hi:
+            b = tl.cast(bh // HKV, tl.int64)
+            h = bh % HKV
+            q = tl.load(Q + b * stride_qb + (h * G + rows)[:, None] * stride_qh + d[None, :],
+                        mask=(rows < G)[:, None], other=0.0)                                   # (G_PAD, D)
+            m_i = tl.full([G_PAD], -1.0e30, tl.float32)
+            l_i = tl.zeros([G_PAD], tl.float32)
+            acc = tl.zeros([G_PAD, D], tl.float32)
+            ring_k = RK + b * stride_rb + h * stride_rh
+            ring_v = RV + b * stride_rb + h * stride_rh
+            for tile in range(lo, tl.minimum(hi, ring_tiles)):
+                j = tile * BLOCK_N + offs_n
+                ok = j < ring_len
+                k = tl.load(ring_k + j[:, None] * stride_rt + d[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(ring_v + j[:, None] * stride_rt + d[None, :], mask=ok[:, None], other=0.0)
+                acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, ok[None, :], qk_scale, True, UPCAST, PRECISION)
+            glob_k = GK + b * stride_gb + h * stride_gh
+            glob_v = GV + b * stride_gb + h * stride_gh
+            glen = tl.load(GLEN + bh).to(tl.int32)
+            for tile in range(tl.maximum(lo, ring_tiles), hi):
+                j = (tile - ring_tiles) * BLOCK_N + offs_n
+                ok = j < glen
+                k = tl.load(glob_k + j[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(glob_v + j[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
+                acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, ok[None, :], qk_scale, True, UPCAST, PRECISION)
+            # Every tile holds at least one key, so l_i >= 1.
+            part = (bh * n_programs + pid) * G + rows                                          # (G_PAD,)
+            tl.store(PART_O + part[:, None] * D + d[None, :], acc / l_i[:, None], mask=(rows < G)[:, None])
+            tl.store(PART_LSE + part, m_i + tl.log2(l_i), mask=rows < G)
+        head_start += n_tiles
+
+
+@triton.jit
+def _decode_merge_kernel(PART_O, PART_LSE, RLEN, GLEN, OUT, stride_ob, stride_oh, BH,
+                         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BH_PAD: tl.constexpr, N_PROGRAMS):
+    bh = tl.program_id(0)
+    ring_len, ring_tiles, lanes, tiles, per_program = _decode_schedule(RLEN, GLEN, BH, BLOCK_N, BH_PAD, N_PROGRAMS)
+    head_start = tl.sum(tl.where(lanes < bh, tiles, 0), 0)
+    n_tiles = tl.sum(tl.where(lanes == bh, tiles, 0), 0)
+    first = head_start // per_program                          # the programs that hold a partial of this head
+    end = tl.where(n_tiles > 0, (head_start + n_tiles - 1) // per_program + 1, first)
+    rows = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    m_i = tl.full([G_PAD], -1.0e30, tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for p in range(first, end):
+        part = (bh * N_PROGRAMS + p) * G + rows
+        lse = tl.load(PART_LSE + part, mask=rows < G, other=-1.0e30)
+        o = tl.load(PART_O + part[:, None] * D + d[None, :], mask=(rows < G)[:, None], other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l_i = l_i * alpha + w
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]              # a head with no keys at all gives 0, as the reference
+    b = tl.cast(bh // HKV, tl.int64)
+    h = bh % HKV
+    tl.store(OUT + b * stride_ob + (h * G + rows)[:, None] * stride_oh + d[None, :], out, mask=(rows < G)[:, None])
+
+
+@triton_op("wgkv::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
+                     global_k: Tensor, global_v: Tensor, global_len: Tensor, scale: float) -> Tensor:
+    """decode_attention_ref as split-K flash decoding: two launches of fixed grids, whatever the lengths.
+
+    The grid depends on shapes and the device only, so a CUDA graph replays it; lengths are read
+    by the kernels. Heads whose lengths differ by 100x cost the programs the same: work is cut
+    into equal runs of tiles across all heads, not into a fixed number of splits per head.
+    """
+    q, ring_k, ring_v, global_k, global_v = (_rows(x) for x in (q, ring_k, ring_v, global_k, global_v))
+    B, Hq, D = q.shape
+    Hkv = ring_k.shape[1]
+    G = Hq // Hkv
+    assert ring_k.stride() == ring_v.stride() and global_k.stride() == global_v.stride(), "k and v must share a layout"
+    assert global_len.is_contiguous()
+    if q.device.type == "cuda":
+        block_n, launch = DECODE_BLOCK_N, dict(num_warps=4, num_stages=3)
+        n_programs = DECODE_PROGRAMS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count
+    else:   # the interpreter: small tiles and a few programs, so heads straddle programs in small tests
+        block_n, launch, n_programs = 16, {}, 3
+    shape = dict(HKV=Hkv, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
+                 BH_PAD=triton.next_power_of_2(B * Hkv))
+    part_o = torch.empty(B * Hkv, n_programs, G, D, dtype=torch.float32, device=q.device)   # (B*Hkv, P, G, D)
+    part_lse = torch.empty(B * Hkv, n_programs, G, dtype=torch.float32, device=q.device)    # (B*Hkv, P, G)
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)                              # (B, Hq, D)
+    _launch(_decode_split_kernel)[(n_programs,)](
+        q, ring_k, ring_v, ring_len, global_k, global_v, global_len, part_o, part_lse,
+        q.stride(0), q.stride(1), ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
+        global_k.stride(0), global_k.stride(1), global_k.stride(2), scale * LOG2E, B * Hkv,
+        **shape, **_dot_options(q), **launch)
+    _launch(_decode_merge_kernel)[(B * Hkv,)](
+        part_o, part_lse, ring_len, global_len, out, out.stride(0), out.stride(1), B * Hkv,
+        **shape, N_PROGRAMS=n_programs)
+    return out
+
+
+BACKENDS["triton"] = AttentionOps(compact_admitted, gated_prefill_attention, store_admitted,
+                                  decode_attention, promote)

@@ -1,0 +1,417 @@
+"""The GPU check of the write-gated kernels: correctness, kernel speed and end to end, in one command.
+
+    python bench_gpu.py              # one H200, under 6 minutes; the tables are printed last (stdout)
+    python bench_gpu.py --dry-run    # the same script on the CPU at tiny shapes, in Triton's interpreter (CI)
+
+1. Correctness of each Triton kernel against its PyTorch reference (kernels.py) at Llama-3.1-8B
+   attention shapes (Hq 32, Hkv 8, D 128, bf16), plus the decode ops compiled into a CUDA graph.
+2. Decode attention over ring + global store (20% of the keys admitted, lengths ragged per head):
+   achieved GB/s against the measured copy bandwidth, and dense SDPA decode over all keys.
+3. Gated prefill attention (25% admitted, W 256): TFLOP/s on the key tiles it computes, and time
+   against dense causal flash attention.
+4. End to end, the Llama-3.1-8B configuration with random weights (bf16, batch 1): prefill seconds,
+   decode ms/token with the decode step compiled into a CUDA graph, dense cache against the
+   write-gated cache with policy random:0.25, peak memory; the decode floor is the bytes a token
+   must read (weights, plus the keys and values its attention reads) at the copy bandwidth.
+Sections run in that order and each catches its own failure, so one broken part still leaves
+the others' numbers; end-to-end contexts whose predicted time would overrun --budget-s are skipped.
+Progress goes to stderr.
+"""
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import kernels
+
+K, TAU, WINDOW = 1024, 0.1, 256
+LLAMA_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192))
+TINY = dict(vocab_size=256, dim=128, n_layers=2, n_heads=8, n_kv_heads=2, intermediate_size=256)
+
+
+@dataclass
+class Sizes:
+    device: str
+    Hq: int
+    Hkv: int
+    D: int
+    window: int
+    check_T: int                # correctness: prompt length, global capacity of the decode check
+    check_C: int
+    decode_keys: list           # decode attention: keys per head before admission
+    decode_layers: int          # distinct buffers per timed graph, so no layer is served from L2
+    prefill_T: list
+    model: dict
+    contexts: list
+    decode_steps: int
+
+
+GPU = Sizes("cuda", 32, 8, 128, WINDOW, 4 * K, 32 * K, [32 * K, 128 * K, 400 * K], 8, [32 * K, 128 * K],
+            LLAMA_8B, [32 * K, 128 * K, 400 * K], 32)
+DRY = Sizes("cpu", 8, 2, 16, 8, 40, 48, [64, 160], 2, [48, 72], TINY, [24, 40], 1)
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps=3, warmup=1):
+    """Median seconds of fn() over reps calls after warmup calls (one call on the CPU: a dry run)."""
+    if device != "cuda":
+        reps, warmup = 1, 0
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def timed_graph(fns, device, reps=20):
+    """Median seconds of one call of each fn in fns, replayed from a CUDA graph (no launch gaps)."""
+    if device != "cuda":
+        return timed(lambda: [fn() for fn in fns], device) / len(fns)
+    for fn in fns:   # compile the kernels outside the capture
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return timed(graph.replay, device, reps=reps, warmup=2) / len(fns)
+
+
+def rel_err(out, ref):
+    out, ref = out.float(), ref.float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30)) if out.isfinite().all() else math.inf
+
+
+def fmt_keys(n):
+    return f"{n // K}k" if n >= K and n % K == 0 else str(n)
+
+
+def copy_bandwidth(device):
+    """Bytes read plus written per second by a large device-to-device copy."""
+    n = (1 << 30) if device == "cuda" else (1 << 22)
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n / timed(lambda: dst.copy_(src), device, reps=10)
+
+
+def random_gates(B, Hkv, T, fraction, device):
+    return torch.where(torch.rand(B, Hkv, T, device=device) < fraction, 0.9, 0.01)             # (B, Hkv, T)
+
+
+# --- 1. correctness -------------------------------------------------------------------------
+
+def check_kernels(s: Sizes):
+    dev, dt, G = s.device, torch.bfloat16, s.Hq // s.Hkv
+    torch.manual_seed(0)
+    rows = []
+    T, W, D, Hkv = s.check_T, s.window, s.D, s.Hkv
+    g = random_gates(1, Hkv, T, 0.25, dev)
+    idx, count = kernels.compact_admitted(g, TAU, W)
+    ref_idx, ref_count = kernels.compact_admitted_ref(g, TAU, W)
+    ok = torch.equal(idx, ref_idx) and torch.equal(count, ref_count)
+    rows.append(("compact_admitted", f"T {T}", "exact" if ok else "FAIL", ""))
+
+    q = torch.randn(1, s.Hq, T, D, device=dev, dtype=dt)
+    k, v = (torch.randn(1, Hkv, T, D, device=dev, dtype=dt) for _ in range(2))
+    out = kernels.gated_prefill_attention(q, k, v, idx, count, W, D ** -0.5)
+    err = rel_err(out, kernels.gated_prefill_attention_ref(q, k, v, idx, count, W, D ** -0.5))
+    rows.append(("gated_prefill_attention", f"T {T}, W {W}", f"rel err {err:.1e}" + ("" if err < 2e-2 else " FAIL"), ""))
+
+    for C in (2 * T, T // 8):   # everything fits / the store overflows and keeps the highest g
+        stores = []
+        for op in (kernels.store_admitted, kernels.store_admitted_ref):
+            store = (torch.zeros(1, Hkv, C, D, device=dev, dtype=dt), torch.zeros(1, Hkv, C, D, device=dev, dtype=dt),
+                     torch.zeros(1, Hkv, C, device=dev), torch.zeros(1, Hkv, device=dev, dtype=torch.int64))
+            op(*store, k, v, g, idx, count)
+            stores.append(store)
+        (gk, gv, gg, glen), (rk, rv, rg, rlen) = stores
+        kept = (torch.arange(C, device=dev) < glen[..., None])                                  # (1, Hkv, C)
+        ok = torch.equal(glen, rlen) and all(torch.equal(a[kept], b[kept]) for a, b in ((gk, rk), (gv, rv), (gg, rg)))
+        rows.append(("store_admitted", f"T {T}, C {C}", "exact" if ok else "FAIL", ""))
+
+    C = s.check_C
+    lengths = torch.tensor([C, C // 100, 0, C // 3, 1, C // 2, C // 10, C - 1], device=dev)[:Hkv]
+    qd = torch.randn(1, s.Hq, D, device=dev, dtype=dt)
+    ring_k, ring_v = (torch.randn(1, Hkv, W, D, device=dev, dtype=dt) for _ in range(2))
+    glob_k, glob_v = (torch.randn(1, Hkv, C, D, device=dev, dtype=dt) for _ in range(2))
+    for ring_len in (W, W // 3):
+        args = (qd, ring_k, ring_v, torch.tensor(ring_len, device=dev), glob_k, glob_v, lengths[None], D ** -0.5)
+        err = rel_err(kernels.decode_attention(*args), kernels.decode_attention_ref(*args))
+        rows.append(("decode_attention", f"C {fmt_keys(C)}, ring {ring_len}, lengths 0..C",
+                     f"rel err {err:.1e}" + ("" if err < 2e-2 else " FAIL"), ""))
+
+    glob_g = torch.rand(1, Hkv, C, device=dev) * 0.5 + 0.5
+    state = [glob_k, glob_v, glob_g, lengths[None].clone()]
+    ref_state = [x.clone() for x in state]
+    k_out, v_out = (torch.randn(1, Hkv, D, device=dev, dtype=dt) for _ in range(2))
+    g_out = torch.tensor([0.9, 0.6, 0.05, 0.7, -1.0, 0.99, 0.3, 0.8], device=dev)[None, :Hkv]
+    kernels.promote(*state, k_out, v_out, g_out, TAU)
+    kernels.promote_ref(*ref_state, k_out, v_out, g_out, TAU)
+    ok = all(torch.equal(a, b) for a, b in zip(state, ref_state))
+    rows.append(("promote", f"C {fmt_keys(C)}, full and partial heads", "exact" if ok else "FAIL", ""))
+
+    if dev == "cuda":   # the decode ops compiled into a CUDA graph on buffers, as the cache uses them
+        eager, graphed = DecodeOps(state, D ** -0.5), DecodeOps(state, D ** -0.5)
+        compiled = torch.compile(graphed, fullgraph=True, mode="reduce-overhead")
+        skips_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+        start, errs = time.perf_counter(), []
+        for step in range(4):   # warm-up, record, replays; the store changes every step
+            k_out, v_out = (torch.randn(1, Hkv, D, device=dev, dtype=dt) for _ in range(2))
+            g_out = torch.rand(1, Hkv, device=dev)
+            args = (k_out, v_out, g_out, torch.randn(1, s.Hq, D, device=dev, dtype=dt), ring_k, ring_v,
+                    torch.tensor(W, device=dev))
+            out = compiled(*args).clone()
+            ref = eager(*args)
+            same = all(torch.equal(a, b) for a, b in zip(graphed.buffers(), eager.buffers()))
+            errs.append(rel_err(out, ref) if same else math.inf)
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips_before
+        ok = max(errs) < 1e-3 and skips == 0
+        rows.append(("promote + decode_attention compiled, CUDA graph", f"C {fmt_keys(C)}, 4 steps",
+                     f"rel err {max(errs):.1e}" + ("" if ok else " FAIL"),
+                     f"compile {time.perf_counter() - start:.0f} s, CUDA graph skips {skips}"))
+    return rows
+
+
+class DecodeOps(torch.nn.Module):
+    """A cache's decode-time use of the kernels: promote into buffers, then attend over them."""
+
+    def __init__(self, state, scale):
+        super().__init__()
+        for name, x in zip(("global_k", "global_v", "global_g", "global_len"), state):
+            self.register_buffer(name, x.clone())
+        self.scale = scale
+
+    def forward(self, k_out, v_out, g_out, q, ring_k, ring_v, ring_len):
+        kernels.promote(self.global_k, self.global_v, self.global_g, self.global_len, k_out, v_out, g_out, TAU)
+        return kernels.decode_attention(q, ring_k, ring_v, ring_len, self.global_k, self.global_v, self.global_len,
+                                        self.scale)
+
+
+# --- 2. decode attention --------------------------------------------------------------------
+
+def bench_decode(s: Sizes, bandwidth):
+    dev, dt, D, Hkv, W = s.device, torch.bfloat16, s.D, s.Hkv, s.window
+    # Ragged lengths averaging 20% of the keys, 100x apart from the shortest head to the longest.
+    shares = torch.tensor([0.005, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5])[:Hkv]
+    shares = shares * 0.2 / shares.mean()
+    rows = []
+    for n in s.decode_keys:
+        lengths = (shares * n).long().to(dev)[None]                                              # (1, Hkv)
+        C = int(lengths.max())
+        layers = []
+        for _ in range(s.decode_layers):
+            layers.append((torch.randn(1, s.Hq, D, device=dev, dtype=dt),
+                           torch.randn(1, Hkv, W, D, device=dev, dtype=dt), torch.randn(1, Hkv, W, D, device=dev, dtype=dt),
+                           torch.tensor(W, device=dev),
+                           torch.randn(1, Hkv, C, D, device=dev, dtype=dt), torch.randn(1, Hkv, C, D, device=dev, dtype=dt),
+                           lengths, D ** -0.5))
+        seconds = timed_graph([lambda a=a: kernels.decode_attention(*a) for a in layers], dev)
+        keys = int(lengths.sum()) + Hkv * W
+        gbs = keys * 2 * D * 2 / seconds / 1e9
+        del layers
+        dense_k, dense_v = (torch.randn(1, Hkv, n, D, device=dev, dtype=dt) for _ in range(2))
+        dense_q = torch.randn(1, s.Hq, 1, D, device=dev, dtype=dt)
+        dense = timed_graph([lambda: F.scaled_dot_product_attention(dense_q, dense_k, dense_v, enable_gqa=True)], dev)
+        del dense_k, dense_v
+        rows.append((fmt_keys(n), f"{keys / (Hkv * n):.0%}", f"{seconds * 1e6:.0f} us", f"{gbs:.0f} GB/s",
+                     f"{gbs * 1e9 / bandwidth:.0%}", f"{dense * 1e6:.0f} us"))
+        log(f"decode attention {fmt_keys(n)}: {seconds * 1e6:.0f} us, {gbs:.0f} GB/s")
+    return rows
+
+
+# --- 3. gated prefill attention -------------------------------------------------------------
+
+def computed_tile_flops(idx, count, T, G, W, D, block_m, block_n):
+    """FLOPs of the key tiles the prefill kernel computes (QK^T and PV), from its own schedule."""
+    B, Hkv, _ = idx.shape
+    tiles = torch.arange(math.ceil(T * G / block_m), device=idx.device)
+    first, last = tiles * block_m // G, ((tiles * block_m + block_m - 1) // G).clamp(max=T - 1)
+    positions = torch.where(torch.arange(T, device=idx.device) < count[..., None], idx, T)      # (B, Hkv, T) sorted
+    n_any = torch.searchsorted(positions, (last - W).expand(B, Hkv, -1).contiguous(), right=True)
+    band = last + 1 - (first - W + 1).clamp(min=0)
+    key_tiles = (n_any + block_n - 1) // block_n + (band + block_n - 1) // block_n               # (B, Hkv, tiles)
+    return 4 * block_m * block_n * D * int(key_tiles.sum())
+
+
+def bench_prefill(s: Sizes):
+    dev, dt, D, Hkv, W, G = s.device, torch.bfloat16, s.D, s.Hkv, s.window, s.Hq // s.Hkv
+    rows = []
+    for T in s.prefill_T:
+        q = torch.randn(1, s.Hq, T, D, device=dev, dtype=dt)
+        k, v = (torch.randn(1, Hkv, T, D, device=dev, dtype=dt) for _ in range(2))
+        g = random_gates(1, Hkv, T, 0.25, dev)
+        idx, count = kernels.compact_admitted(g, TAU, W)
+        gated = timed(lambda: kernels.gated_prefill_attention(q, k, v, idx, count, W, D ** -0.5), dev)
+        block_m, block_n = (kernels.PREFILL_BLOCK_M, kernels.PREFILL_BLOCK_N) if dev == "cuda" else (32, 16)
+        flops = computed_tile_flops(idx, count, T, G, W, D, block_m, block_n)
+        k_all, v_all = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)                      # (1, Hq, T, D)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if dev == "cuda" else SDPBackend.MATH):
+            dense = timed(lambda: F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True), dev)
+        dense_flops = 2 * 2 * s.Hq * D * T * (T + 1) / 2
+        rows.append((fmt_keys(T), f"{float(count.sum()) / (Hkv * T):.0%}", f"{gated * 1e3:.1f} ms",
+                     f"{flops / gated / 1e12:.0f}", f"{dense * 1e3:.1f} ms", f"{dense_flops / dense / 1e12:.0f}",
+                     f"{dense / gated:.2f}x"))
+        log(f"gated prefill {fmt_keys(T)}: {gated * 1e3:.1f} ms, dense flash {dense * 1e3:.1f} ms")
+        del q, k, v, k_all, v_all
+    return rows
+
+
+# --- 4. end to end --------------------------------------------------------------------------
+
+def bench_end_to_end(s: Sizes, bandwidth, deadline):
+    from model import LlamaConfig, Transformer
+    dev = s.device
+    config = LlamaConfig(**s.model)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            model = Transformer(config).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default)
+    # A decode step reads every weight but the embedding table, of which it reads one row.
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "tok_embeddings.weight")
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.automatic_dynamic_shapes = False   # each context its own static graph
+    rows, last = [], {}
+    for n in s.contexts:
+        for kind in ("dense", "gated"):
+            # The prefill grows as the square of the context (attention), the rest (compiling) does not.
+            if kind in last:
+                prefill_s, rest_s, last_n = last[kind]
+                if time.perf_counter() + 1.2 * prefill_s * (n / last_n) ** 2 + rest_s > deadline:
+                    rows.append((fmt_keys(n), kind, "skipped: over the time budget", "", "", "", ""))
+                    continue
+            started = time.perf_counter()
+            row, prefill_s = run_end_to_end(model, config, s, n, kind, weight_bytes, bandwidth)
+            rows.append(row)
+            last[kind] = (prefill_s, time.perf_counter() - started - prefill_s, n)
+            log(f"end to end {fmt_keys(n)} {kind}: {row}")
+    return rows
+
+
+@torch.inference_mode()
+def run_end_to_end(model, config, s: Sizes, n, kind, weight_bytes, bandwidth):
+    import gate
+    import generate
+    dev = s.device
+    model.setup_caches(lambda i: None)
+    gate.install(model, None)
+    if dev == "cuda":
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    max_seq_len = n + s.decode_steps + 4
+    if kind == "dense":
+        generate.setup_caches(model, max_seq_len)
+    else:
+        gate.setup_write_gated(model, "random:0.25", batch_size=1, max_seq_len=max_seq_len, dtype=torch.bfloat16,
+                               device=dev, window=s.window, threshold=TAU, backend="triton")
+    tokens = torch.randint(config.vocab_size, (1, n), device=dev)
+    sync(dev)
+    start = time.perf_counter()
+    token = generate.prefill(model, tokens, 0.0, 0, 1.0)                                        # (1, 1)
+    sync(dev)
+    prefill_s = time.perf_counter() - start
+    # Compiled into a CUDA graph on the GPU; the interpreter's kernels cannot be traced, so not on the CPU.
+    step = generate.compile_decode_step(dev) if dev == "cuda" else generate.decode_one_token
+    input_pos = torch.tensor([n], device=dev)
+    start = time.perf_counter()
+    for _ in range(3 if dev == "cuda" else 1):   # compile, record the graph, replay once
+        token = step(model, token, input_pos, 0.0, 0, 1.0).clone()
+        input_pos += 1
+    sync(dev)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(s.decode_steps):
+        token = step(model, token, input_pos, 0.0, 0, 1.0).clone()
+        input_pos += 1
+    sync(dev)
+    ms = (time.perf_counter() - start) / s.decode_steps * 1e3
+    caches = [layer.attention.cache for layer in model.layers]
+    if kind == "dense":   # the dense step reads its whole buffer, masked
+        kv_bytes = sum(c.k_cache.numel() * c.k_cache.element_size() * 2 for c in caches)
+    else:
+        kv_bytes = sum(int(c.global_len.sum() + c.ring_g.shape[-1] * c.global_len.numel()) * c.bytes_per_token()
+                       for c in caches)
+    floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if dev == "cuda" else "n/a"
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    return (fmt_keys(n), kind, f"{prefill_s:.2f} s", f"{ms:.2f} ms", f"{ms / floor_ms:.2f}x", peak,
+            f"compile+warm-up {compile_s:.0f} s, CUDA graph skips {skips}"), prefill_s
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def table(title, header, rows):
+    lines = [f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def section(name, fn, *args):
+    """Run one part; a failure becomes a row of the table instead of ending the check."""
+    log(f"--- {name}")
+    try:
+        return fn(*args)
+    except Exception as e:   # noqa: BLE001 - every failure is reported, the next section still runs
+        message = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+        log(f"{name} failed: {message}")
+        return [("error", message)]
+
+
+def main(dry_run: bool = False, budget_s: float = 330.0) -> None:
+    s = DRY if dry_run else GPU
+    if s.device == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu.py: no CUDA device here (use --dry-run for the CPU check)", file=sys.stderr)
+        sys.exit(2)
+    deadline = time.perf_counter() + budget_s
+    card = torch.cuda.get_device_name() if s.device == "cuda" else "CPU (Triton interpreter)"
+    import triton
+    log(f"{card}, torch {torch.__version__}, triton {triton.__version__}")
+    bandwidth = copy_bandwidth(s.device)
+    log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    checks = section("correctness", check_kernels, s)
+    decode = section("decode attention", bench_decode, s, bandwidth)
+    prefill = section("gated prefill attention", bench_prefill, s)
+    e2e = section("end to end", bench_end_to_end, s, bandwidth, deadline)
+    print(f"\n{card}, torch {torch.__version__}, triton {triton.__version__}, copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+          f" (read + write){', DRY RUN: tiny shapes, timings meaningless' if dry_run else ''}")
+    print(table(f"Correctness (bf16, Hq {s.Hq}, Hkv {s.Hkv}, D {s.D})", ["kernel", "shape", "result", "note"], checks))
+    print(table(f"Decode attention, 20% of the keys admitted, ring {s.window} (one layer, batch 1)",
+                ["keys", "read", "time", "achieved", "of copy bw", "dense SDPA, all keys"], decode))
+    print(table(f"Gated prefill attention, 25% admitted, W {s.window}",
+                ["T", "admitted", "gated", "TFLOP/s on computed tiles", "dense flash", "dense TFLOP/s", "speed-up"], prefill))
+    print(table(f"End to end, random weights ({s.model['n_layers']} layers, bf16, batch 1), gated = random:0.25",
+                ["context", "cache", "prefill", "decode / token", "of floor", "peak memory", "note"], e2e))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter: checks the script runs")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="skip end-to-end contexts predicted to end later than this many seconds after the start")
+    args = parser.parse_args()
+    main(**vars(args))

@@ -1,0 +1,206 @@
+"""Each Triton kernel against its PyTorch reference (kernels.py).
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (kernels.py selects it at
+import), which is slow: shapes stay small, and the cases are chosen so that together they cover
+GQA ratios 1, 3, 4, 8, head dims 64 and 128, float32 / bfloat16 / float16, W of 1, W not a
+multiple of the tile and W larger than T, T not a multiple of the tile, lengths from 0 to capacity.
+Every allocation a kernel's op makes is poisoned (NaN, or the largest integer), and in-place
+outputs are poisoned by the test, so an element a kernel forgets to write fails the comparison.
+"""
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}   # atol = rtol; outputs are O(1)
+TAU = 0.5
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """torch.empty fills new memory with NaN (floats) or the largest integer while this is active."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def assert_close(out, ref, dtype):
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("B, Hkv, T, W", [(1, 1, 1, 1), (2, 3, 45, 1), (1, 2, 100, 17), (1, 2, 20, 64), (2, 1, 33, 33)])
+def test_compact_admitted(B, Hkv, T, W):
+    torch.manual_seed(T + W)
+    g = torch.rand(B, Hkv, T, device=DEVICE)
+    g[0, 0, : T // 3] = 0.9   # one head admits a long run, another may admit none
+    with poisoned_allocations():
+        idx, count = kernels.compact_admitted(g, TAU, W)
+    ref_idx, ref_count = kernels.compact_admitted_ref(g, TAU, W)
+    assert torch.equal(count, ref_count)
+    assert torch.equal(idx, ref_idx)   # the same stable partition, padding included
+
+
+# (G, D, dtype, T, W, admitted fraction): T crosses the 32-row / 16-key interpreter tiles unevenly.
+PREFILL_CASES = [
+    (1, 64, torch.float32, 37, 1, 0.3),
+    (3, 64, torch.bfloat16, 29, 5, 0.5),
+    (4, 128, torch.float16, 45, 19, 0.3),
+    (8, 64, torch.bfloat16, 21, 40, 0.5),     # W > T: the band is everything
+    (4, 64, torch.float32, 50, 16, 1.0),      # everything outside the band admitted: dense causal
+    (8, 128, torch.float32, 26, 3, 0.0),      # nothing admitted: the band alone
+    (1, 128, torch.bfloat16, 70, 23, 0.2),
+    (3, 128, torch.float16, 33, 1, 0.7),
+]
+
+
+@pytest.mark.parametrize("G, D, dtype, T, W, frac", PREFILL_CASES)
+def test_gated_prefill_attention(G, D, dtype, T, W, frac):
+    torch.manual_seed(G * T + W)
+    B, Hkv = 1, 2
+    q, k, v = randn(B, Hkv * G, T, D, dtype=dtype), randn(B, Hkv, T, D, dtype=dtype), randn(B, Hkv, T, D, dtype=dtype)
+    g = torch.where(torch.rand(B, Hkv, T, device=DEVICE) < frac, 0.9, 0.1)
+    idx, count = kernels.compact_admitted_ref(g, TAU, W)
+    with poisoned_allocations():
+        out = kernels.gated_prefill_attention(q, k, v, idx, count, W, D ** -0.5)
+    ref = kernels.gated_prefill_attention_ref(q, k, v, idx, count, W, D ** -0.5)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
+def test_gated_prefill_matches_the_visibility_rule():
+    """Kernel against the SPEC's mask on dense attention, batch 2, admission differing per head."""
+    torch.manual_seed(0)
+    B, Hkv, G, T, D, W = 2, 2, 2, 40, 64, 7
+    q, k, v = randn(B, Hkv * G, T, D), randn(B, Hkv, T, D), randn(B, Hkv, T, D)
+    g = torch.rand(B, Hkv, T, device=DEVICE)
+    idx, count = kernels.compact_admitted(g, TAU, W)
+    out = kernels.gated_prefill_attention(q, k, v, idx, count, W, D ** -0.5)
+    i, j = torch.arange(T, device=DEVICE)[:, None], torch.arange(T, device=DEVICE)[None, :]
+    mask = (j <= i) & ((i - j < W) | (g[:, :, None, :] > TAU))                               # (B, Hkv, T, T)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=mask.repeat_interleave(G, 1))
+    assert_close(out, ref, torch.float32)
+
+
+# (G, D, dtype, ring capacity W, ring_len, global lengths per (batch, head)); capacity C = 48.
+DECODE_CASES = [
+    (1, 64, torch.float32, 16, 16, [[0, 48]]),
+    (3, 64, torch.bfloat16, 20, 7, [[48, 1]]),
+    (4, 128, torch.float16, 8, 0, [[13, 0], [30, 47]]),   # empty ring
+    (8, 128, torch.bfloat16, 16, 3, [[0, 0]]),            # global stores empty
+    (4, 64, torch.float32, 16, 0, [[0, 5]]),              # one head sees no key at all: output 0
+    (4, 128, torch.bfloat16, 16, 16, [[1, 100]]),         # 100x imbalance (capacity raised below)
+]
+
+
+@pytest.mark.parametrize("G, D, dtype, W, ring_len, lengths", DECODE_CASES)
+def test_decode_attention(G, D, dtype, W, ring_len, lengths):
+    torch.manual_seed(G + D + W)
+    global_len = torch.tensor(lengths, device=DEVICE)                                        # (B, Hkv)
+    B, Hkv = global_len.shape
+    C = max(48, int(global_len.max()))
+    q = randn(B, Hkv * G, D, dtype=dtype)
+    ring_k, ring_v = randn(B, Hkv, W, D, dtype=dtype), randn(B, Hkv, W, D, dtype=dtype)
+    global_k, global_v = randn(B, Hkv, C, D, dtype=dtype), randn(B, Hkv, C, D, dtype=dtype)
+    ring_len = torch.tensor(ring_len, device=DEVICE)
+    args = (q, ring_k, ring_v, ring_len, global_k, global_v, global_len, D ** -0.5)
+    with poisoned_allocations():
+        out = kernels.decode_attention(*args)
+    ref = kernels.decode_attention_ref(*args)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("T, C, dtype", [(40, 64, torch.bfloat16), (40, 40, torch.float32), (50, 6, torch.float16)])
+def test_store_admitted(T, C, dtype):
+    """C >= T keeps every admitted token in order; C < T keeps the C highest g (some heads overflow)."""
+    torch.manual_seed(T + C)
+    B, Hkv, D, W = 2, 2, 64, 4
+    k, v = randn(B, Hkv, T, D, dtype=dtype), randn(B, Hkv, T, D, dtype=dtype)
+    g = torch.rand(B, Hkv, T, device=DEVICE)
+    g[1, 1] = 0.05                                       # a head that admits nothing
+    idx, count = kernels.compact_admitted_ref(g, TAU, W)
+    stores = []
+    for op in (kernels.store_admitted, kernels.store_admitted_ref):
+        store = (torch.full((B, Hkv, C, D), float("nan"), device=DEVICE, dtype=dtype),
+                 torch.full((B, Hkv, C, D), float("nan"), device=DEVICE, dtype=dtype),
+                 torch.full((B, Hkv, C), float("nan"), device=DEVICE),
+                 torch.full((B, Hkv), -1, device=DEVICE, dtype=torch.int64))
+        with poisoned_allocations():
+            op(*store, k, v, g, idx, count)
+        stores.append(store)
+    (gk, gv, gg, glen), (rk, rv, rg, rlen) = stores
+    assert torch.equal(glen, rlen)
+    assert int(glen.max()) == min(C, int(count.max())) and int(glen.min()) == 0
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(glen[b, h])
+            for got, want in ((gk, rk), (gv, rv), (gg, rg)):
+                assert torch.equal(got[b, h, :n], want[b, h, :n])
+                assert got[b, h, n:].isnan().all()          # slots past the length are not touched
+
+
+def test_promote():
+    """Ring-exit tokens over several steps: heads filling up, full heads replacing their lowest g."""
+    torch.manual_seed(0)
+    B, Hkv, C, D = 2, 3, 20, 128
+    global_len = torch.tensor([[0, 19, 20], [20, 5, 20]], device=DEVICE)                     # (B, Hkv)
+    global_g = torch.rand(B, Hkv, C, device=DEVICE) * 0.4 + 0.6
+    global_g[1, 2, 7] = global_g[1, 2, 13] = 0.55             # a tie for the lowest: the first slot goes
+    state = [randn(B, Hkv, C, D, dtype=torch.bfloat16), randn(B, Hkv, C, D, dtype=torch.bfloat16), global_g, global_len]
+    ref_state = [x.clone() for x in state]
+    for step in range(4):
+        k_out, v_out = randn(B, Hkv, D, dtype=torch.bfloat16), randn(B, Hkv, D, dtype=torch.bfloat16)
+        # Gates: an empty ring slot (-1), below tau, admitted but below a full store's lowest, and high.
+        g_out = torch.tensor([[-1.0, 0.2, 0.51], [0.7, 0.95, 0.9]], device=DEVICE).roll(step, dims=1)
+        kernels.promote(*state, k_out, v_out, g_out, TAU)
+        kernels.promote_ref(*ref_state, k_out, v_out, g_out, TAU)
+        for got, want in zip(state, ref_state):
+            assert torch.equal(got, want)
+    assert int(state[3][0, 1]) == 20 and int(state[3][0, 0]) > 0
+
+
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_generate_triton_matches_torch_backend(capacity):
+    """Greedy generation through the write-gated cache gives the same tokens on both backends (the
+    default capacity, and a store of 3 slots that overflows in prefill and evicts during decode)."""
+    import gate
+    import generate
+    from model import LlamaConfig, Transformer
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96)
+    model = Transformer(config).to(DEVICE).eval().requires_grad_(False)
+    prompt = torch.randint(config.vocab_size, (19,)).tolist()
+    tokens, logits = {}, {}
+    for backend in ("torch", "triton"):
+        gate.setup_write_gated(model, "random:0.5", batch_size=1, max_seq_len=24, dtype=torch.float32, device=DEVICE,
+                               window=4, threshold=0.1, global_capacity=capacity, backend=backend)
+        logits[backend] = model(torch.tensor([prompt], device=DEVICE))                           # (1, T, vocab)
+        tokens[backend], _ = generate.generate(model, prompt, max_new_tokens=4)
+    assert_close(logits["triton"], logits["torch"], torch.float32)
+    assert len(tokens["torch"]) == 4 and tokens["triton"] == tokens["torch"]
+
+
+def test_bench_gpu_dry_run():
+    """The GPU benchmark runs end to end on the CPU at tiny shapes, so it cannot rot between GPU visits."""
+    result = subprocess.run([sys.executable, "bench_gpu.py", "--dry-run"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout
+    for row in ("compact_admitted", "gated_prefill_attention", "store_admitted", "decode_attention", "promote"):
+        assert f"| {row}" in table
+    assert "FAIL" not in table and "error" not in table
