@@ -36,13 +36,18 @@ from gate import WriteGate, save_gates
 from model import CheckpointError, Transformer
 from tokenizer import Tokenizer
 
-# Flags that fix a run's trajectory: --resume refuses a checkpoint written with other values.
-TRAJECTORY = ("checkpoint", "data", "seq_len", "steps", "batch_size", "lam", "window", "threshold", "lr",
-              "weight_decay", "warmup", "hidden", "seed", "dtype")
+# The flags that fix a run's trajectory, with their defaults (checkpoint None: the embedded SmolLM2).
+# --resume takes them from the checkpoint; one given again must agree with it.
+TRAJECTORY = dict(checkpoint=None, data="data/train", seq_len=1024, steps=1000, batch_size=1, lam=0.16, window=256,
+                  threshold=0.1, lr=1e-3, weight_decay=0.01, warmup=0.1, hidden=0, seed=0, dtype="float32")
 
 
 class TrainError(Exception):
     """A run that cannot go on as asked; the message names the problem in one line."""
+
+
+class NonFiniteLoss(TrainError):
+    """The loss became NaN or infinite: the run stops without updating the gates."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,16 +253,15 @@ def build_gates(model: Transformer, hidden: int) -> nn.ModuleList:
     return nn.ModuleList(WriteGate(c.n_kv_heads, c.head_dim, hidden) for _ in range(c.n_layers))
 
 
-def train(checkpoint: str | None, data: str, out: str | None, seq_len: int, steps: int, batch_size: int, lam: float,
-          window: int, threshold: float, lr: float, weight_decay: float, warmup: float, hidden: int, seed: int,
-          dtype: str, device: str | None, activation_checkpointing: bool, block: int, save_every: int,
-          threads: int, resume: bool, export: str | None, export_dtype: str) -> None:
-    args = dict(locals())
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        args["checkpoint"] = checkpoint = str(ensure_default_checkpoint())
-    run = Path(out if out is not None else f"runs/gate-{lam:g}")
-    args["out"] = str(run)
+def train(checkpoint: str | None = None, data: str | None = None, out: str | None = None, seq_len: int | None = None,
+          steps: int | None = None, batch_size: int | None = None, lam: float | None = None, window: int | None = None,
+          threshold: float | None = None, lr: float | None = None, weight_decay: float | None = None,
+          warmup: float | None = None, hidden: int | None = None, seed: int | None = None, dtype: str | None = None,
+          device: str | None = None, activation_checkpointing: bool = False, block: int = 256, save_every: int = 25,
+          threads: int = 0, resume: bool = False, export: str | None = None, export_dtype: str = "float16") -> None:
+    """Train (or, with export, write a run's latest gates); None takes the default or the resumed run's value."""
+    given = {k: v for k, v in locals().items() if k in TRAJECTORY and v is not None}
+    run = Path(out if out is not None else f"runs/gate-{given.get('lam', TRAJECTORY['lam']):g}")
     if export is not None:   # export a run's latest checkpoint, nothing else
         state = load_checkpoint(run)
         gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
@@ -266,6 +270,26 @@ def train(checkpoint: str | None, data: str, out: str | None, seq_len: int, step
         print(export)
         print(f"exported step {state['step']}/{state['args']['steps']} of {run} ({export_dtype})", file=sys.stderr)
         return
+
+    # Resume only what was asked, and never overwrite a run silently.
+    state = None
+    if resume:
+        state = load_checkpoint(run)
+        changed = [f"{k} {state['args'][k]!r} -> {v!r}" for k, v in given.items() if state["args"][k] != v]
+        if changed:
+            raise TrainError(f"{run}/checkpoint.pt was written with other settings ({'; '.join(changed)}); "
+                             f"resume without them or start a new --out")
+        args = dict(state["args"])
+    elif (run / "checkpoint.pt").exists():
+        raise TrainError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    else:
+        args = TRAJECTORY | given
+        if args["checkpoint"] is None:
+            from convert_gguf import ensure_default_checkpoint
+            args["checkpoint"] = str(ensure_default_checkpoint())
+        args["out"] = str(run)
+    checkpoint, data, seq_len, steps, batch_size, lam, window, threshold, lr, weight_decay, warmup, hidden, seed, dtype = (
+        args[k] for k in TRAJECTORY)
 
     for name, value, low in (("--seq-len", seq_len, 2), ("--steps", steps, 1), ("--batch-size", batch_size, 1),
                              ("--window", window, 1), ("--block", block, 1), ("--save-every", save_every, 1)):
@@ -288,17 +312,6 @@ def train(checkpoint: str | None, data: str, out: str | None, seq_len: int, step
     if threads:
         torch.set_num_threads(threads)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
-
-    # Resume only what was asked, and never overwrite a run silently.
-    state = None
-    if resume:
-        state = load_checkpoint(run)
-        changed = [f"{k} {state['args'][k]!r} -> {args[k]!r}" for k in TRAJECTORY if state["args"][k] != args[k]]
-        if changed:
-            raise TrainError(f"{run}/checkpoint.pt was written with other settings ({'; '.join(changed)}); "
-                             f"resume with the same flags or start a new --out")
-    elif (run / "checkpoint.pt").exists():
-        raise TrainError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
 
     model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
     if seq_len > model.config.max_position_embeddings:
@@ -379,7 +392,7 @@ def train(checkpoint: str | None, data: str, out: str | None, seq_len: int, step
         if not all(math.isfinite(v) for v in stats):
             kept = f"the last good checkpoint is {run}/checkpoint.pt (step {step_saved(run)})" if (run / "checkpoint.pt").exists() \
                 else "no checkpoint was written yet"
-            raise TrainError(f"loss is not finite at step {step + 1} ({stats[0]}); stopped without updating the gates; {kept}")
+            raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({stats[0]}); stopped without updating the gates; {kept}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -440,35 +453,36 @@ def main(**kwargs) -> None:
         train(**kwargs)
     except (TrainError, DataError, CheckpointError) as e:
         print(f"train_gate.py: {e}", file=sys.stderr)
-        sys.exit(1 if "not finite" in str(e) else 2)
+        sys.exit(1 if isinstance(e, NonFiniteLoss) else 2)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", help="model directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default="data/train", help="folder (or file) of .txt/.md/.jsonl documents")
-    p.add_argument("--out", help="run directory for checkpoint.pt, log.jsonl, gate.safetensors (default: runs/gate-LAMBDA)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sample (chat prefix + document piece)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step, over all processes")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.16, help="weight of the sparsity regularizer")
-    p.add_argument("--window", type=int, default=256, help="W: every token is visible to the next W-1 queries")
-    p.add_argument("--threshold", type=float, default=0.1, help="tau: a token is admitted when g > tau")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup", type=float, default=0.1, help="share of the steps with linear warm-up")
-    p.add_argument("--hidden", type=int, default=0, help="gate MLP width (0: 4 x head dim)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the gate initialisation and the data order")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the frozen model's precision (gates are float32); bfloat16 is slow on CPUs without it")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = lambda key: f" (default: {TRAJECTORY[key]}; with --resume: the run's)"
+    p.add_argument("--checkpoint", help="model directory (default: the embedded SmolLM2-135M-Instruct; with --resume: the run's)")
+    p.add_argument("--data", help="folder (or file) of .txt/.md/.jsonl documents" + d("data"))
+    p.add_argument("--out", help="run directory: checkpoint.pt, log.jsonl, samples.pt, gate.safetensors (default: runs/gate-LAMBDA)")
+    p.add_argument("--seq-len", type=int, help="tokens per sample: chat prefix + a piece of a document" + d("seq_len"))
+    p.add_argument("--steps", type=int, help="optimizer steps" + d("steps"))
+    p.add_argument("--batch-size", type=int, help="sequences per step, over all processes" + d("batch_size"))
+    p.add_argument("--lambda", dest="lam", type=float, help="weight of the sparsity regularizer" + d("lam"))
+    p.add_argument("--window", type=int, help="W: every token is visible to the next W-1 queries" + d("window"))
+    p.add_argument("--threshold", type=float, help="tau: a token is admitted when g > tau" + d("threshold"))
+    p.add_argument("--lr", type=float, help="AdamW peak learning rate" + d("lr"))
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay" + d("weight_decay"))
+    p.add_argument("--warmup", type=float, help="share of the steps with linear warm-up, then cosine to 0" + d("warmup"))
+    p.add_argument("--hidden", type=int, help="gate MLP width, 0: 4 x head dim" + d("hidden"))
+    p.add_argument("--seed", type=int, help="seeds the gate initialisation and the data order" + d("seed"))
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="the frozen model's precision; gates stay float32 (bfloat16 is slow on CPUs without it)" + d("dtype"))
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer in backward instead of keeping its activations (long sequences)")
-    p.add_argument("--block", type=int, default=256, help="queries per block of the soft-gated attention")
-    p.add_argument("--save-every", type=int, default=25, help="steps between checkpoints")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--block", type=int, default=256, help="queries per block of the soft-gated attention (default: 256)")
+    p.add_argument("--save-every", type=int, default=25, help="steps between checkpoints (default: 25)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: 0, torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--export", help="write OUT's latest checkpoint as a gate file at this path and exit")
-    p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="precision of the exported gate file (default: float16)")
     main(**vars(p.parse_args()))

@@ -213,16 +213,18 @@ def test_export_writes_a_16_bit_gate_file(tiny, tmp_path):
     torch.testing.assert_close(gates[1].w1, full[1].w1, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("problem", ["missing data", "empty data", "too long", "existing run", "nothing to resume"])
+@pytest.mark.parametrize("problem", ["missing data", "empty data", "too long", "existing run", "nothing to resume",
+                                     "resume with other settings"])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, problem, capsys):
     model_dir, docs_dir = tiny
     (tmp_path / "empty").mkdir()
     (tmp_path / "existing").mkdir()
-    (tmp_path / "existing" / "checkpoint.pt").write_bytes(b"")
+    torch.save({"args": run_args(model_dir, docs_dir, tmp_path / "existing"), "step": 1}, tmp_path / "existing" / "checkpoint.pt")
     args = run_args(model_dir, docs_dir, tmp_path / "new")
     args |= {"missing data": dict(data=str(tmp_path / "nope")), "empty data": dict(data=str(tmp_path / "empty")),
              "too long": dict(seq_len=1000), "existing run": dict(out=str(tmp_path / "existing")),
-             "nothing to resume": dict(resume=True)}[problem]
+             "nothing to resume": dict(resume=True),
+             "resume with other settings": dict(out=str(tmp_path / "existing"), resume=True, lam=0.5)}[problem]
     with pytest.raises(SystemExit) as e:
         train_gate.main(**args)
     assert e.value.code == 2
@@ -257,7 +259,7 @@ def test_interrupt_nan_and_resume_follow_the_uninterrupted_trajectory(tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == stopped
 
     save_file(weights, str(model_dir / "model.safetensors"))
-    train_gate.train(**args | dict(out=str(out), resume=True))
+    train_gate.train(out=str(out), resume=True, device="cpu", block=16, save_every=100, threads=1)   # flags from the run
     parts = log(out)
     assert [r["step"] for r in parts] == list(range(1, 41))
     for a, b in zip(whole, parts):
