@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cache import DenseCache, WriteGatedCache
+from cache import DenseCache, WriteGatedCache, resolve_backend
 from data import DataError, chat_prefix, make_samples, read_documents
 from gate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, install, load_gates, setup_write_gated
 from model import Transformer
@@ -70,7 +70,8 @@ def source_order(docs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [d for turn in zip_longest(*groups.values()) for d in turn if d is not None]
 
 
-def document_samples(tok: Tokenizer, docs: list[tuple[str, str]], lengths: list[int], n: int) -> dict[int, list[tuple[str, Tensor]]]:
+def document_samples(tok: Tokenizer, docs: list[tuple[str, str]], lengths: list[int], n: int,
+                     device: str = "cpu") -> dict[int, list[tuple[str, Tensor]]]:
     """Per length L, (name, ids (L,)) of the first n documents long enough: the chat prefix and the
     document's start, exactly as the gate trainer builds a sample (data.make_samples)."""
     prefix = chat_prefix(tok)
@@ -79,7 +80,7 @@ def document_samples(tok: Tokenizer, docs: list[tuple[str, str]], lengths: list[
     ids = [(name, tok.encode(text[:16 * longest], add_special_tokens=False)) for name, text in docs]
     samples = {}
     for L in lengths:
-        fit = [(name, make_samples([t], prefix, L)[0]) for name, t in ids if len(prefix) + len(t) >= L][:n]
+        fit = [(name, make_samples([t], prefix, L)[0].to(device)) for name, t in ids if len(prefix) + len(t) >= L][:n]
         if len(fit) < n:
             raise DataError(f"only {len(fit)} held-out documents reach {L} tokens, {n} asked (--docs)")
         samples[L] = fit
@@ -340,20 +341,22 @@ def policy_list(gates: list[tuple[str, str]], sink: int) -> list[Policy]:
     return rows + [Policy("none", "builtin", "none"), Policy(f"sink:{sink}", "builtin", f"sink:{sink}")]
 
 
-def evaluate(model: Transformer, tok: Tokenizer, policies: list[Policy], samples: dict, passkey: Passkey | None,
-             window: int, decode_tokens: int, passkey_lengths: list[int], depths: list[float], trials: int,
-             dtype: torch.dtype, device: str, backend: str, seed: int) -> dict:
-    """Run every task; returns {"perplexity" | "decode" | "passkey": [per (length, policy, sequence) records], "checks": [...]}."""
-    say = lambda msg: print(msg, file=sys.stderr, flush=True)
-    setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded, dtype,
-                                                             device, backend, seed)
-    out = {"perplexity": [], "decode": [], "passkey": [], "checks": []}
-    uncapped = [p for p in policies if p.kind != "snapkv"]
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def documents_task(model: Transformer, policies: list[Policy], samples: dict, window: int, decode_tokens: int,
+                   setup) -> dict[str, list[dict]]:
+    """Perplexity and agreement by one prefill per uncapped policy, then the decode table for every policy.
+
+    setup(policy, seq_len, recorded) installs a policy. Returns per-(policy, document) records of the
+    "perplexity" and "decode" tables, and "checks": one prefill against prefill + decode, per policy.
+    """
+    out = {"perplexity": [], "decode": [], "checks": []}
     for L, docs in samples.items():
         for i, (doc, ids) in enumerate(docs):
-            ids = ids.to(device)
             recorded, one_prefill, ref = {}, {}, None
-            for policy in uncapped:
+            for policy in [p for p in policies if p.kind != "snapkv"]:
                 t0 = time.time()
                 setup(policy, L, recorded)
                 hidden = prefill_all(model, ids)                                                    # (L, dim)
@@ -385,28 +388,33 @@ def evaluate(model: Transformer, tok: Tokenizer, policies: list[Policy], samples
                         key=lambda c: c["max_abs_nll_diff"])
             say(f"check: one prefill vs prefill + decode on the last {n} predictions, L={L}, {doc}: "
                 f"largest |NLL difference| {worst['max_abs_nll_diff']:.2e} ({worst['policy']})")
+    return out
 
+
+def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Policy], passkey: Passkey, lengths: list[int],
+                 depths: list[float], trials: int, window: int, seed: int, setup) -> list[dict]:
+    """Greedy answers to passkey prompts, one record per (length, depth, trial, policy)."""
     keys = random.Random(seed)
-    longest = max(passkey_lengths, default=0)
-    for L in passkey_lengths:
+    device = model.output.weight.device
+    out = []
+    for L in lengths:
         for depth in depths:
             for trial in range(trials):
                 key = str(keys.randrange(10000, 100000))
-                ids, at = passkey.prompt(key, L, depth, offset=trial * longest)
+                ids, at = passkey.prompt(key, L, depth, offset=trial * max(lengths))
                 ids = torch.tensor(ids, device=device)
                 n_new = len(tok.encode(" " + key, add_special_tokens=False)) + 1
+                seen = L + n_new - 1
                 recorded = {}
                 for policy in policies:
                     t0 = time.time()
-                    seen = L + n_new - 1
                     setup(policy, seen, recorded)
                     answer = tok.decode(generate(model, ids, n_new))
                     if policy.kind == "gate":
                         recorded[policy.name] = recording(model)
                     correct = passkey_correct(answer, key)
-                    out["passkey"].append({"length": L, "policy": policy.name, "depth": depth, "trial": trial,
-                                           "key": key, "needle_at": at, "answer": answer, "correct": correct,
-                                           **kv_stats(model, seen, window)})
+                    out.append({"length": L, "policy": policy.name, "depth": depth, "trial": trial, "key": key,
+                                "needle_at": at, "answer": answer, "correct": correct, **kv_stats(model, seen, window)})
                     say(f"[passkey L={L} depth {depth:g} trial {trial + 1}/{trials}] {policy.name}: "
                         f"{'right' if correct else 'wrong'} {answer!r}, {time.time() - t0:.1f} s")
     return out
@@ -490,7 +498,7 @@ def plot(result: dict, path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        print(f"no plot: matplotlib is not installed (pip install matplotlib to get {path})", file=sys.stderr)
+        say(f"no plot: matplotlib is not installed (pip install matplotlib to get {path})")
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -509,15 +517,15 @@ def plot(result: dict, path: str) -> None:
         ax.set_xlabel("KV cache held (share of dense)")
         ax.set_ylabel(label)
         ax.set_xscale("log")
-        if y == "ppl":
-            ax.set_yscale("log")
+        if y == "accuracy":
+            ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[n], marker="o", linestyle="", label=n) for n in names]
     handles += [plt.Line2D([], [], color="gray", marker=markers[L], linestyle="", label=f"L = {L}") for L in lengths]
     fig.legend(handles=handles, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.savefig(path, dpi=120)
-    print(f"plot: {path}", file=sys.stderr)
+    say(f"plot: {path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,12 +563,12 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         window = next((m["window"] for _, m in gate_meta.values() if "window" in m), DEFAULT_WINDOW)
     for name, (path, metadata) in gate_meta.items():
         if metadata.get("window", window) != window:
-            print(f"note: gate {name} was trained with W = {metadata['window']}, evaluated at W = {window}", file=sys.stderr)
+            say(f"note: gate {name} was trained with W = {metadata['window']}, evaluated at W = {window}")
     if not gate_meta:
-        print(f"note: no gate files under {gates_dir}/ and no --gate: the table has the built-in policies only",
-              file=sys.stderr)
+        say(f"note: no gate files under {gates_dir}/ and no --gate: the table has the built-in policies only")
 
     # Check the whole grid before the first long run.
+    resolve_backend(backend, device)
     limit = model.config.max_position_embeddings
     for L in lengths + passkey_lengths:
         if L > limit:
@@ -578,13 +586,13 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         raise EvalError(f"depths {depths} must lie in [0, 1]")
 
     documents = source_order(read_documents(data))
-    samples = document_samples(tok, documents, lengths, docs) if lengths else {}
+    samples = document_samples(tok, documents, lengths, docs, device) if lengths else {}
     passkey = None
     if passkey_lengths and depths and trials:
         need = trials * max(passkey_lengths)
         filler = []
         for _, text in documents:
-            filler += tok.encode(text + "\n\n", add_special_tokens=False)
+            filler += tok.encode(text[:16 * need] + "\n\n", add_special_tokens=False)
             if len(filler) >= need:
                 break
         passkey = Passkey.build(tok, filler)
@@ -594,12 +602,14 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         passkey_lengths = []
 
     policies = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink)
-    print(f"eval: {len(policies)} policies, perplexity at {lengths} x {docs} documents, decode {decode_tokens} "
-          f"tokens, passkey at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}",
-          file=sys.stderr)
+    say(f"eval: {len(policies)} policies, perplexity at {lengths} x {docs} documents, decode {decode_tokens} tokens, "
+        f"passkey at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}")
+    setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded,
+                                                             getattr(torch, dtype), device, backend, seed)
     with torch.inference_mode():
-        records = evaluate(model, tok, policies, samples, passkey, window, decode_tokens, passkey_lengths, depths,
-                           trials, getattr(torch, dtype), device, backend, seed)
+        records = documents_task(model, policies, samples, window, decode_tokens, setup)
+        records["passkey"] = passkey_task(model, tok, policies, passkey, passkey_lengths, depths, trials, window,
+                                          seed, setup) if passkey_lengths else []
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
@@ -621,7 +631,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     print(report(result, window, decode_tokens))
     if out:
         Path(out).write_text(json.dumps(result, indent=1))
-        print(f"wrote {out}", file=sys.stderr)
+        say(f"wrote {out}")
     plot_path = plot_path or (str(Path(out).with_suffix(".png")) if out else None)
     if plot_path:
         plot(result, plot_path)
