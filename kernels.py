@@ -300,7 +300,7 @@ def _count_at_most(ptr, n, limit, LANES: tl.constexpr, STEPS: tl.constexpr):
 
 @triton.jit
 def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
-                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                           stride_ib, stride_ih, stride_ob, stride_oh, stride_ot,
                           T, window, qk_scale,
                           HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
@@ -324,7 +324,7 @@ def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
     first = (tile * BLOCK_M) // G
     last = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // G, T - 1)
     k_head = K + b * stride_kb + h * stride_kh
-    v_head = V + b * stride_kb + h * stride_kh
+    v_head = V + b * stride_vb + h * stride_vh
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -339,13 +339,13 @@ def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
     for start in range(0, n_all_tiles, BLOCK_N):
         j = tl.load(idx_head + start + offs_n)                                               # (N,) key positions
         k = tl.load(k_head + j[:, None] * stride_kt + d[None, :])
-        v = tl.load(v_head + j[:, None] * stride_kt + d[None, :])
+        v = tl.load(v_head + j[:, None] * stride_vt + d[None, :])
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, True, qk_scale, False, UPCAST, PRECISION)
     for start in range(n_all_tiles, n_any, BLOCK_N):
         a = start + offs_n
         j = tl.load(idx_head + a, mask=a < n_any, other=0)
         k = tl.load(k_head + j[:, None] * stride_kt + d[None, :], mask=(a < n_any)[:, None], other=0.0)
-        v = tl.load(v_head + j[:, None] * stride_kt + d[None, :], mask=(a < n_any)[:, None], other=0.0)
+        v = tl.load(v_head + j[:, None] * stride_vt + d[None, :], mask=(a < n_any)[:, None], other=0.0)
         visible = (a < n_any)[None, :] & (j[None, :] <= t[:, None] - window)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, visible, qk_scale, True, UPCAST, PRECISION)
 
@@ -353,7 +353,7 @@ def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
     for start in range(tl.maximum(first - window + 1, 0), last + 1, BLOCK_N):
         j = start + offs_n
         k = tl.load(k_head + j[:, None] * stride_kt + d[None, :], mask=(j <= last)[:, None], other=0.0)
-        v = tl.load(v_head + j[:, None] * stride_kt + d[None, :], mask=(j <= last)[:, None], other=0.0)
+        v = tl.load(v_head + j[:, None] * stride_vt + d[None, :], mask=(j <= last)[:, None], other=0.0)
         visible = (j[None, :] <= t[:, None]) & (t[:, None] - j[None, :] < window)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, visible, qk_scale, True, UPCAST, PRECISION)
 
@@ -374,7 +374,6 @@ def gated_prefill_attention(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tenso
     q, k, v = _rows(q), _rows(k), _rows(v)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    assert k.stride() == v.stride(), "k and v must share a layout"
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)          # (B, Hq, T, D)
     if q.device.type == "cuda":
         block_m, block_n, launch = PREFILL_BLOCK_M, PREFILL_BLOCK_N, dict(num_warps=8, num_stages=3)
@@ -385,7 +384,7 @@ def gated_prefill_attention(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tenso
     grid = (triton.cdiv(T * (Hq // Hkv), block_m), B * Hkv)
     _launch(_gated_prefill_kernel)[grid](
         q, k, v, admitted_idx, admitted_count, out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         admitted_idx.stride(0), admitted_idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
         T, window, scale * LOG2E,
         HKV=Hkv, G=Hq // Hkv, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -399,7 +398,8 @@ def gated_prefill_attention(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tenso
 @triton.jit
 def _store_kernel(GK, GV, GG, GLEN, K, V, GSRC, KEEP, COUNT,
                   stride_sb, stride_sh, stride_st, stride_ggb, stride_ggh,
-                  stride_kb, stride_kh, stride_kt, stride_gb, stride_gh, stride_keepb, stride_keeph, C,
+                  stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                  stride_gb, stride_gh, stride_keepb, stride_keeph, C,
                   HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
     bh = tl.program_id(1)
     b = tl.cast(bh // HKV, tl.int64)
@@ -411,9 +411,10 @@ def _store_kernel(GK, GV, GG, GLEN, K, V, GSRC, KEEP, COUNT,
     d = tl.arange(0, D)
     src = tl.load(KEEP + b * stride_keepb + h * stride_keeph + s, mask=ok, other=0)          # prompt positions
     dst = b * stride_sb + h * stride_sh + s[:, None] * stride_st + d[None, :]
-    from_kv = b * stride_kb + h * stride_kh + src[:, None] * stride_kt + d[None, :]
-    tl.store(GK + dst, tl.load(K + from_kv, mask=ok[:, None]), mask=ok[:, None])
-    tl.store(GV + dst, tl.load(V + from_kv, mask=ok[:, None]), mask=ok[:, None])
+    from_k = b * stride_kb + h * stride_kh + src[:, None] * stride_kt + d[None, :]
+    from_v = b * stride_vb + h * stride_vh + src[:, None] * stride_vt + d[None, :]
+    tl.store(GK + dst, tl.load(K + from_k, mask=ok[:, None]), mask=ok[:, None])
+    tl.store(GV + dst, tl.load(V + from_v, mask=ok[:, None]), mask=ok[:, None])
     tl.store(GG + b * stride_ggb + h * stride_ggh + s, tl.load(GSRC + b * stride_gb + h * stride_gh + src, mask=ok),
              mask=ok)
 
@@ -431,14 +432,15 @@ def store_admitted(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_
     """
     k, v, g = _rows(k), _rows(v), _rows(g)
     B, Hkv, C, D = global_k.shape
-    assert global_k.stride() == global_v.stride() and k.stride() == v.stride(), "k and v must share a layout"
+    assert global_k.stride() == global_v.stride(), "the store's k and v must share a layout"
     assert global_len.is_contiguous() and admitted_count.is_contiguous()
     keep = kept_positions(g, admitted_idx, admitted_count, C)                              # (B, Hkv, min(C, T))
     block = 64 if k.device.type == "cuda" else 16
     _launch(_store_kernel)[(triton.cdiv(keep.shape[-1], block), B * Hkv)](
         global_k, global_v, global_g, global_len, k, v, g, keep, admitted_count,
         global_k.stride(0), global_k.stride(1), global_k.stride(2), global_g.stride(0), global_g.stride(1),
-        k.stride(0), k.stride(1), k.stride(2), g.stride(0), g.stride(1), keep.stride(0), keep.stride(1), C,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        g.stride(0), g.stride(1), keep.stride(0), keep.stride(1), C,
         HKV=Hkv, D=D, BLOCK_S=block)
 
 
@@ -446,7 +448,7 @@ def store_admitted(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_
 
 @triton.jit
 def _promote_kernel(GK, GV, GG, GLEN, KO, VO, GO,
-                    stride_sb, stride_sh, stride_st, stride_ggb, stride_ggh, stride_ob, stride_oh,
+                    stride_sb, stride_sh, stride_st, stride_ggb, stride_ggh, stride_kob, stride_koh, stride_vob, stride_voh,
                     stride_gob, stride_goh, C, threshold,
                     HKV: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr):
     bh = tl.program_id(0)
@@ -473,10 +475,9 @@ def _promote_kernel(GK, GV, GG, GLEN, KO, VO, GO,
     slot = tl.where(full, lowest, n).to(tl.int64)
     d = tl.arange(0, D)
     dst = b * stride_sb + h * stride_sh + slot * stride_st + d
-    src = b * stride_ob + h * stride_oh + d
     write_row = d < tl.where(write, D, 0)          # (D,) all or nothing: the interpreter wants a vector mask
-    tl.store(GK + dst, tl.load(KO + src), mask=write_row)
-    tl.store(GV + dst, tl.load(VO + src), mask=write_row)
+    tl.store(GK + dst, tl.load(KO + b * stride_kob + h * stride_koh + d), mask=write_row)
+    tl.store(GV + dst, tl.load(VO + b * stride_vob + h * stride_voh + d), mask=write_row)
     tl.store(g_head + slot, g_new, mask=write)
     tl.store(GLEN + bh, n + (write & ~full).to(n.dtype))
 
@@ -491,13 +492,13 @@ def promote(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Te
     """
     k_out, v_out = _rows(k_out), _rows(v_out)
     B, Hkv, C, D = global_k.shape
-    assert global_k.stride() == global_v.stride() and k_out.stride() == v_out.stride(), "k and v must share a layout"
+    assert global_k.stride() == global_v.stride(), "the store's k and v must share a layout"
     assert global_len.is_contiguous()
     block = 1024 if global_k.device.type == "cuda" else 16
     _launch(_promote_kernel)[(B * Hkv,)](
         global_k, global_v, global_g, global_len, k_out, v_out, g_out,
         global_k.stride(0), global_k.stride(1), global_k.stride(2), global_g.stride(0), global_g.stride(1),
-        k_out.stride(0), k_out.stride(1), g_out.stride(0), g_out.stride(1), C, threshold,
+        k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1), g_out.stride(0), g_out.stride(1), C, threshold,
         HKV=Hkv, D=D, BLOCK_C=block)
 
 
@@ -614,7 +615,7 @@ def decode_attention(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor
     B, Hq, D = q.shape
     Hkv = ring_k.shape[1]
     G = Hq // Hkv
-    assert ring_k.stride() == ring_v.stride() and global_k.stride() == global_v.stride(), "k and v must share a layout"
+    assert ring_k.stride() == ring_v.stride() and global_k.stride() == global_v.stride(), "the cache's k and v must share a layout"
     assert global_len.is_contiguous()
     if q.device.type == "cuda":
         block_n, launch = DECODE_BLOCK_N, dict(num_warps=4, num_stages=3)

@@ -8,6 +8,7 @@ Every allocation a kernel's op makes is poisoned (NaN, or the largest integer), 
 outputs are poisoned by the test, so an element a kernel forgets to write fails the comparison.
 """
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,10 +83,11 @@ def test_gated_prefill_attention(G, D, dtype, T, W, frac):
 
 
 def test_gated_prefill_matches_the_visibility_rule():
-    """Kernel against the SPEC's mask on dense attention, batch 2, admission differing per head."""
+    """Kernel against the SPEC's mask on dense attention, batch 2, admission differing per head,
+    v laid out as the model makes it (B, T, Hkv, D) transposed, unlike k."""
     torch.manual_seed(0)
     B, Hkv, G, T, D, W = 2, 2, 2, 40, 64, 7
-    q, k, v = randn(B, Hkv * G, T, D), randn(B, Hkv, T, D), randn(B, Hkv, T, D)
+    q, k, v = randn(B, Hkv * G, T, D), randn(B, Hkv, T, D), randn(B, T, Hkv, D).transpose(1, 2)
     g = torch.rand(B, Hkv, T, device=DEVICE)
     idx, count = kernels.compact_admitted(g, TAU, W)
     out = kernels.gated_prefill_attention(q, k, v, idx, count, W, D ** -0.5)
@@ -130,7 +132,7 @@ def test_store_admitted(T, C, dtype):
     """C >= T keeps every admitted token in order; C < T keeps the C highest g (some heads overflow)."""
     torch.manual_seed(T + C)
     B, Hkv, D, W = 2, 2, 64, 4
-    k, v = randn(B, Hkv, T, D, dtype=dtype), randn(B, Hkv, T, D, dtype=dtype)
+    k, v = randn(B, Hkv, T, D, dtype=dtype), randn(B, T, Hkv, D, dtype=dtype).transpose(1, 2)   # two layouts
     g = torch.rand(B, Hkv, T, device=DEVICE)
     g[1, 1] = 0.05                                       # a head that admits nothing
     idx, count = kernels.compact_admitted_ref(g, TAU, W)
@@ -164,7 +166,7 @@ def test_promote():
     state = [randn(B, Hkv, C, D, dtype=torch.bfloat16), randn(B, Hkv, C, D, dtype=torch.bfloat16), global_g, global_len]
     ref_state = [x.clone() for x in state]
     for step in range(4):
-        k_out, v_out = randn(B, Hkv, D, dtype=torch.bfloat16), randn(B, Hkv, D, dtype=torch.bfloat16)
+        k_out, v_out = randn(B, Hkv, D, dtype=torch.bfloat16), randn(Hkv, B, D, dtype=torch.bfloat16).transpose(0, 1)
         # Gates: an empty ring slot (-1), below tau, admitted but below a full store's lowest, and high.
         g_out = torch.tensor([[-1.0, 0.2, 0.51], [0.7, 0.95, 0.9]], device=DEVICE).roll(step, dims=1)
         kernels.promote(*state, k_out, v_out, g_out, TAU)
@@ -195,6 +197,64 @@ def test_generate_triton_matches_torch_backend(capacity):
     assert len(tokens["torch"]) == 4 and tokens["triton"] == tokens["torch"]
 
 
+# Every kernel at Llama-3.1-8B attention shapes (bf16, D 128, G 4 and 3), with the tiles the ops use on a GPU.
+HOPPER_BUILDS = [
+    ("_compact_kernel", dict(HKV=8, BLOCK_T=1024), 4, 1),
+    ("_gated_prefill_kernel", dict(HKV=8, G=4, D=128, BLOCK_M=kernels.PREFILL_BLOCK_M, BLOCK_N=kernels.PREFILL_BLOCK_N,
+                                   SEARCH_LANES=128, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32"), 8, 3),
+    ("_gated_prefill_kernel", dict(HKV=8, G=3, D=64, BLOCK_M=kernels.PREFILL_BLOCK_M, BLOCK_N=kernels.PREFILL_BLOCK_N,
+                                   SEARCH_LANES=128, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32"), 8, 3),
+    ("_store_kernel", dict(HKV=8, D=128, BLOCK_S=64), 4, 1),
+    ("_promote_kernel", dict(HKV=8, D=128, BLOCK_C=1024), 4, 1),
+    ("_decode_split_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BLOCK_N=kernels.DECODE_BLOCK_N, BH_PAD=8,
+                                  UPCAST=False, PRECISION="tf32"), 4, 3),
+    ("_decode_merge_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BLOCK_N=kernels.DECODE_BLOCK_N, BH_PAD=8), 4, 1),
+]
+POINTER_TYPES = {"IDX": "*i64", "COUNT": "*i64", "RLEN": "*i64", "GLEN": "*i64", "KEEP": "*i64", "G": "*fp32",
+                 "GG": "*fp32", "GSRC": "*fp32", "GO": "*fp32", "PART_O": "*fp32", "PART_LSE": "*fp32"}
+
+
+def compile_for_hopper():
+    """Compile every kernel for sm_90a with Triton's own compiler and ptxas, no GPU needed; prints what it
+    found in each binary. Runs in a child process: kernels.py must be imported without the interpreter."""
+    import re
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    for name, constexprs, num_warps, num_stages in HOPPER_BUILDS:
+        kernel = getattr(kernels, name)
+        signature, attrs = {}, {}
+        for i, arg in enumerate(kernel.arg_names):
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg in ("qk_scale", "threshold"):
+                signature[arg] = "fp32"
+            elif arg in ("T", "C", "BH", "N_PROGRAMS", "window") or arg.startswith("stride"):
+                signature[arg] = "i32"
+            else:
+                signature[arg] = POINTER_TYPES.get(arg, "*bf16")
+            if signature[arg][0] == "*" or arg.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]       # what the launcher infers for aligned tensors
+        binary = compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=num_warps, num_stages=num_stages))
+        ttgir = binary.asm["ttgir"]
+        print(name, "shared", binary.metadata.shared, "async copies", ttgir.count("async_copy_global_to_local"),
+              "wgmma", len(re.findall(r"warp_group_dot ", ttgir)), flush=True)
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter accepts code the GPU compiler rejects: every kernel must also lower to sm_90a
+    (H100/H200), and the attention kernels must pipeline their K/V loads (async copies)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert len(lines) == len({name for name, *_ in HOPPER_BUILDS})
+    for name in ("_gated_prefill_kernel", "_decode_split_kernel"):
+        assert "async copies 0 " not in lines[name], lines[name]
+    assert "wgmma 0" not in lines["_gated_prefill_kernel"]
+
+
 def test_bench_gpu_dry_run():
     """The GPU benchmark runs end to end on the CPU at tiny shapes, so it cannot rot between GPU visits."""
     result = subprocess.run([sys.executable, "bench_gpu.py", "--dry-run"], cwd=REPO, capture_output=True,
@@ -204,3 +264,7 @@ def test_bench_gpu_dry_run():
     for row in ("compact_admitted", "gated_prefill_attention", "store_admitted", "decode_attention", "promote"):
         assert f"| {row}" in table
     assert "FAIL" not in table and "error" not in table
+
+
+if __name__ == "__main__":
+    compile_for_hopper()
