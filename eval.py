@@ -52,7 +52,7 @@ from tokenizer import Tokenizer
 
 FULL = dict(lengths=[2048, 4096, 8192], docs=2, decode_tokens=128, passkey_lengths=[2048, 4096, 8192],
             depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2)
-QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5, 1.0], trials=1)
+QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5], trials=1)
 
 
 class EvalError(ValueError):
@@ -475,7 +475,8 @@ def report(result: dict, window: int, decode_tokens: int) -> str:
                             for r in result["perplexity"]])]
     if result["decode"]:
         parts += [f"### Equal KV budget, decoding (prefill L - {decode_tokens}, decode {decode_tokens} tokens one by "
-                  f"one; scored: those {decode_tokens} predictions)",
+                  f"one; scored: those {decode_tokens} predictions; snapkv reads the prompt densely, then keeps its "
+                  f"budget by score)",
                   markdown(head + ["ppl", "KL", "top-1"],
                            [memory_cells(r) + [f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['top1']:.1%}"]
                             for r in result["decode"]])]
@@ -612,7 +613,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
                                           seed, setup) if passkey_lengths else []
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+        f"{platform.machine()} CPU (torch threads: {torch.get_num_threads()})"
     result = {
         "run": {"model": Path(checkpoint).name, "checkpoint": checkpoint, "machine": machine, "dtype": dtype,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,

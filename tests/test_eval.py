@@ -50,7 +50,8 @@ def quick(setup):
     out = root / "eval.json"
     cmd = [sys.executable, str(REPO / "eval.py"), "--quick", "--checkpoint", str(checkpoint),
            "--data", str(root / "heldout"), "--gates-dir", str(root / "gates"), "--lengths", "160",
-           "--docs", "2", "--decode-tokens", "16", "--passkey-lengths", "400", "--out", str(out)]
+           "--docs", "2", "--decode-tokens", "16", "--passkey-lengths", "400", "--depths", "0", "0.5", "1",
+           "--threads", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
