@@ -317,16 +317,16 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
     window (left), those of them still held (kept), all held (held) and all seen; bytes per token."""
     c = model.config
     caches = [layer.attention.cache for layer in model.layers]
-    heads = c.n_layers * c.n_kv_heads
-    per_token = 2 * c.head_dim * caches[0].k_cache.element_size() if isinstance(caches[0], DenseCache) \
-        else caches[0].bytes_per_token()
     if isinstance(caches[0], DenseCache):
+        heads = c.n_layers * c.n_kv_heads
         left = heads * max(seen - window, 0)
-        return {"left": left, "kept": left, "held": heads * seen, "seen": heads * seen, "bytes_per_token": per_token}
-    counts = {k: int(torch.stack([cache.counts()[k].sum() for cache in caches]).sum()) for k in ("held", "seen")}
-    left = int(torch.stack([cache.n_left.sum() for cache in caches]).sum())
-    kept = int(torch.stack([cache.global_len.sum() for cache in caches]).sum())
-    return {"left": left, "kept": kept, **counts, "bytes_per_token": per_token}
+        return {"left": left, "kept": left, "held": heads * seen, "seen": heads * seen,
+                "bytes_per_token": 2 * c.head_dim * caches[0].k_cache.element_size()}
+    total = lambda tensors: int(torch.stack([t.sum() for t in tensors]).sum())
+    counts = [cache.counts() for cache in caches]
+    return {"left": total(cache.n_left for cache in caches), "kept": total(cache.global_len for cache in caches),
+            "held": total(n["held"] for n in counts), "seen": total(n["seen"] for n in counts),
+            "bytes_per_token": caches[0].bytes_per_token()}
 
 
 # ---------------------------------------------------------------------------------------------
