@@ -1,6 +1,7 @@
 """The GPU check of the write-gated kernels: correctness, kernel speed and end to end, in one command.
 
     python bench_gpu.py              # one H200, under 6 minutes; the tables are printed last (stdout)
+    python bench_gpu.py --sweep      # also time tile alternatives of the two attention kernels (about +1 minute)
     python bench_gpu.py --dry-run    # the same script on the CPU at tiny shapes, in Triton's interpreter (CI)
 
 1. Correctness of each Triton kernel against its PyTorch reference (kernels.py) at Llama-3.1-8B
@@ -101,6 +102,10 @@ def timed_graph(fns, device, reps=20):
 def rel_err(out, ref):
     out, ref = out.float(), ref.float()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30)) if out.isfinite().all() else math.inf
+
+
+def fmt_bytes(n):
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 def fmt_keys(n):
@@ -210,76 +215,136 @@ class DecodeOps(torch.nn.Module):
 
 # --- 2. decode attention --------------------------------------------------------------------
 
-def bench_decode(s: Sizes, bandwidth):
+def decode_layers(s: Sizes, n):
+    """Decode inputs for s.decode_layers layers at n keys per head before admission: ragged lengths
+    averaging 20% of n, 100x apart from the shortest head to the longest; a full ring."""
     dev, dt, D, Hkv, W = s.device, torch.bfloat16, s.D, s.Hkv, s.window
-    # Ragged lengths averaging 20% of the keys, 100x apart from the shortest head to the longest.
     shares = torch.tensor([0.005, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5])[:Hkv]
-    shares = shares * 0.2 / shares.mean()
+    lengths = (shares * 0.2 / shares.mean() * n).long().to(dev)[None]                          # (1, Hkv)
+    C = int(lengths.max())
+    layers = [(torch.randn(1, s.Hq, D, device=dev, dtype=dt),
+               torch.randn(1, Hkv, W, D, device=dev, dtype=dt), torch.randn(1, Hkv, W, D, device=dev, dtype=dt),
+               torch.tensor(W, device=dev),
+               torch.randn(1, Hkv, C, D, device=dev, dtype=dt), torch.randn(1, Hkv, C, D, device=dev, dtype=dt),
+               lengths, D ** -0.5) for _ in range(s.decode_layers)]
+    keys = int(lengths.sum()) + Hkv * W
+    return layers, keys, keys * 2 * D * 2                                                      # bytes of K and V read
+
+
+def time_decode(layers, tiles, dev):
+    """Seconds per layer, all layers replayed from one CUDA graph (distinct buffers: no layer in L2)."""
+    return timed_graph([lambda a=a: kernels.decode_attention_tiled(*a, tiles) for a in layers], dev)
+
+
+def bench_decode(s: Sizes, bandwidth):
+    dev, dt, D, Hkv = s.device, torch.bfloat16, s.D, s.Hkv
+    tiles = kernels.DECODE_TILES if dev == "cuda" else kernels.INTERPRETER_DECODE_TILES
     rows = []
     for n in s.decode_keys:
-        lengths = (shares * n).long().to(dev)[None]                                              # (1, Hkv)
-        C = int(lengths.max())
-        layers = []
-        for _ in range(s.decode_layers):
-            layers.append((torch.randn(1, s.Hq, D, device=dev, dtype=dt),
-                           torch.randn(1, Hkv, W, D, device=dev, dtype=dt), torch.randn(1, Hkv, W, D, device=dev, dtype=dt),
-                           torch.tensor(W, device=dev),
-                           torch.randn(1, Hkv, C, D, device=dev, dtype=dt), torch.randn(1, Hkv, C, D, device=dev, dtype=dt),
-                           lengths, D ** -0.5))
-        seconds = timed_graph([lambda a=a: kernels.decode_attention(*a) for a in layers], dev)
-        keys = int(lengths.sum()) + Hkv * W
-        gbs = keys * 2 * D * 2 / seconds / 1e9
+        layers, keys, nbytes = decode_layers(s, n)
+        seconds = time_decode(layers, tiles, dev)
         del layers
         dense_k, dense_v = (torch.randn(1, Hkv, n, D, device=dev, dtype=dt) for _ in range(2))
         dense_q = torch.randn(1, s.Hq, 1, D, device=dev, dtype=dt)
-        dense = timed_graph([lambda: F.scaled_dot_product_attention(dense_q, dense_k, dense_v, enable_gqa=True)], dev)
+        try:   # a reference point only: whichever SDPA backend takes GQA decode
+            dense = timed_graph([lambda: F.scaled_dot_product_attention(dense_q, dense_k, dense_v, enable_gqa=True)], dev)
+            dense = f"{dense * 1e6:.0f} us"
+        except RuntimeError as e:
+            dense = f"n/a ({str(e)[:60]})"
         del dense_k, dense_v
-        rows.append((fmt_keys(n), f"{keys / (Hkv * n):.0%}", f"{seconds * 1e6:.0f} us", f"{gbs:.0f} GB/s",
-                     f"{gbs * 1e9 / bandwidth:.0%}", f"{dense * 1e6:.0f} us"))
-        log(f"decode attention {fmt_keys(n)}: {seconds * 1e6:.0f} us, {gbs:.0f} GB/s")
+        rows.append((fmt_keys(n), f"{keys / (Hkv * n):.0%}", f"{seconds * 1e6:.0f} us", f"{nbytes / seconds / 1e9:.0f} GB/s",
+                     f"{nbytes / seconds / bandwidth:.0%}", dense))
     return rows
 
 
 # --- 3. gated prefill attention -------------------------------------------------------------
 
-def computed_tile_flops(idx, count, T, G, W, D, block_m, block_n):
+def prefill_inputs(s: Sizes, T):
+    """q, k, v at T positions and the compaction of gates admitting 25% of them."""
+    dev, dt = s.device, torch.bfloat16
+    q = torch.randn(1, s.Hq, T, s.D, device=dev, dtype=dt)
+    k, v = (torch.randn(1, s.Hkv, T, s.D, device=dev, dtype=dt) for _ in range(2))
+    idx, count = kernels.compact_admitted(random_gates(1, s.Hkv, T, 0.25, dev), TAU, s.window)
+    return q, k, v, idx, count
+
+
+def computed_tile_flops(s: Sizes, idx, count, T, tiles):
     """FLOPs of the key tiles the prefill kernel computes (QK^T and PV), from its own schedule."""
+    G, W, block_m, block_n = s.Hq // s.Hkv, s.window, tiles["BLOCK_M"], tiles["BLOCK_N"]
     B, Hkv, _ = idx.shape
-    tiles = torch.arange(math.ceil(T * G / block_m), device=idx.device)
-    first, last = tiles * block_m // G, ((tiles * block_m + block_m - 1) // G).clamp(max=T - 1)
+    query_tiles = torch.arange(math.ceil(T * G / block_m), device=idx.device)
+    first, last = query_tiles * block_m // G, ((query_tiles * block_m + block_m - 1) // G).clamp(max=T - 1)
     positions = torch.where(torch.arange(T, device=idx.device) < count[..., None], idx, T)      # (B, Hkv, T) sorted
     n_any = torch.searchsorted(positions, (last - W).expand(B, Hkv, -1).contiguous(), right=True)
     band = last + 1 - (first - W + 1).clamp(min=0)
     key_tiles = (n_any + block_n - 1) // block_n + (band + block_n - 1) // block_n               # (B, Hkv, tiles)
-    return 4 * block_m * block_n * D * int(key_tiles.sum())
+    return 4 * block_m * block_n * s.D * int(key_tiles.sum())
 
 
 def bench_prefill(s: Sizes):
-    dev, dt, D, Hkv, W, G = s.device, torch.bfloat16, s.D, s.Hkv, s.window, s.Hq // s.Hkv
+    dev, D, G, W = s.device, s.D, s.Hq // s.Hkv, s.window
+    tiles = kernels.PREFILL_TILES if dev == "cuda" else kernels.INTERPRETER_PREFILL_TILES
     rows = []
     for T in s.prefill_T:
-        q = torch.randn(1, s.Hq, T, D, device=dev, dtype=dt)
-        k, v = (torch.randn(1, Hkv, T, D, device=dev, dtype=dt) for _ in range(2))
-        g = random_gates(1, Hkv, T, 0.25, dev)
-        idx, count = kernels.compact_admitted(g, TAU, W)
+        q, k, v, idx, count = prefill_inputs(s, T)
         gated = timed(lambda: kernels.gated_prefill_attention(q, k, v, idx, count, W, D ** -0.5), dev)
-        block_m, block_n = (kernels.PREFILL_BLOCK_M, kernels.PREFILL_BLOCK_N) if dev == "cuda" else (32, 16)
-        flops = computed_tile_flops(idx, count, T, G, W, D, block_m, block_n)
+        flops = computed_tile_flops(s, idx, count, T, tiles)
         k_all, v_all = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)                      # (1, Hq, T, D)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION if dev == "cuda" else SDPBackend.MATH):
             dense = timed(lambda: F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True), dev)
         dense_flops = 2 * 2 * s.Hq * D * T * (T + 1) / 2
-        rows.append((fmt_keys(T), f"{float(count.sum()) / (Hkv * T):.0%}", f"{gated * 1e3:.1f} ms",
+        rows.append((fmt_keys(T), f"{float(count.sum()) / (s.Hkv * T):.0%}", f"{gated * 1e3:.1f} ms",
                      f"{flops / gated / 1e12:.0f}", f"{dense * 1e3:.1f} ms", f"{dense_flops / dense / 1e12:.0f}",
                      f"{dense / gated:.2f}x"))
-        log(f"gated prefill {fmt_keys(T)}: {gated * 1e3:.1f} ms, dense flash {dense * 1e3:.1f} ms")
         del q, k, v, k_all, v_all
     return rows
+
+
+# --- --sweep: tile alternatives at the largest sizes -----------------------------------------
+
+PREFILL_VARIANTS = [dict(kernels.PREFILL_TILES, num_stages=4),
+                    dict(BLOCK_M=64, BLOCK_N=64, SEARCH_LANES=128, num_warps=4, num_stages=3)]
+DECODE_VARIANTS = [dict(kernels.DECODE_TILES, num_stages=4),
+                   dict(BLOCK_N=32, programs_per_sm=4, num_warps=4, num_stages=4),
+                   dict(BLOCK_N=128, programs_per_sm=2, num_warps=4, num_stages=2)]
+
+
+def bench_sweep(s: Sizes, bandwidth):
+    dev, D, W = s.device, s.D, s.window
+    rows = []
+    T = max(s.prefill_T)
+    q, k, v, idx, count = prefill_inputs(s, T)
+    defaults = kernels.PREFILL_TILES if dev == "cuda" else kernels.INTERPRETER_PREFILL_TILES
+    for tiles in [defaults] + PREFILL_VARIANTS:
+        out = kernels.gated_prefill_tiled(q, k, v, idx, count, W, D ** -0.5, tiles)
+        err = rel_err(out, kernels.gated_prefill_attention(q, k, v, idx, count, W, D ** -0.5))
+        seconds = timed(lambda: kernels.gated_prefill_tiled(q, k, v, idx, count, W, D ** -0.5, tiles), dev)
+        flops = computed_tile_flops(s, idx, count, T, tiles)
+        rows.append(("gated prefill", fmt_keys(T), fmt_tiles(tiles), f"{seconds * 1e3:.2f} ms",
+                     f"{flops / seconds / 1e12:.0f} TFLOP/s", f"{err:.0e}"))
+    del q, k, v
+    n = max(s.decode_keys)
+    layers, _, nbytes = decode_layers(s, n)
+    defaults = kernels.DECODE_TILES if dev == "cuda" else kernels.INTERPRETER_DECODE_TILES
+    for tiles in [defaults] + DECODE_VARIANTS:
+        err = rel_err(kernels.decode_attention_tiled(*layers[0], tiles), kernels.decode_attention(*layers[0]))
+        seconds = time_decode(layers, tiles, dev)
+        rows.append(("decode", fmt_keys(n), fmt_tiles(tiles), f"{seconds * 1e6:.0f} us",
+                     f"{nbytes / seconds / bandwidth:.0%} of copy bw", f"{err:.0e}"))
+    return rows
+
+
+def fmt_tiles(tiles):
+    return " ".join(f"{k}={v}" for k, v in tiles.items())
 
 
 # --- 4. end to end --------------------------------------------------------------------------
 
 def bench_end_to_end(s: Sizes, bandwidth, deadline):
+    """Dense at each context (a cache and a compiled step each), then gated on one set of caches whose
+    store holds 30% of the longest context: one compiled step serves every context, since a gated step
+    reads only the keys held, whatever the capacity. Peak memory is the process's, caches included."""
+    import gate
     from model import LlamaConfig, Transformer
     dev = s.device
     config = LlamaConfig(**s.model)
@@ -294,41 +359,69 @@ def bench_end_to_end(s: Sizes, bandwidth, deadline):
     # A decode step reads every weight but the embedding table, of which it reads one row.
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "tok_embeddings.weight")
     torch._dynamo.config.cache_size_limit = 64
-    torch._dynamo.config.automatic_dynamic_shapes = False   # each context its own static graph
+    torch._dynamo.config.automatic_dynamic_shapes = False   # each dense context its own static graph
+    longest = max(s.contexts)
+    plan = ([(n, "dense") for n in s.contexts if n < longest] + [(n, "gated") for n in s.contexts]
+            + [(longest, "dense")])
     rows, last = [], {}
-    for n in s.contexts:
-        for kind in ("dense", "gated"):
-            # The prefill grows as the square of the context (attention), the rest (compiling) does not.
-            if kind in last:
-                prefill_s, rest_s, last_n = last[kind]
-                if time.perf_counter() + 1.2 * prefill_s * (n / last_n) ** 2 + rest_s > deadline:
-                    rows.append((fmt_keys(n), kind, "skipped: over the time budget", "", "", "", ""))
-                    continue
-            started = time.perf_counter()
-            row, prefill_s = run_end_to_end(model, config, s, n, kind, weight_bytes, bandwidth)
-            rows.append(row)
-            last[kind] = (prefill_s, time.perf_counter() - started - prefill_s, n)
-            log(f"end to end {fmt_keys(n)} {kind}: {row}")
+    for n, kind in plan:
+        # The prefill grows as the square of the context (attention); compiling does not.
+        if kind in last:
+            prefill_s, rest_s, last_n = last[kind]
+            if time.perf_counter() + 1.2 * prefill_s * (n / last_n) ** 2 + rest_s > deadline:
+                rows.append((fmt_keys(n), kind, "skipped: over the time budget", "", "", "", "", "", ""))
+                continue
+        started = time.perf_counter()
+        try:
+            row, prefill_s = setup_and_run(model, config, s, n, kind, weight_bytes, bandwidth, longest)
+        except Exception as e:   # noqa: BLE001 - the next context still runs (an out-of-memory one, say)
+            rows.append((fmt_keys(n), kind, f"error: {type(e).__name__}: {e}".replace("\n", " ")[:200], "", "", "", "", "", ""))
+            log(rows[-1][2])
+            model.setup_caches(lambda i: None)
+            gate.install(model, None)
+            release(dev, forget_compiled=True)
+            continue
+        rows.append(row)
+        last[kind] = (prefill_s, time.perf_counter() - started - prefill_s, n)
+        log(f"end to end {fmt_keys(n)} {kind}: {row}")
     return rows
 
 
 @torch.inference_mode()
-def run_end_to_end(model, config, s: Sizes, n, kind, weight_bytes, bandwidth):
+def setup_and_run(model, config, s: Sizes, n, kind, weight_bytes, bandwidth, longest):
     import gate
     import generate
     dev = s.device
-    model.setup_caches(lambda i: None)
-    gate.install(model, None)
-    if dev == "cuda":
+    if kind == "dense":
+        gate.install(model, None)
+        model.setup_caches(lambda i: None)   # free the last context's caches first
+        release(dev, forget_compiled=True)
+        generate.setup_caches(model, n + s.decode_steps + 4)
+    elif model.layers[0].attention.gate is None:   # the gated caches, made once
+        model.setup_caches(lambda i: None)
+        release(dev, forget_compiled=True)
+        gate.setup_write_gated(model, "random:0.25", batch_size=1, max_seq_len=longest + s.decode_steps + 4,
+                               dtype=torch.bfloat16, device=dev, window=s.window, threshold=TAU,
+                               global_capacity=math.ceil(0.3 * longest), backend="triton")
+    else:
+        release(dev)   # the same caches and compiled step as the last gated context
+    return run_end_to_end(model, config, s, n, kind, weight_bytes, bandwidth)
+
+
+def release(dev, forget_compiled=False):
+    """Free what the last context left; forget_compiled drops the compiled steps (and CUDA graphs) of
+    caches that are gone, which would otherwise keep their memory."""
+    if forget_compiled:
         torch._dynamo.reset()
+    if dev == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    max_seq_len = n + s.decode_steps + 4
-    if kind == "dense":
-        generate.setup_caches(model, max_seq_len)
-    else:
-        gate.setup_write_gated(model, "random:0.25", batch_size=1, max_seq_len=max_seq_len, dtype=torch.bfloat16,
-                               device=dev, window=s.window, threshold=TAU, backend="triton")
+
+
+def run_end_to_end(model, config, s: Sizes, n, kind, weight_bytes, bandwidth):
+    """Prefill a random prompt of n tokens, then time decode steps; the caches are set up."""
+    import generate
+    dev = s.device
     tokens = torch.randint(config.vocab_size, (1, n), device=dev)
     sync(dev)
     start = time.perf_counter()
@@ -339,11 +432,11 @@ def run_end_to_end(model, config, s: Sizes, n, kind, weight_bytes, bandwidth):
     step = generate.compile_decode_step(dev) if dev == "cuda" else generate.decode_one_token
     input_pos = torch.tensor([n], device=dev)
     start = time.perf_counter()
-    for _ in range(3 if dev == "cuda" else 1):   # compile, record the graph, replay once
+    for _ in range(3 if dev == "cuda" else 1):   # compile (or find the compiled step), record the graph, replay
         token = step(model, token, input_pos, 0.0, 0, 1.0).clone()
         input_pos += 1
     sync(dev)
-    compile_s = time.perf_counter() - start
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(s.decode_steps):
         token = step(model, token, input_pos, 0.0, 0, 1.0).clone()
@@ -351,16 +444,19 @@ def run_end_to_end(model, config, s: Sizes, n, kind, weight_bytes, bandwidth):
     sync(dev)
     ms = (time.perf_counter() - start) / s.decode_steps * 1e3
     caches = [layer.attention.cache for layer in model.layers]
-    if kind == "dense":   # the dense step reads its whole buffer, masked
-        kv_bytes = sum(c.k_cache.numel() * c.k_cache.element_size() * 2 for c in caches)
+    allocated = sum(c.bytes_allocated() for c in caches)
+    if kind == "dense":   # a dense step reads its whole buffer, masked
+        read = allocated
+        held = sum(2 * c.k_cache[:, :, :n].numel() * c.k_cache.element_size() for c in caches)
     else:
-        kv_bytes = sum(int(c.global_len.sum() + c.ring_g.shape[-1] * c.global_len.numel()) * c.bytes_per_token()
-                       for c in caches)
-    floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
-    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if dev == "cuda" else "n/a"
+        held = read = sum(int(c.global_len.sum() + c.ring_g.shape[-1] * c.global_len.numel()) * c.bytes_per_token()
+                          for c in caches)
+    floor_ms = (weight_bytes + read) / bandwidth * 1e3
+    peak = fmt_bytes(torch.cuda.max_memory_allocated()) if dev == "cuda" else "n/a"
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
-    return (fmt_keys(n), kind, f"{prefill_s:.2f} s", f"{ms:.2f} ms", f"{ms / floor_ms:.2f}x", peak,
-            f"compile+warm-up {compile_s:.0f} s, CUDA graph skips {skips}"), prefill_s
+    return (fmt_keys(n), kind, f"{prefill_s:.2f} s", f"{ms:.2f} ms", f"{ms / floor_ms:.2f}x",
+            fmt_bytes(allocated), fmt_bytes(held), peak,
+            f"warm-up {warmup_s:.0f} s, CUDA graph skips {skips}"), prefill_s
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -375,14 +471,16 @@ def section(name, fn, *args):
     """Run one part; a failure becomes a row of the table instead of ending the check."""
     log(f"--- {name}")
     try:
-        return fn(*args)
+        rows = fn(*args)
+        log("\n".join(" | ".join(str(c) for c in row) for row in rows))   # in case the run is cut short
+        return rows
     except Exception as e:   # noqa: BLE001 - every failure is reported, the next section still runs
         message = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
         log(f"{name} failed: {message}")
         return [("error", message)]
 
 
-def main(dry_run: bool = False, budget_s: float = 330.0) -> None:
+def main(dry_run: bool = False, sweep: bool = False, budget_s: float = 330.0) -> None:
     s = DRY if dry_run else GPU
     if s.device == "cuda" and not torch.cuda.is_available():
         print("bench_gpu.py: no CUDA device here (use --dry-run for the CPU check)", file=sys.stderr)
@@ -396,6 +494,7 @@ def main(dry_run: bool = False, budget_s: float = 330.0) -> None:
     checks = section("correctness", check_kernels, s)
     decode = section("decode attention", bench_decode, s, bandwidth)
     prefill = section("gated prefill attention", bench_prefill, s)
+    sweep = section("tile sweep", bench_sweep, s, bandwidth) if sweep or dry_run else None
     e2e = section("end to end", bench_end_to_end, s, bandwidth, deadline)
     print(f"\n{card}, torch {torch.__version__}, triton {triton.__version__}, copy bandwidth {bandwidth / 1e9:.1f} GB/s"
           f" (read + write){', DRY RUN: tiny shapes, timings meaningless' if dry_run else ''}")
@@ -404,13 +503,20 @@ def main(dry_run: bool = False, budget_s: float = 330.0) -> None:
                 ["keys", "read", "time", "achieved", "of copy bw", "dense SDPA, all keys"], decode))
     print(table(f"Gated prefill attention, 25% admitted, W {s.window}",
                 ["T", "admitted", "gated", "TFLOP/s on computed tiles", "dense flash", "dense TFLOP/s", "speed-up"], prefill))
-    print(table(f"End to end, random weights ({s.model['n_layers']} layers, bf16, batch 1), gated = random:0.25",
-                ["context", "cache", "prefill", "decode / token", "of floor", "peak memory", "note"], e2e))
+    if sweep is not None:
+        print(table("Tile sweep (the first row of each kernel is the default; rel err: output against the default's)",
+                    ["kernel", "size", "tiles", "time", "rate", "rel err"], sweep))
+    print(table(f"End to end, random weights ({s.model['n_layers']} layers, bf16, batch 1); gated = random:0.25, "
+                f"store for 30% of {fmt_keys(max(s.contexts))}; floor = weights + KV read at the copy bandwidth",
+                ["context", "cache", "prefill", "decode / token", "of floor", "cache allocated", "KV held",
+                 "peak memory", "note"], e2e))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter: checks the script runs")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time tile alternatives of the prefill and decode kernels at the largest sizes")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="skip end-to-end contexts predicted to end later than this many seconds after the start")
     args = parser.parse_args()

@@ -197,9 +197,16 @@ BACKENDS = {
 # bfloat16 operands, so there every tile is upcast to float32 first (UPCAST).
 
 LOG2E = 1.4426950408889634
-PREFILL_BLOCK_M, PREFILL_BLOCK_N = 128, 64   # query rows (positions x group heads) x keys per tile on a GPU
-DECODE_BLOCK_N = 64                          # keys per decode tile on a GPU
-DECODE_PROGRAMS_PER_SM = 2                   # the decode grid: a fixed number of programs per multiprocessor
+# Tiles on a GPU, chosen from the sm_90 compiler's report (no register spills, K/V loads pipelined
+# into shared memory), not yet from timings. Prefill: BLOCK_M query rows (positions x the group's
+# query heads) by BLOCK_N keys. Decode: BLOCK_N keys per tile, a grid of programs_per_sm programs
+# per multiprocessor. bench_gpu.py --sweep times alternatives.
+PREFILL_TILES = dict(BLOCK_M=128, BLOCK_N=64, SEARCH_LANES=128, num_warps=8, num_stages=3)
+DECODE_TILES = dict(BLOCK_N=64, programs_per_sm=2, num_warps=4, num_stages=3)
+# In the interpreter: small tiles, so that small tests cross tile edges; a search of several steps;
+# and a grid of 3 programs, so that heads straddle programs.
+INTERPRETER_PREFILL_TILES = dict(BLOCK_M=32, BLOCK_N=16, SEARCH_LANES=4)
+INTERPRETER_DECODE_TILES = dict(BLOCK_N=16, programs_per_sm=3)
 
 
 def _launch(kernel):
@@ -211,6 +218,10 @@ def _dot_options(x: Tensor) -> dict:
     """UPCAST in the interpreter; exact float32 products for float32 inputs (not tf32), as the references."""
     upcast = x.device.type != "cuda"
     return dict(UPCAST=upcast, PRECISION="ieee" if upcast or x.dtype == torch.float32 else "tf32")
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -371,25 +382,24 @@ def gated_prefill_attention(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tenso
     as T * (W + admitted). (The reference's `block` is its own chunking; the kernel has its tiles.)
     Returns (B, Hq, T, D) in q's dtype, laid out as (B, T, Hq, D) so the output projection reads it as is.
     """
+    tiles = PREFILL_TILES if q.device.type == "cuda" else INTERPRETER_PREFILL_TILES
+    return gated_prefill_tiled(q, k, v, admitted_idx, admitted_count, window, scale, tiles)
+
+
+def gated_prefill_tiled(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, admitted_count: Tensor,
+                        window: int, scale: float, tiles: dict) -> Tensor:
+    """The gated prefill kernel with the given tiles (PREFILL_TILES' keys)."""
     q, k, v = _rows(q), _rows(k), _rows(v)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)          # (B, Hq, T, D)
-    if q.device.type == "cuda":
-        block_m, block_n, launch = PREFILL_BLOCK_M, PREFILL_BLOCK_N, dict(num_warps=8, num_stages=3)
-        search_lanes = 128
-    else:   # the interpreter: small tiles, so small tests cross tile edges, and a search of several steps
-        block_m, block_n, launch = 32, 16, {}
-        search_lanes = 4
-    grid = (triton.cdiv(T * (Hq // Hkv), block_m), B * Hkv)
+    grid = (triton.cdiv(T * (Hq // Hkv), tiles["BLOCK_M"]), B * Hkv)
+    search_steps = max(1, math.ceil(math.log(max(int(T), 2), tiles["SEARCH_LANES"]))) + 1
     _launch(_gated_prefill_kernel)[grid](
         q, k, v, admitted_idx, admitted_count, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         admitted_idx.stride(0), admitted_idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        T, window, scale * LOG2E,
-        HKV=Hkv, G=Hq // Hkv, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        SEARCH_LANES=search_lanes, SEARCH_STEPS=max(1, math.ceil(math.log(max(int(T), 2), search_lanes))) + 1,
-        **_dot_options(q), **launch)
+        T, window, scale * LOG2E, HKV=Hkv, G=Hq // Hkv, D=D, SEARCH_STEPS=search_steps, **tiles, **_dot_options(q))
     return out
 
 
@@ -611,18 +621,22 @@ def decode_attention(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor
     by the kernels. Heads whose lengths differ by 100x cost the programs the same: work is cut
     into equal runs of tiles across all heads, not into a fixed number of splits per head.
     """
+    tiles = DECODE_TILES if q.device.type == "cuda" else INTERPRETER_DECODE_TILES
+    return decode_attention_tiled(q, ring_k, ring_v, ring_len, global_k, global_v, global_len, scale, tiles)
+
+
+def decode_attention_tiled(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor, global_k: Tensor,
+                           global_v: Tensor, global_len: Tensor, scale: float, tiles: dict) -> Tensor:
+    """The decode kernels with the given tiles (DECODE_TILES' keys)."""
     q, ring_k, ring_v, global_k, global_v = (_rows(x) for x in (q, ring_k, ring_v, global_k, global_v))
     B, Hq, D = q.shape
     Hkv = ring_k.shape[1]
     G = Hq // Hkv
     assert ring_k.stride() == ring_v.stride() and global_k.stride() == global_v.stride(), "the cache's k and v must share a layout"
     assert global_len.is_contiguous()
-    if q.device.type == "cuda":
-        block_n, launch = DECODE_BLOCK_N, dict(num_warps=4, num_stages=3)
-        n_programs = DECODE_PROGRAMS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count
-    else:   # the interpreter: small tiles and a few programs, so heads straddle programs in small tests
-        block_n, launch, n_programs = 16, {}, 3
-    shape = dict(HKV=Hkv, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
+    tiles = dict(tiles)
+    n_programs = tiles.pop("programs_per_sm") * _multiprocessors(q.device)
+    shape = dict(HKV=Hkv, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=tiles.pop("BLOCK_N"),
                  BH_PAD=triton.next_power_of_2(B * Hkv))
     part_o = torch.empty(B * Hkv, n_programs, G, D, dtype=torch.float32, device=q.device)   # (B*Hkv, P, G, D)
     part_lse = torch.empty(B * Hkv, n_programs, G, dtype=torch.float32, device=q.device)    # (B*Hkv, P, G)
@@ -631,7 +645,7 @@ def decode_attention(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor
         q, ring_k, ring_v, ring_len, global_k, global_v, global_len, part_o, part_lse,
         q.stride(0), q.stride(1), ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
         global_k.stride(0), global_k.stride(1), global_k.stride(2), scale * LOG2E, B * Hkv,
-        **shape, **_dot_options(q), **launch)
+        **shape, **_dot_options(q), **tiles)
     _launch(_decode_merge_kernel)[(B * Hkv,)](
         part_o, part_lse, ring_len, global_len, out, out.stride(0), out.stride(1), B * Hkv,
         **shape, N_PROGRAMS=n_programs)

@@ -197,18 +197,20 @@ def test_generate_triton_matches_torch_backend(capacity):
     assert len(tokens["torch"]) == 4 and tokens["triton"] == tokens["torch"]
 
 
-# Every kernel at Llama-3.1-8B attention shapes (bf16, D 128, G 4 and 3), with the tiles the ops use on a GPU.
+# Every kernel at Llama-3.1-8B attention shapes (bf16, D 128, G 4; and G 3, D 64), with the GPU's tiles.
+PREFILL = {k: v for k, v in kernels.PREFILL_TILES.items() if k.isupper()}
+DECODE = dict(BLOCK_N=kernels.DECODE_TILES["BLOCK_N"])
 HOPPER_BUILDS = [
     ("_compact_kernel", dict(HKV=8, BLOCK_T=1024), 4, 1),
-    ("_gated_prefill_kernel", dict(HKV=8, G=4, D=128, BLOCK_M=kernels.PREFILL_BLOCK_M, BLOCK_N=kernels.PREFILL_BLOCK_N,
-                                   SEARCH_LANES=128, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32"), 8, 3),
-    ("_gated_prefill_kernel", dict(HKV=8, G=3, D=64, BLOCK_M=kernels.PREFILL_BLOCK_M, BLOCK_N=kernels.PREFILL_BLOCK_N,
-                                   SEARCH_LANES=128, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32"), 8, 3),
+    ("_gated_prefill_kernel", dict(HKV=8, G=4, D=128, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32", **PREFILL),
+     kernels.PREFILL_TILES["num_warps"], kernels.PREFILL_TILES["num_stages"]),
+    ("_gated_prefill_kernel", dict(HKV=8, G=3, D=64, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32", **PREFILL),
+     kernels.PREFILL_TILES["num_warps"], kernels.PREFILL_TILES["num_stages"]),
     ("_store_kernel", dict(HKV=8, D=128, BLOCK_S=64), 4, 1),
     ("_promote_kernel", dict(HKV=8, D=128, BLOCK_C=1024), 4, 1),
-    ("_decode_split_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BLOCK_N=kernels.DECODE_BLOCK_N, BH_PAD=8,
-                                  UPCAST=False, PRECISION="tf32"), 4, 3),
-    ("_decode_merge_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BLOCK_N=kernels.DECODE_BLOCK_N, BH_PAD=8), 4, 1),
+    ("_decode_split_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BH_PAD=8, UPCAST=False, PRECISION="tf32", **DECODE),
+     kernels.DECODE_TILES["num_warps"], kernels.DECODE_TILES["num_stages"]),
+    ("_decode_merge_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BH_PAD=8, **DECODE), 4, 1),
 ]
 POINTER_TYPES = {"IDX": "*i64", "COUNT": "*i64", "RLEN": "*i64", "GLEN": "*i64", "KEEP": "*i64", "G": "*fp32",
                  "GG": "*fp32", "GSRC": "*fp32", "GO": "*fp32", "PART_O": "*fp32", "PART_LSE": "*fp32"}
@@ -263,7 +265,7 @@ def test_bench_gpu_dry_run():
     table = result.stdout
     for row in ("compact_admitted", "gated_prefill_attention", "store_admitted", "decode_attention", "promote"):
         assert f"| {row}" in table
-    assert "FAIL" not in table and "error" not in table
+    assert "FAIL" not in table and "| error" not in table and "error:" not in table
 
 
 if __name__ == "__main__":
