@@ -163,9 +163,13 @@ class StreamDecoder:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python tokenizer.py CHECKPOINT TEXT")
-    tok = Tokenizer(sys.argv[1])
-    ids = tok.encode_prompt(sys.argv[2])
+        print("usage: python tokenizer.py CHECKPOINT TEXT", file=sys.stderr)
+        sys.exit(2)
+    try:
+        tok = Tokenizer(sys.argv[1])
+    except CheckpointError as e:
+        print(f"tokenizer.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(tok.render_chat([{"role": "user", "content": sys.argv[2]}]) if tok.chat_template else sys.argv[2])
-    print(ids)
+    print(tok.encode_prompt(sys.argv[2]))
     print("stop ids:", sorted(tok.stop_ids), [tok.backend.id_to_token(i) for i in sorted(tok.stop_ids)])
