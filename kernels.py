@@ -194,7 +194,9 @@ BACKENDS = {
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. Scores are kept in log2 units (scale * log2 e folded in) so softmax uses exp2.
 # On a GPU, bf16/fp16 tiles feed the tensor cores directly; the interpreter's tl.dot is wrong on
-# bfloat16 operands, so there every tile is upcast to float32 first (UPCAST).
+# bfloat16 operands, so there every tile is upcast to float32 first (UPCAST). Float arguments are
+# cast to float32 on entry: Inductor passes a Python float as fp64, which would make the score
+# arithmetic fp64 and compare g against a threshold other than PyTorch's float32 one.
 
 LOG2E = 1.4426950408889634
 # Tiles on a GPU, chosen from the sm_90 compiler's report (no register spills, K/V loads pipelined
@@ -258,6 +260,7 @@ def _attend(acc, l_i, m_i, q, k, v, visible, qk_scale,
 def _compact_kernel(G, IDX, COUNT, stride_gb, stride_gh, T, threshold, window,
                     HKV: tl.constexpr, BLOCK_T: tl.constexpr):
     bh = tl.program_id(0)
+    threshold = tl.cast(threshold, tl.float32)
     g_row = G + (bh // HKV).to(tl.int64) * stride_gb + (bh % HKV) * stride_gh
     idx_row = IDX + bh.to(tl.int64) * T
     offs = tl.arange(0, BLOCK_T)
@@ -322,6 +325,7 @@ def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
     # tile loaded serves the G query heads that share it. The last tiles, the longest, start first.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     b = tl.cast(bh // HKV, tl.int64)
     h = bh % HKV
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -467,7 +471,7 @@ def _promote_kernel(GK, GV, GG, GLEN, KO, VO, GO,
     n = tl.load(GLEN + bh)
     g_new = tl.load(GO + b * stride_gob + h * stride_goh)
     full = n >= C
-    admit = g_new > threshold
+    admit = g_new > tl.cast(threshold, tl.float32)
     # The lowest g of a full store, scanned only when it decides something (the loop is empty otherwise).
     g_head = GG + b * stride_ggb + h * stride_ggh
     offs = tl.arange(0, BLOCK_C)
@@ -539,6 +543,7 @@ def _decode_split_kernel(Q, RK, RV, RLEN, GK, GV, GLEN, PART_O, PART_LSE,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     ring_len, ring_tiles, lanes, tiles, per_program = _decode_schedule(RLEN, GLEN, BH, BLOCK_N, BH_PAD, n_programs)
     first_tile = pid * per_program
     rows = tl.arange(0, G_PAD)                        # the group's query heads, padded to a dot-sized tile
