@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from cache import DenseCache
+from gate import admission_stats, format_stats, install, setup_write_gated
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -41,11 +42,23 @@ def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     return model, Tokenizer(checkpoint)
 
 
-def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1) -> int:
-    """Give every layer a fresh dense K/V cache for max_seq_len positions; returns its bytes in all.
-    Caches are built here and nowhere else, so that the write-gated cache (--gate) slots in here."""
+def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate: str | None = None,
+                 **gated) -> int:
+    """Give every layer a fresh K/V cache for max_seq_len positions; returns its bytes in all.
+    gate None: the dense cache; else a --gate spec, and `gated` holds setup_write_gated's options
+    (window, threshold, global_capacity, backend)."""
     c, w = model.config, model.output.weight
-    model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
+    if gate is None:
+        install(model, None)
+        model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
+    else:
+        try:
+            setup = setup_write_gated(model, gate, batch_size=batch_size, max_seq_len=max_seq_len,
+                                      dtype=w.dtype, device=w.device, **gated)
+        except ValueError as e:   # a bad spec, a gate that does not fit, an unavailable backend
+            raise BadInput(str(e)) from None
+        print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
+              f"global capacity {setup.capacity} tokens per head, attention backend {setup.backend}", file=sys.stderr)
     return sum(layer.attention.cache.bytes_allocated() for layer in model.layers)
 
 
@@ -137,7 +150,8 @@ def peak_memory(device: torch.device) -> str:
 def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: str | None = None,
          no_chat: bool = False, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
          top_p: float = 1.0, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
-         max_seq_len: int | None = None, compile: bool = False) -> None:
+         max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
+         threshold: float | None = None, global_capacity: int | None = None, attn_backend: str = "auto") -> None:
     if device not in ("cpu", "cuda"):
         raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
     if device == "cuda" and not torch.cuda.is_available():
@@ -169,7 +183,8 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
     if T + max_new_tokens > max_seq_len:
         max_new_tokens = max_seq_len - T
         print(f"--max-seq-len {max_seq_len} leaves room for {max_new_tokens} new tokens", file=sys.stderr)
-    kv_bytes = setup_caches(model, max_seq_len)
+    kv_bytes = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
+                            global_capacity=global_capacity, backend=attn_backend)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
     decode_step = decode_one_token
@@ -192,6 +207,8 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
     print(f"prompt tokens: {T} | prefill: {t.prefill_s:.3f} s, {T / t.prefill_s:.1f} tok/s | new tokens: {len(new)} "
           f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(model.output.weight.device)}",
           file=sys.stderr)
+    if gate is not None:
+        print(format_stats(admission_stats(model)), file=sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -217,6 +234,14 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--max-seq-len", type=int, help="longest prompt plus completion (default: exactly that)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
+    parser.add_argument("--gate", help="write-gated KV cache: a gate file (.safetensors, or the authors' .pt), or a "
+                        "built-in policy: full, none (window only), random:P, sink:N (default: the dense cache)")
+    parser.add_argument("--window", type=int, help="local window W (default: the gate file's, else 256)")
+    parser.add_argument("--threshold", type=float, help="admission threshold tau (default: the gate file's, else 0.1)")
+    parser.add_argument("--global-capacity", type=int, help="tokens per KV head in the global store (default: all "
+                        "that --max-seq-len can need; fewer keeps the highest-g tokens)")
+    parser.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"],
+                        help="gated attention: PyTorch reference or Triton kernels (auto: triton on CUDA)")
     try:
         main(**vars(parser.parse_args()))
     except (BadInput, CheckpointError) as e:
