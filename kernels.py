@@ -205,6 +205,8 @@ LOG2E = 1.4426950408889634
 # per multiprocessor. bench_gpu.py --sweep times alternatives.
 PREFILL_TILES = dict(BLOCK_M=128, BLOCK_N=64, SEARCH_LANES=128, num_warps=8, num_stages=3)
 DECODE_TILES = dict(BLOCK_N=64, programs_per_sm=2, num_warps=4, num_stages=3)
+# float32 tiles take twice the shared memory and registers: the 16-bit prefill tiles would not fit.
+PREFILL_TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, SEARCH_LANES=128, num_warps=4, num_stages=2)
 # In the interpreter: small tiles, so that small tests cross tile edges; a search of several steps;
 # and a grid of 3 programs, so that heads straddle programs.
 INTERPRETER_PREFILL_TILES = dict(BLOCK_M=32, BLOCK_N=16, SEARCH_LANES=4)
@@ -217,9 +219,11 @@ def _launch(kernel):
 
 
 def _dot_options(x: Tensor) -> dict:
-    """UPCAST in the interpreter; exact float32 products for float32 inputs (not tf32), as the references."""
-    upcast = x.device.type != "cuda"
-    return dict(UPCAST=upcast, PRECISION="ieee" if upcast or x.dtype == torch.float32 else "tf32")
+    """UPCAST in the interpreter. float32 inputs on a GPU use three tf32 products per dot (tf32x3), as
+    accurate as float32 for these sums and on the tensor cores; plain tf32 would be 1e-3 off the references."""
+    if x.device.type != "cuda":
+        return dict(UPCAST=True, PRECISION="ieee")
+    return dict(UPCAST=False, PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -386,7 +390,10 @@ def gated_prefill_attention(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tenso
     as T * (W + admitted). (The reference's `block` is its own chunking; the kernel has its tiles.)
     Returns (B, Hq, T, D) in q's dtype, laid out as (B, T, Hq, D) so the output projection reads it as is.
     """
-    tiles = PREFILL_TILES if q.device.type == "cuda" else INTERPRETER_PREFILL_TILES
+    if q.device.type != "cuda":
+        tiles = INTERPRETER_PREFILL_TILES
+    else:
+        tiles = PREFILL_TILES_FP32 if q.dtype == torch.float32 else PREFILL_TILES
     return gated_prefill_tiled(q, k, v, admitted_idx, admitted_count, window, scale, tiles)
 
 
