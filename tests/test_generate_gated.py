@@ -1,0 +1,96 @@
+"""generate.py with the write-gated cache: --gate full is the dense cache, gate files and policies run
+through the CLI with their statistics, the Triton backend gives the torch backend's tokens, bad gate input
+gets one line and exit 2."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+from gate import WriteGate, save_gates
+from tiny import save_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "What is the capital of France?"
+NEW_TOKENS = 30
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "chatml", seed=3)
+
+
+@pytest.fixture(scope="module")
+def gate_file(tiny, tmp_path_factory) -> Path:
+    """Random gates for the tiny model whose biases admit some tokens and reject others."""
+    torch.manual_seed(0)
+    gates = [WriteGate(n_kv_heads=2, head_dim=16) for _ in range(2)]
+    for gate in gates:
+        with torch.no_grad():
+            gate.w2.mul_(8)   # spread g over (0, 1) so that tau = 0.5 splits the tokens
+    path = tmp_path_factory.mktemp("gates") / "tiny-gate.safetensors"
+    save_gates(path, gates, {"window": 4, "threshold": 0.5, "lambda": 0.1, "base_model": "tiny"})
+    return path
+
+
+def run_main(capsys, checkpoint: Path, **options) -> tuple[str, str]:
+    generate.main(checkpoint=str(checkpoint), prompt=PROMPT, max_new_tokens=NEW_TOKENS, **options)
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def test_gate_full_gives_the_dense_tokens(tiny, capsys):
+    dense, _ = run_main(capsys, tiny)
+    # A window of 2 sends almost the whole prompt through the global store.
+    gated, stats = run_main(capsys, tiny, gate="full", window=2, attn_backend="torch")
+    assert len(dense) > 20 and gated == dense
+    assert "admitted 100.0% of tokens" in stats and "gate full, window 2" in stats
+
+
+def test_gate_file_and_policies_report_admission(tiny, gate_file, capsys):
+    # The file's metadata sets window 4 and threshold 0.5 unless the flags say otherwise.
+    _, stats = run_main(capsys, tiny, gate=str(gate_file), attn_backend="torch")
+    assert "window 4, threshold 0.5" in stats
+    admitted = float(stats.split("admitted ")[1].split("%")[0])
+    assert 5 < admitted < 95, stats
+    _, stats = run_main(capsys, tiny, gate=str(gate_file), window=8, threshold=0.2, attn_backend="torch")
+    assert "window 8, threshold 0.2" in stats
+    _, stats = run_main(capsys, tiny, gate="none", window=4, attn_backend="torch")
+    assert "admitted 0.0% of tokens" in stats
+    _, stats = run_main(capsys, tiny, gate="sink:3", window=4, global_capacity=2, attn_backend="torch")
+    assert "global capacity 2 tokens per head" in stats and "capacity rule" in stats
+
+
+def test_triton_backend_gives_the_torch_tokens(tiny, gate_file):
+    """The Triton kernels under the interpreter on CPU, end to end through the CLI."""
+    args = [sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny), "--prompt", PROMPT,
+            "--max-new-tokens", "12", "--gate", str(gate_file), "--window", "3"]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    torch_run = subprocess.run(args + ["--attn-backend", "torch"], capture_output=True, text=True, env=env, timeout=900)
+    triton_run = subprocess.run(args + ["--attn-backend", "triton"], capture_output=True, text=True, env=env, timeout=900)
+    assert torch_run.returncode == 0 and triton_run.returncode == 0, triton_run.stderr[-2000:]
+    assert "attention backend triton" in triton_run.stderr
+    assert len(torch_run.stdout) > 5 and triton_run.stdout == torch_run.stdout
+
+
+def test_bad_gate_input_one_line_exit_2(tiny, tmp_path):
+    wrong_shape = tmp_path / "wrong.safetensors"
+    save_gates(wrong_shape, [WriteGate(n_kv_heads=2, head_dim=16)])   # one layer for a two-layer model
+    cases = {
+        "bogus": "neither a file nor a policy",
+        "random:2": "needs a fraction p in [0, 1]",
+        str(tmp_path / "missing.safetensors"): "missing.safetensors' is neither a file",
+        str(wrong_shape): "has 1 layers, the model has 2",
+    }
+    procs = {spec: subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny),
+                                     "--gate", spec, "--max-new-tokens", "2"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for spec in cases}
+    for spec, p in procs.items():
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 2, (spec, err)
+        assert out == "" and len(err.strip().splitlines()) == 1, (spec, err)
+        assert cases[spec] in err.lower(), (spec, err)
