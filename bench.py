@@ -1,8 +1,10 @@
 """Prefill and decode speed of our Llama, eager and compiled, next to transformers' generate on the
-same model, weights and prompt (greedy, batch 1). Prints a markdown table on stdout, progress on stderr.
+same model, weights and prompt (greedy, batch 1); and of the dense against the write-gated cache.
+Prints a markdown table on stdout, progress on stderr.
 
     python bench.py                                               # the README's table: embedded SmolLM2, float32
     python bench.py --prefill 512 --contexts 1024 --new-tokens 16  # a shorter run
+    python bench.py --systems eager gated --prefill 2048 4096 8192 --contexts 2048 4096 8192   # dense vs --gate
 
 Prefill tok/s: prompt tokens over the time to the first new token. Decode tok/s at context C: a prompt
 of C tokens, then --new-tokens tokens; decode steps over their time (the prefill is not counted).
@@ -17,6 +19,7 @@ import torch
 
 import generate
 from generate import Timings
+from gate import admission_stats, install
 from model import CheckpointError
 
 
@@ -25,23 +28,30 @@ def log(*args) -> None:
 
 
 class Ours:
-    """Our model and dense caches. Compiled: the decode step as generate.py --compile does, and the
-    prefill with dynamic shapes. One set of caches per context, reused, so the compiled step sees
-    the same buffers again instead of recompiling for new ones."""
+    """Our model with dense caches, or write-gated ones when gate is a --gate spec. Compiled: the decode
+    step as generate.py --compile does, and the prefill with dynamic shapes. One set of caches (and
+    gates) per context, reused, so the compiled step sees the same buffers again instead of recompiling."""
 
-    def __init__(self, model, compiled: bool):
-        self.model, self.caches = model, {}
+    def __init__(self, model, compiled: bool, gate: str | None = None):
+        self.model, self.gate, self.caches = model, gate, {}
         self.prefill_step = torch.compile(generate.prefill, dynamic=True, fullgraph=True) if compiled else generate.prefill
         self.decode_step = generate.compile_decode_step("cpu") if compiled else generate.decode_one_token
 
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> Timings:
         if max_seq_len not in self.caches:
-            generate.setup_caches(self.model, max_seq_len)
-            self.caches[max_seq_len] = [layer.attention.cache for layer in self.model.layers]
-        self.model.setup_caches(self.caches[max_seq_len].__getitem__)
+            generate.setup_caches(self.model, max_seq_len, gate=self.gate, backend="torch")
+            self.caches[max_seq_len] = ([layer.attention.cache for layer in self.model.layers],
+                                        [layer.attention.gate for layer in self.model.layers])
+        caches, gates = self.caches[max_seq_len]
+        self.model.setup_caches(caches.__getitem__)
+        install(self.model, gates if self.gate is not None else None)
         new, timings = generate.generate(self.model, ids, new_tokens, prefill_step=self.prefill_step,
                                          decode_step=self.decode_step)
         assert len(new) == new_tokens
+        # K/V bytes held at the end: ring + store when gated; every token written when dense.
+        c, written = self.model.config, timings.prompt_tokens + timings.decode_steps
+        dense = written * c.n_layers * 2 * c.n_kv_heads * c.head_dim * self.model.output.weight.element_size()
+        self.kv_held = admission_stats(self.model)["bytes_in_use"] if self.gate is not None else dense
         return timings
 
 
@@ -85,7 +95,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 
 def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
-         systems=("transformers", "eager", "compiled"), threads=0) -> None:
+         systems=("transformers", "eager", "compiled"), threads=0, gate="random:0.2") -> None:
     if threads:
         torch.set_num_threads(threads)
     if checkpoint is None:
@@ -94,7 +104,8 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
     model, tokenizer = generate.load(checkpoint)
     largest = max([*prefill, *contexts]) + new_tokens
     makers = {"transformers": lambda: Transformers(checkpoint), "eager": lambda: Ours(model, compiled=False),
-              "compiled": lambda: Ours(model, compiled=True)}
+              "compiled": lambda: Ours(model, compiled=True), "gated": lambda: Ours(model, False, gate),
+              "gated-compiled": lambda: Ours(model, True, gate)}
     runners = {}
     for name in systems:
         runners[name], t0 = makers[name](), time.perf_counter()
@@ -113,17 +124,26 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
                 rate = n / t.prefill_s if new == 1 else t.decode_steps / t.decode_s
                 results[name][row] = max(rate, results[name].get(row, 0.0))
                 log(f"{name}: {row} {rate:.1f}")
+                if new > 1 and hasattr(runners[name], "kv_held"):
+                    results[name][f"KV MiB held @ {n}"] = runners[name].kv_held / 2**20
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
+    gated = [s for s in systems if s.startswith("gated")]
     print(f"{checkpoint} | float32 | batch 1 | greedy | {cpu}, {torch.get_num_threads()} threads | "
-          f"torch {torch.__version__} | decode: {new_tokens} new tokens | best of {repeats}\n")
-    ours = [s for s in systems if s != "transformers"] if "transformers" in systems else []
-    print("| | " + " | ".join(systems) + "".join(f" | {s} / transformers" for s in ours) + " |")
-    print("|---" * (1 + len(systems) + len(ours)) + "|")
-    for row in rows:
-        cells = [f"{results[s][row]:.1f}" for s in systems]
-        cells += [f"{results[s][row] / results['transformers'][row]:.2f}x" for s in ours]
+          f"torch {torch.__version__} | decode: {new_tokens} new tokens | best of {repeats}"
+          + (f" | gated: --gate {gate}, window and threshold the defaults" if gated else "") + "\n")
+    # Ratios: ours against transformers, and each gated system against its dense twin.
+    pairs = [(s, "transformers") for s in systems if s != "transformers" and "transformers" in systems]
+    pairs += [(s, {"gated": "eager", "gated-compiled": "compiled"}[s]) for s in gated
+              if {"gated": "eager", "gated-compiled": "compiled"}[s] in systems]
+    print("| | " + " | ".join(systems) + "".join(f" | {a} / {b}" for a, b in pairs) + " |")
+    print("|---" * (1 + len(systems) + len(pairs)) + "|")
+    kv_rows = [f"KV MiB held @ {c}" for c in contexts if any(f"KV MiB held @ {c}" in results[s] for s in systems)]
+    for row in [*rows, *kv_rows]:
+        cells = [f"{results[s][row]:.1f}" if row in results[s] else "" for s in systems]
+        cells += [f"{results[a][row] / results[b][row]:.2f}x" if row in results[a] and row in results[b] else ""
+                  for a, b in pairs]
         print(f"| {row} | " + " | ".join(cells) + " |")
 
 
@@ -135,7 +155,8 @@ if __name__ == "__main__":
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps measured per context")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per cell")
     parser.add_argument("--systems", nargs="+", default=["transformers", "eager", "compiled"],
-                        choices=["transformers", "eager", "compiled"])
+                        choices=["transformers", "eager", "compiled", "gated", "gated-compiled"])
+    parser.add_argument("--gate", default="random:0.2", help="the --gate spec of the gated systems")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     try:
         main(**vars(parser.parse_args()))
