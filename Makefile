@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0 triton==3.9.0
 PROMPT ?= What is the capital of France?
 PY := $(VENV)/bin/python
 
-.PHONY: generate test bench clean
+.PHONY: generate test bench data clean
 
 generate: $(VENV)/.runtime
 	$(PY) generate.py --prompt "$(PROMPT)"
@@ -19,6 +19,10 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) bench.py
+
+# The offline training and held-out corpora (Austen, Shakespeare, Python docs) under data/.
+data: $(VENV)/.runtime
+	$(PY) data.py
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
