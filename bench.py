@@ -49,9 +49,11 @@ class Ours:
                                          decode_step=self.decode_step)
         assert len(new) == new_tokens
         # K/V bytes held at the end: ring + store when gated; every token written when dense.
-        c, written = self.model.config, timings.prompt_tokens + timings.decode_steps
-        dense = written * c.n_layers * 2 * c.n_kv_heads * c.head_dim * self.model.output.weight.element_size()
-        self.kv_held = admission_stats(self.model)["bytes_in_use"] if self.gate is not None else dense
+        if self.gate is not None:
+            self.kv_held = admission_stats(self.model)["bytes_in_use"]
+        else:
+            c, written = self.model.config, timings.prompt_tokens + timings.decode_steps
+            self.kv_held = written * c.n_layers * 2 * c.n_kv_heads * c.head_dim * self.model.output.weight.element_size()
         return timings
 
 
