@@ -82,39 +82,47 @@ def compact_admitted_ref(g: Tensor, threshold: float, window: int) -> tuple[Tens
 
 
 def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, admitted_count: Tensor,
-                                window: int, scale: float, block: int = 256) -> Tensor:
+                                window: int, scale: float, block: int = 128) -> Tensor:
     """Causal prefill attention under the visibility rule, at cost T * (W + admitted), never T x T.
 
     q: (B, Hq, T, D); k, v: (B, Hkv, T, D); admitted_idx, admitted_count from compact_admitted_ref.
-    Each query reads the band of its last W keys, then the admitted keys at least W behind it.
-    Returns (B, Hq, T, D) in q's dtype.
+    Each block of queries reads the band of its last W keys, then the admitted keys at least W behind
+    its last query, with one fused attention call whose rows are the block's queries of all G heads
+    of a KV group (so K and V are never repeated per query head). Returns (B, Hq, T, D) in q's dtype.
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     qg = q.float().view(B, Hkv, G, T, D)                                                     # (B, Hkv, G, T, D)
+    kf, vf = k.float(), v.float()                                                            # (B, Hkv, T, D)
     pos = torch.arange(T, device=q.device)
-    # Admitted keys, compacted and padded to the largest count (a host read: prefill only).
+    # Admitted keys, compacted and padded to the largest count (host reads: prefill only).
     A = int(admitted_count.max()) if admitted_count.numel() else 0
-    idx = admitted_idx[..., :A]                                                              # (B, Hkv, A)
-    k_adm = k.float().gather(2, idx[..., None].expand(B, Hkv, A, D))                          # (B, Hkv, A, D)
-    v_adm = v.float().gather(2, idx[..., None].expand(B, Hkv, A, D))                          # (B, Hkv, A, D)
     adm_valid = torch.arange(A, device=q.device) < admitted_count[..., None]                 # (B, Hkv, A)
+    idx = admitted_idx[..., :A].where(adm_valid, T)                                          # (B, Hkv, A) ascending
+    k_adm = kf.gather(2, idx.clamp(max=T - 1)[..., None].expand(B, Hkv, A, D))               # (B, Hkv, A, D)
+    v_adm = vf.gather(2, idx.clamp(max=T - 1)[..., None].expand(B, Hkv, A, D))               # (B, Hkv, A, D)
+    # The admitted keys a block may see are a prefix of each head's sorted list: the far keys cost
+    # T * admitted / 2 on average, as in causal attention.
+    starts = list(range(0, T, block))
+    block_ends = torch.tensor([min(s + block, T) - 1 for s in starts], device=q.device)     # (n_blocks,)
+    reach = torch.searchsorted(idx, (block_ends - window).expand(B, Hkv, -1).contiguous(), right=True)
+    reach = reach.amax(dim=(0, 1)).tolist() if A else [0] * len(starts)                     # far keys per block
     out = torch.empty(B, Hkv, G, T, D, dtype=torch.float32, device=q.device)
-    for start in range(0, T, block):
+    for start, n_far in zip(starts, reach):
         end = min(start + block, T)
-        qb, qpos = qg[:, :, :, start:end], pos[start:end]                                     # (B, Hkv, G, Tb, D)
         lo = max(0, start - window + 1)
-        kpos = pos[lo:end]
+        qpos, kpos = pos[start:end], pos[lo:end]
         band = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < window)  # (Tb, Sb)
-        s_band = torch.einsum("bhgtd,bhsd->bhgts", qb, k.float()[:, :, lo:end]) * scale
-        s_band = s_band.masked_fill(~band, float("-inf"))
-        s_adm = torch.einsum("bhgtd,bhad->bhgta", qb, k_adm) * scale                          # (B, Hkv, G, Tb, A)
-        far = adm_valid[:, :, None, :] & (idx[:, :, None, :] <= qpos[None, None, :, None] - window)  # (B, Hkv, Tb, A)
-        s_adm = s_adm.masked_fill(~far[:, :, None], float("-inf"))
-        probs = torch.softmax(torch.cat((s_band, s_adm), dim=-1), dim=-1)                    # the band is never empty
-        out[:, :, :, start:end] = (torch.einsum("bhgts,bhsd->bhgtd", probs[..., :end - lo], v.float()[:, :, lo:end])
-                                   + torch.einsum("bhgta,bhad->bhgtd", probs[..., end - lo:], v_adm))
+        far = idx[:, :, None, :n_far] <= qpos[None, None, :, None] - window                  # (B, Hkv, Tb, n_far)
+        visible = torch.cat((band.expand(B, Hkv, -1, -1), far), dim=-1)                      # (B, Hkv, Tb, S); never an empty row
+        keys = torch.cat((kf[:, :, lo:end], k_adm[:, :, :n_far]), dim=2)                     # (B, Hkv, S, D)
+        values = torch.cat((vf[:, :, lo:end], v_adm[:, :, :n_far]), dim=2)                   # (B, Hkv, S, D)
+        rows = G * (end - start)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qg[:, :, :, start:end].reshape(B, Hkv, rows, D), keys, values,
+            attn_mask=visible[:, :, None].expand(-1, -1, G, -1, -1).reshape(B, Hkv, rows, -1), scale=scale)
+        out[:, :, :, start:end] = o.view(B, Hkv, G, end - start, D)
     return out.view(B, Hq, T, D).to(q.dtype)
 
 

@@ -82,15 +82,20 @@ def test_gated_prefill_attention(G, D, dtype, T, W, frac):
     assert_close(out, ref, dtype)
 
 
-def test_gated_prefill_matches_the_visibility_rule():
-    """Kernel against the SPEC's mask on dense attention, batch 2, admission differing per head,
-    v laid out as the model makes it (B, T, Hkv, D) transposed, unlike k."""
+@pytest.mark.parametrize("prefill", [
+    kernels.gated_prefill_attention,
+    # The reference in query blocks of 8: each block reads a different prefix of the admitted keys.
+    lambda *args: kernels.gated_prefill_attention_ref(*args, block=8),
+], ids=["triton", "reference"])
+def test_gated_prefill_matches_the_visibility_rule(prefill):
+    """Kernel and reference against the SPEC's mask on dense attention, batch 2, admission differing
+    per head, v laid out as the model makes it (B, T, Hkv, D) transposed, unlike k."""
     torch.manual_seed(0)
     B, Hkv, G, T, D, W = 2, 2, 2, 40, 64, 7
     q, k, v = randn(B, Hkv * G, T, D), randn(B, Hkv, T, D), randn(B, T, Hkv, D).transpose(1, 2)
     g = torch.rand(B, Hkv, T, device=DEVICE)
     idx, count = kernels.compact_admitted(g, TAU, W)
-    out = kernels.gated_prefill_attention(q, k, v, idx, count, W, D ** -0.5)
+    out = prefill(q, k, v, idx, count, W, D ** -0.5)
     i, j = torch.arange(T, device=DEVICE)[:, None], torch.arange(T, device=DEVICE)[None, :]
     mask = (j <= i) & ((i - j < W) | (g[:, :, None, :] > TAU))                               # (B, Hkv, T, T)
     ref = torch.nn.functional.scaled_dot_product_attention(
