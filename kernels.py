@@ -31,7 +31,13 @@ def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scal
     Returns o: (B, Hq, D) float32 and lse: (B, Hq) float32; an empty key set gives o = 0, lse = -inf.
     """
     B, Hq, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
+    if not torch.compiler.is_compiling():
+        # Eager: read only the filled slots, so a store sized for the whole context costs what it holds
+        # (a host read of the lengths; compiled, the shapes stay static and the mask does the work).
+        filled = int(lengths.max())
+        k, v = k[:, :, :filled], v[:, :, :filled]
+    S = k.shape[2]
     qg = q.float().view(B, Hkv, Hq // Hkv, D)                                               # (B, Hkv, G, D)
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, k.float()) * scale                          # (B, Hkv, G, S)
     valid = torch.arange(S, device=q.device) < lengths.expand(B, Hkv)[..., None]             # (B, Hkv, S)
