@@ -1,18 +1,20 @@
 # Two entry points, each building what it needs in a virtual environment from a bare Python 3:
-#   make generate    the embedded SmolLM2-135M-Instruct answers PROMPT
+#   make generate    the embedded SmolLM2-135M-Instruct, with its trained gate, answers a question on a
+#                    page of Python's docs (PROMPT="..." asks something else)
 #   make test        the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch 2.13 lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA
 # build. On a GPU machine pass the versions it has, e.g. make test TORCH="torch==2.11.0 triton==3.6.0".
 TORCH ?= torch==2.13.0 triton==3.9.0
-PROMPT ?= What is the capital of France?
+# The default question comes with a page of text, longer than the gate's window, so admission shows.
+PROMPT_FILE ?= prompts/with-statement.md
 PY := $(VENV)/bin/python
 
 .PHONY: generate test bench data clean
 
 generate: $(VENV)/.runtime
-	$(PY) generate.py --prompt "$(PROMPT)"
+	$(PY) generate.py $(if $(PROMPT),--prompt "$(PROMPT)",--prompt-file $(PROMPT_FILE))
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q

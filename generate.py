@@ -1,6 +1,7 @@
 """Generate text with a Llama checkpoint: prefill the prompt, then decode one token at a time.
 
-    python generate.py --prompt "What is the capital of France?"            # the embedded SmolLM2-135M
+    python generate.py --prompt "What is the capital of France?"            # the embedded SmolLM2-135M, its gate
+    python generate.py --prompt-file prompts/with-statement.md --gate dense  # the same with the dense cache
     python generate.py --checkpoint checkpoints/meta-llama/Llama-3.2-1B-Instruct --compile
 
 The completion streams to stdout as it is decoded; statistics go to stderr. The decode step has no
@@ -24,6 +25,8 @@ from tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_PROMPT = "What is the capital of France?"
+# The embedded model runs with its trained gate unless --gate says otherwise (dense: the dense cache).
+DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-0.04.safetensors"
 
 
 class BadInput(ValueError):
@@ -173,6 +176,8 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
     if checkpoint is None:
         from convert_gguf import ensure_default_checkpoint
         checkpoint = ensure_default_checkpoint()
+        gate = str(DEFAULT_GATE) if gate is None else gate
+    gate = None if gate == "dense" else gate
 
     model, tokenizer = load(checkpoint, device, DTYPES[dtype])
     prompt_ids = tokenizer.encode_prompt(prompt, chat=not no_chat)
@@ -234,8 +239,9 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--max-seq-len", type=int, help="longest prompt plus completion (default: exactly that)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
-    parser.add_argument("--gate", help="write-gated KV cache: a gate file (.safetensors, or the authors' .pt), or a "
-                        "built-in policy: full, none (window only), random:P, sink:N (default: the dense cache)")
+    parser.add_argument("--gate", help="write-gated KV cache: a gate file (.safetensors, or the authors' .pt), a built-in "
+                        "policy: full, none (window only), random:P, sink:N; or dense, the dense cache (default: "
+                        f"gates/{DEFAULT_GATE.name} on the embedded model, else dense)")
     parser.add_argument("--window", type=int, help="local window W (default: the gate file's, else 256)")
     parser.add_argument("--threshold", type=float, help="admission threshold tau (default: the gate file's, else 0.1)")
     parser.add_argument("--global-capacity", type=int, help="tokens per KV head in the global store (default: all "

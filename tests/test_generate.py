@@ -122,3 +122,15 @@ def test_embedded_model_knows_paris(smollm2_checkpoint):
     result = run("--prompt", PROMPT, "--max-new-tokens", "20")   # no --checkpoint: the embedded default
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_embedded_model_runs_its_gate_by_default(smollm2_checkpoint):
+    """The README's first command: a page of text, longer than the gate's window, so tokens leave the
+    window and the trained gate drops some of them; --gate dense is the dense cache."""
+    args = ("--prompt-file", "prompts/with-statement.md", "--max-new-tokens", "4")
+    gated, dense = run(*args), run(*args, "--gate", "dense")
+    assert gated.returncode == 0 and dense.returncode == 0, gated.stderr + dense.stderr
+    assert generate.DEFAULT_GATE.name in gated.stderr
+    admitted = float(gated.stderr.split("admitted ")[1].split("%")[0])
+    assert 0 < admitted < 100, gated.stderr
+    assert "write-gated" not in dense.stderr and "admitted" not in dense.stderr
