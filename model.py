@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 
@@ -193,8 +194,10 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.attention.cache = make_cache(i)
 
-    def body(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """Final-normed hidden states (B, T, dim). tokens: (B, T); input_pos: (T,) positions of the tokens."""
+    def body(self, tokens: Tensor, input_pos: Tensor | None = None, recompute: bool = False) -> Tensor:
+        """Final-normed hidden states (B, T, dim). tokens: (B, T); input_pos: (T,) positions of the tokens.
+        recompute: under autograd, keep only each block's input and recompute the block in backward
+        (activation checkpointing, for training at long sequences)."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device)
@@ -204,7 +207,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)                                                # (B, T, dim)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos)
+            if recompute and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, input_pos)
         return self.norm(x)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:

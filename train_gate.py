@@ -29,7 +29,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from data import DataError, chat_prefix, make_samples, read_documents
 from gate import WriteGate, save_gates
@@ -143,19 +142,6 @@ class SoftGatedAttention(nn.Module):
         return soft_gated_attention(q, k, v, g, self.window, self.block)
 
 
-class Checkpointed(nn.Module):
-    """A block whose activations are recomputed in backward instead of kept (--activation-checkpointing)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        if torch.is_grad_enabled():
-            return checkpoint(self.block, *args, use_reentrant=False)
-        return self.block(*args)
-
-
 class Distiller:
     """The teacher and the student of one frozen model: the same layers, wired to the gates and the
     soft-gated attention for the student pass only."""
@@ -163,10 +149,8 @@ class Distiller:
     def __init__(self, model: Transformer, gates: nn.ModuleList, window: int, threshold: float, block: int = 256,
                  activation_checkpointing: bool = False):
         self.model, self.gates, self.window, self.threshold = model, gates, window, threshold
-        self.blocks = list(model.layers)
+        self.blocks, self.recompute = list(model.layers), activation_checkpointing
         self.attns = [SoftGatedAttention(window, block) for _ in self.blocks]
-        if activation_checkpointing:
-            model.layers = nn.ModuleList(Checkpointed(b) for b in self.blocks)
 
     def wire(self, student: bool) -> None:
         for b, gate, attn in zip(self.blocks, self.gates, self.attns):
@@ -179,7 +163,7 @@ class Distiller:
         with torch.no_grad():
             target = self.model.body(x).float()                                               # (B, T, dim)
         self.wire(student=True)
-        hidden_states = self.model.body(x).float()                                            # (B, T, dim)
+        hidden_states = self.model.body(x, recompute=self.recompute).float()                  # (B, T, dim)
         gs = torch.stack([a.g for a in self.attns])                                           # (L, B, Hkv, T)
         for a in self.attns:
             a.g = None

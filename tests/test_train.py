@@ -181,6 +181,27 @@ def test_a_step_trains_only_the_gates(tiny):
     assert stats.shape == (5,) and 0 <= stats[3] <= 1
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny):
+    model_dir, _ = tiny
+    model = Transformer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    gates = train_gate.build_gates(model, 0)
+    x = torch.randint(0, model.config.vocab_size, (1, 48))
+    results = []
+    for recompute in (False, True):
+        gates.zero_grad()
+        saved = []   # the tensors autograd keeps for backward, outside what checkpointing recomputes
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss, _ = train_gate.Distiller(model, gates, 8, 0.1, 16, activation_checkpointing=recompute).loss(x, lam=0.1)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in gates.parameters()], sum(saved)))
+    (loss_plain, grads_plain, saved_plain), (loss_recomputed, grads_recomputed, saved_recomputed) = results
+    assert saved_recomputed < saved_plain / 2
+    torch.testing.assert_close(loss_recomputed, loss_plain, rtol=0, atol=0)
+    for a, b in zip(grads_recomputed, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_loss_falls_and_lambda_sets_sparsity(tiny, tmp_path):
     model_dir, _ = tiny
     one_sample = make_docs(tmp_path / "one", n=1, repeat=2)   # every step sees the same sequence
