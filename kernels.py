@@ -39,13 +39,13 @@ def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scal
         k, v = k[:, :, :filled], v[:, :, :filled]
     S = k.shape[2]
     qg = q.float().view(B, Hkv, Hq // Hkv, D)                                               # (B, Hkv, G, D)
-    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k.float()) * scale                          # (B, Hkv, G, S)
-    valid = torch.arange(S, device=q.device) < lengths.expand(B, Hkv)[..., None]             # (B, Hkv, S)
-    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)                                                    # (B, Hkv, G)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)                               # (B, Hkv, G, S)
-    o = torch.einsum("bhgs,bhsd->bhgd", probs, v.float())                                    # (B, Hkv, G, D)
-    return o.reshape(B, Hq, D), lse.reshape(B, Hq)
+    scores = (qg @ k.float().transpose(-1, -2)).mul_(scale)                                 # (B, Hkv, G, S)
+    invalid = torch.arange(S, device=q.device) >= lengths.expand(B, Hkv)[..., None, None]  # (B, Hkv, 1, S)
+    scores.masked_fill_(invalid, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)                                     # (B, Hkv, G, 1)
+    # An empty key set has lse = -inf; subtracting a finite floor instead keeps its weights at 0, not NaN.
+    o = scores.sub_(lse.clamp(min=torch.finfo(torch.float32).min)).exp_() @ v.float()        # (B, Hkv, G, D)
+    return o.view(B, Hq, D), lse.view(B, Hq)
 
 
 def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
