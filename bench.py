@@ -23,6 +23,10 @@ from gate import admission_stats, install
 from model import CheckpointError
 
 
+# Each gated system is compared with the dense system that runs the same way.
+DENSE_TWIN = {"gated": "eager", "gated-compiled": "compiled"}
+
+
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -137,8 +141,7 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
           + (f" | gated: --gate {gate}, window and threshold the defaults" if gated else "") + "\n")
     # Ratios: ours against transformers, and each gated system against its dense twin.
     pairs = [(s, "transformers") for s in systems if s != "transformers" and "transformers" in systems]
-    pairs += [(s, {"gated": "eager", "gated-compiled": "compiled"}[s]) for s in gated
-              if {"gated": "eager", "gated-compiled": "compiled"}[s] in systems]
+    pairs += [(s, DENSE_TWIN[s]) for s in gated if DENSE_TWIN[s] in systems]
     print("| | " + " | ".join(systems) + "".join(f" | {a} / {b}" for a, b in pairs) + " |")
     print("|---" * (1 + len(systems) + len(pairs)) + "|")
     kv_rows = [f"KV MiB held @ {c}" for c in contexts if any(f"KV MiB held @ {c}" in results[s] for s in systems)]
