@@ -3,6 +3,8 @@
     python eval.py --quick                          # a small grid, a few minutes on a CPU
     python eval.py --out eval.json                  # the full grid (2k/4k/8k), tables on stdout
     python eval.py --gate my-gate.safetensors       # a gate file besides those under gates/ (.pt too)
+    python eval.py --lengths 2048 --passkey-lengths 2048 --out 2k.json   # the full grid in pieces, then
+    python eval.py --merge 2k.json 4k.json 8k.json --out eval.json     # the tables one run would print
 
 Policies, each through the cache it runs with: `dense` (DenseCache); every gate file under --gates-dir
 and each --gate (WriteGatedCache, no capacity limit); `random ~ G`: G's own admissions on the same
@@ -28,6 +30,7 @@ Tables go to stdout (markdown), JSON to --out, a PNG plot to --plot (needs matpl
 """
 import argparse
 import json
+import math
 import platform
 import random
 import re
@@ -50,8 +53,10 @@ from gate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, in
 from model import Transformer
 from tokenizer import Tokenizer
 
+# One passkey prompt per (length, depth): on a 2-core CPU the passkey prompts are most of the grid's time
+# (12 policies x 5 depths at 8k is about an hour), and --trials adds more where a machine allows.
 FULL = dict(lengths=[2048, 4096, 8192], docs=2, decode_tokens=128, passkey_lengths=[2048, 4096, 8192],
-            depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2)
+            depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=1)
 QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5], trials=1)
 
 
@@ -130,6 +135,12 @@ class Passkey:
         fill = self.filler[offset:offset + n_fill]
         at = round(depth * n_fill)
         return self.head + fill[:at] + needle + fill[at:] + self.tail, len(self.head) + at
+
+
+def passkey_key(seed: int, length: int, depth: float, trial: int) -> str:
+    """The 5-digit key of one cell, drawn from the cell's own coordinates: a run of part of the grid
+    asks exactly the prompts the whole grid would (so pieces merge, see --merge)."""
+    return str(random.Random(f"{seed}/{length}/{depth:g}/{trial}").randrange(10000, 100000))
 
 
 def passkey_correct(answer: str, key: str) -> bool:
@@ -312,6 +323,11 @@ def compare(model: Transformer, hidden: Tensor, ref: Tensor, targets: Tensor, ch
     return {"nll": torch.cat(nll).cpu(), "kl": torch.cat(kl).cpu(), "agree": torch.cat(agree).cpu()}
 
 
+def totals(m: dict[str, Tensor]) -> dict[str, float]:
+    """One sequence's scores as sums, which pool exactly across sequences and across runs (--merge)."""
+    return {"predictions": m["nll"].numel(), **{f"{k}_sum": m[k].double().sum().item() for k in ("nll", "kl", "agree")}}
+
+
 def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
     """Token counts summed over layers and KV heads, read once after a sequence: tokens older than the
     window (left), those of them still held (kept), all held (held) and all seen; bytes per token."""
@@ -365,7 +381,7 @@ def documents_task(model: Transformer, policies: list[Policy], samples: dict, wi
                 ref = hidden if ref is None else ref          # dense runs first
                 m = compare(model, hidden[window:L - 1], ref[window:L - 1], ids[window + 1:])
                 one_prefill[policy.name] = m["nll"]
-                out["perplexity"].append({"length": L, "policy": policy.name, "doc": doc, **m,
+                out["perplexity"].append({"length": L, "policy": policy.name, "doc": doc, **totals(m),
                                           **kv_stats(model, L, window)})
                 say(f"[perplexity L={L} doc {i + 1}/{len(docs)}] {policy.name}: "
                     f"ppl {m['nll'].mean().exp():.3f}, {time.time() - t0:.1f} s")
@@ -377,7 +393,7 @@ def documents_task(model: Transformer, policies: list[Policy], samples: dict, wi
                 setup(policy, L, recorded)
                 hidden = prefill_then_decode(model, ids, n)                                         # (n, dim)
                 m = compare(model, hidden, ref[L - n - 1:L - 1], ids[L - n:])
-                out["decode"].append({"length": L, "policy": policy.name, "doc": doc, **m,
+                out["decode"].append({"length": L, "policy": policy.name, "doc": doc, **totals(m),
                                       **kv_stats(model, L, window)})
                 say(f"[decode L={L} doc {i + 1}/{len(docs)}] {policy.name}: prefill {L - n} + decode {n}: "
                     f"ppl {m['nll'].mean().exp():.3f}, {time.time() - t0:.1f} s")
@@ -394,14 +410,13 @@ def documents_task(model: Transformer, policies: list[Policy], samples: dict, wi
 def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Policy], passkey: Passkey, lengths: list[int],
                  depths: list[float], trials: int, window: int, seed: int, setup) -> list[dict]:
     """Greedy answers to passkey prompts, one record per (length, depth, trial, policy)."""
-    keys = random.Random(seed)
     device = model.output.weight.device
     out = []
     for L in lengths:
         for depth in depths:
             for trial in range(trials):
-                key = str(keys.randrange(10000, 100000))
-                ids, at = passkey.prompt(key, L, depth, offset=trial * max(lengths))
+                key = passkey_key(seed, L, depth, trial)
+                ids, at = passkey.prompt(key, L, depth, offset=trial * L)
                 ids = torch.tensor(ids, device=device)
                 n_new = len(tok.encode(" " + key, add_special_tokens=False)) + 1
                 seen = L + n_new - 1
@@ -423,29 +438,30 @@ def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Policy], pas
 # ---------------------------------------------------------------------------------------------
 # Summaries, tables, plot
 
-def summarize(records: list[dict], policies: list[Policy], metrics: bool) -> list[dict]:
+def summarize(records: list[dict], policies: list[str], metrics: bool) -> list[dict]:
     """One row per (length, policy), pooled over its sequences."""
     rows = []
     for L in sorted({r["length"] for r in records}):
         for policy in policies:
-            rs = [r for r in records if r["length"] == L and r["policy"] == policy.name]
+            rs = [r for r in records if r["length"] == L and r["policy"] == policy]
             if not rs:
                 continue
             total = lambda k: sum(r[k] for r in rs)
-            row = {"length": L, "policy": policy.name, "sequences": len(rs),
+            row = {"length": L, "policy": policy, "sequences": len(rs),
                    "admitted": total("kept") / max(total("left"), 1),
                    "kv_held": total("held") / total("seen"),
                    "kv_bytes": total("held") * rs[0]["bytes_per_token"] / len(rs)}
             if metrics:
-                pool = lambda k: torch.cat([r[k] for r in rs])
-                row |= {"ppl": pool("nll").mean().exp().item(), "kl": pool("kl").mean().item(),
-                        "top1": pool("agree").mean().item(), "predictions": pool("nll").numel()}
+                n = total("predictions")
+                row |= {"ppl": math.exp(total("nll_sum") / n), "kl": total("kl_sum") / n,
+                        "top1": total("agree_sum") / n, "predictions": n}
             rows.append(row)
     return rows
 
 
-def summarize_passkey(records: list[dict], policies: list[Policy], depths: list[float]) -> list[dict]:
+def summarize_passkey(records: list[dict], policies: list[str]) -> list[dict]:
     rows = summarize(records, policies, metrics=False)
+    depths = sorted({r["depth"] for r in records})
     for row in rows:
         rs = [r for r in records if r["length"] == row["length"] and r["policy"] == row["policy"]]
         row["cells"] = {f"{d:g}": [r["correct"] for r in rs if r["depth"] == d] for d in depths}
@@ -463,8 +479,9 @@ def memory_cells(row: dict) -> list[str]:
             f"{row['kv_bytes'] / 2**20:.1f}"]
 
 
-def report(result: dict, window: int, decode_tokens: int) -> str:
-    """The markdown on stdout: one table per task with its protocol, then the run's footer."""
+def report(result: dict) -> str:
+    """The markdown on stdout: one table per task with its protocol, then the runs' footer."""
+    window, decode_tokens = result["grid"]["window"], result["grid"]["decode_tokens"]
     head = ["L", "policy", "admitted", "KV held", "KV MiB"]
     parts = []
     if result["perplexity"]:
@@ -486,11 +503,13 @@ def report(result: dict, window: int, decode_tokens: int) -> str:
                   markdown(head + [f"depth {d}" for d in depths] + ["all"],
                            [memory_cells(r) + [f"{sum(c)}/{len(c)}" for c in r["cells"].values()]
                             + [f"{r['accuracy']:.0%}"] for r in result["passkey"]])]
-    run = result["run"]
+    runs = result["runs"]
+    joined = lambda key: ", ".join(dict.fromkeys(r[key] for r in runs))
+    commands = "; ".join(f"`{r['command']}` ({r['wall_s']:.0f} s)" for r in runs)
     parts.append(f"admitted: share of the tokens that left the window which the cache still holds; KV held: K/V bytes "
                  f"held at the end of each sequence against a dense cache of the same tokens (KV MiB: per sequence). "
-                 f"Model {run['model']}, W = {window}, {run['dtype']} on {run['machine']}, {run['date']}, "
-                 f"{run['wall_s']:.0f} s: `{run['command']}`")
+                 f"Model {runs[0]['model']}, W = {window}, {runs[0]['dtype']} on {joined('machine')}, {joined('date')}, "
+                 f"{sum(r['wall_s'] for r in runs):.0f} s in {len(runs)} run{'s' * (len(runs) > 1)}: {commands}")
     return "\n\n".join(parts)
 
 
@@ -590,7 +609,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     samples = document_samples(tok, documents, lengths, docs, device) if lengths else {}
     passkey = None
     if passkey_lengths and depths and trials:
-        need = trials * max(passkey_lengths)
+        need = trials * max(passkey_lengths)   # trial t reads the filler from t * L on
         filler = []
         for _, text in documents:
             filler += tok.encode(text[:16 * need] + "\n\n", add_special_tokens=False)
@@ -598,7 +617,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
                 break
         passkey = Passkey.build(tok, filler)
         for L in passkey_lengths:   # raises on a length too short for the prompt or filler too short
-            passkey.prompt("00000", L, 0.5, offset=(trials - 1) * max(passkey_lengths))
+            passkey.prompt("00000", L, 0.5, offset=(trials - 1) * L)
     else:
         passkey_lengths = []
 
@@ -614,22 +633,32 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.machine()} CPU (torch threads: {torch.get_num_threads()})"
-    result = {
-        "run": {"model": Path(checkpoint).name, "checkpoint": checkpoint, "machine": machine, "dtype": dtype,
-                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
-                "command": shlex.join(["python", "eval.py"] + sys.argv[1:]), "wall_s": time.time() - t_start},
-        "grid": {"lengths": lengths, "docs": docs, "decode_tokens": decode_tokens, "passkey_lengths": passkey_lengths,
-                 "depths": depths, "trials": trials, "window": window, "sink": sink, "seed": seed},
-        "gates": {name: {"path": path, "metadata": metadata} for name, (path, metadata) in gate_meta.items()},
-        "perplexity": summarize(records["perplexity"], policies, metrics=True),
-        "decode": summarize(records["decode"], policies, metrics=True),
-        "passkey": summarize_passkey(records["passkey"], policies, depths),
-        "checks": records["checks"],
-    }
-    # Per sequence, without the per-token tensors: what the matched baselines held, each answer.
-    result["sequences"] = {k: [{f: v for f, v in r.items() if not isinstance(v, Tensor)} for r in records[k]]
-                           for k in ("perplexity", "decode", "passkey")}
-    print(report(result, window, decode_tokens))
+    this_run = {"command": shlex.join(["python", "eval.py"] + sys.argv[1:]), "model": Path(checkpoint).name,
+                "checkpoint": checkpoint, "dtype": dtype, "machine": machine, "torch": torch.__version__,
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_s": time.time() - t_start}
+    grid = {"lengths": lengths, "docs": docs, "decode_tokens": decode_tokens, "passkey_lengths": passkey_lengths,
+            "depths": depths, "trials": trials, "window": window, "sink": sink, "seed": seed}
+    gates = {name: {"path": path, "metadata": metadata} for name, (path, metadata) in gate_meta.items()}
+    emit(assemble([this_run], grid, gates, [p.name for p in policies], records), out, plot_path)
+
+
+TASKS = ("perplexity", "decode", "passkey")
+# What every piece of a merged grid must share; the lengths and depths may differ.
+SHARED_RUN, SHARED_GRID = ("model", "dtype"), ("docs", "decode_tokens", "trials", "window", "sink", "seed")
+
+
+def assemble(runs: list[dict], grid: dict, gates: dict, policies: list[str], records: dict) -> dict:
+    """The JSON result: its runs, grid and gates, one summary table per task, the checks, and every
+    sequence's record (what the matched baselines held, each answer), from which the tables pool."""
+    return {"runs": runs, "grid": grid, "gates": gates, "policies": policies,
+            "perplexity": summarize(records["perplexity"], policies, metrics=True),
+            "decode": summarize(records["decode"], policies, metrics=True),
+            "passkey": summarize_passkey(records["passkey"], policies),
+            "checks": records["checks"], "sequences": {k: records[k] for k in TASKS}}
+
+
+def emit(result: dict, out: str | None, plot_path: str | None) -> None:
+    print(report(result))
     if out:
         Path(out).write_text(json.dumps(result, indent=1))
         say(f"wrote {out}")
@@ -638,9 +667,62 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         plot(result, plot_path)
 
 
-def main(**kwargs) -> None:
+def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
+    """One result from runs of parts of a grid (say one length each, as a CPU session allows): their
+    sequences pooled into the tables exactly as one run of the whole grid would pool them."""
+    pieces = []
+    for path in paths:
+        try:
+            pieces.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise EvalError(f"cannot read {path}: {e}")
+        if "runs" not in pieces[-1] or "sequences" not in pieces[-1]:
+            raise EvalError(f"{path} is not a result of this eval.py (written with --out)")
+    first = pieces[0]
+    for path, piece in zip(paths[1:], pieces[1:]):
+        for section, keys in (("runs", SHARED_RUN), ("grid", SHARED_GRID)):
+            for key in keys:
+                a = first[section][0][key] if section == "runs" else first[section][key]
+                b = piece[section][0][key] if section == "runs" else piece[section][key]
+                if a != b:
+                    raise EvalError(f"{path} has {key} {b!r}, {paths[0]} has {a!r}: pieces of one grid share it")
+        if piece["gates"] != first["gates"]:
+            raise EvalError(f"{path} evaluated other gates than {paths[0]}: {sorted(piece['gates'])} "
+                            f"vs {sorted(first['gates'])}")
+    cell = {"perplexity": ("length", "doc"), "decode": ("length", "doc"), "passkey": ("length", "depth", "trial")}
+    records, seen = {k: [] for k in TASKS}, {}
+    for path, piece in zip(paths, pieces):
+        for task in TASKS:
+            for r in piece["sequences"][task]:
+                key = (task, r["policy"]) + tuple(r[f] for f in cell[task])
+                if key in seen:
+                    raise EvalError(f"{path} and {seen[key]} both ran {task} {dict(zip(cell[task], key[2:]))} "
+                                    f"with {r['policy']}: pieces must not overlap")
+                seen[key] = path
+                records[task].append(r)
+    records["checks"] = [c for piece in pieces for c in piece["checks"]]
+    union = lambda key: sorted({x for piece in pieces for x in piece["grid"][key]})
+    grid = {**first["grid"], "lengths": union("lengths"), "passkey_lengths": union("passkey_lengths"),
+            "depths": union("depths")}
+    policies = list(dict.fromkeys(p for piece in pieces for p in piece["policies"]))
+    emit(assemble([r for piece in pieces for r in piece["runs"]], grid, first["gates"], policies, records),
+         out, plot_path)
+
+
+# The options that define a grid to run; --merge takes the grid from its files and refuses them.
+GRID_OPTIONS = ("checkpoint", "gate", "quick", "lengths", "docs", "decode_tokens", "passkey_lengths", "depths",
+                "trials", "window")
+
+
+def main(merge_paths: list[str] | None, **kwargs) -> None:
     try:
-        run(**kwargs)
+        if merge_paths:
+            given = [f"--{k.replace('_', '-')}" for k in GRID_OPTIONS if kwargs[k] not in (None, False, [])]
+            if given:
+                raise EvalError(f"--merge takes the grid from its files; drop {' '.join(given)}")
+            merge(merge_paths, kwargs["out"], kwargs["plot_path"])
+        else:
+            run(**kwargs)
     except ValueError as e:   # CheckpointError, GateError, DataError, EvalError and a bad --backend: one line each
         print(f"eval.py: {e}", file=sys.stderr)
         sys.exit(2)
@@ -668,4 +750,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="passkey keys and the matched random shuffles")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--plot", dest="plot_path", help="write the PNG plot here (default: beside --out)")
+    parser.add_argument("--merge", dest="merge_paths", nargs="+", metavar="JSON",
+                        help="instead of running: pool the results (--out files) of runs of parts of one grid, "
+                             "e.g. one length each, into its tables")
     main(**vars(parser.parse_args()))

@@ -80,7 +80,42 @@ def test_quick_runs_every_policy_and_task(quick):
     # The protocol claim: one prefill gives the logits decode gives, for every uncapped policy.
     assert {c["policy"] for c in result["checks"]} == set(names)
     assert max(c["max_abs_nll_diff"] for c in result["checks"]) < 1e-4
-    assert "matplotlib" in proc.stderr or (Path(result["run"]["command"].split("--out ")[1]).with_suffix(".png")).exists()
+    assert "matplotlib" in proc.stderr or (Path(result["runs"][0]["command"].split("--out ")[1]).with_suffix(".png")).exists()
+
+
+def run_eval(setup, *args: str) -> subprocess.CompletedProcess:
+    root, checkpoint = setup
+    cmd = [sys.executable, str(REPO / "eval.py"), "--threads", "1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def test_pieces_merge_into_the_whole_grid(setup, quick):
+    """The quick grid run in two pieces (documents and the first depth; the other depths) and merged gives
+    the one run's tables exactly: each passkey cell draws its own key, whatever else the run holds."""
+    root, checkpoint = setup
+    _, whole = quick
+    common = ["--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
+              "--gates-dir", str(root / "gates"), "--docs", "2", "--decode-tokens", "16"]
+    paths = [root / "piece-1.json", root / "piece-2.json"]
+    for path, grid in zip(paths, (["--lengths", "160", "--passkey-lengths", "400", "--depths", "0"],
+                                  ["--lengths", "--passkey-lengths", "400", "--depths", "0.5", "1"])):
+        proc = run_eval(setup, *common, *grid, "--out", str(path))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    merged_path = root / "merged.json"
+    proc = run_eval(setup, "--merge", *map(str, paths), "--out", str(merged_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads(merged_path.read_text())
+    for table in ("perplexity", "decode", "passkey"):
+        assert merged[table] == whole[table], table
+    assert len(merged["runs"]) == 2 and "in 2 runs:" in proc.stdout and "| depth 0.5 |" in proc.stdout
+    assert merged["grid"]["lengths"] == [160] and merged["grid"]["depths"] == [0, 0.5, 1]
+    # Overlapping pieces, a grid option beside --merge, a file that is not a result: one line, exit 2.
+    for args, message in ((["--merge", str(paths[0]), str(merged_path)], "must not overlap"),
+                          (["--merge", str(paths[0]), "--lengths", "160"], "drop --lengths"),
+                          (["--merge", str(root / "heldout" / "prose" / "doc.txt")], "cannot read")):
+        proc = run_eval(setup, *args)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+            proc.stderr
 
 
 def test_matched_baselines_hold_the_gates_kv_bytes(quick):
