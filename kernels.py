@@ -24,6 +24,10 @@ from torch.library import triton_op, wrap_triton   # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction   # noqa: E402
 
 
+# partial_attention_ref's .item() becomes a symbolic size in the compiled graph instead of a graph break.
+torch._dynamo.config.capture_scalar_outputs = True
+
+
 def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Decode attention over the first `lengths` keys of each (batch, KV head).
 
@@ -32,10 +36,15 @@ def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scal
     """
     B, Hq, D = q.shape
     Hkv = k.shape[1]
-    if not torch.compiler.is_compiling():
-        # Eager: read only the filled slots, so a store sized for the whole context costs what it holds
-        # (a host read of the lengths; compiled, the shapes stay static and the mask does the work).
-        filled = int(lengths.max())
+    if q.device.type == "cpu" or not torch.compiler.is_compiling():
+        # Read only the filled slots, so a store sized for the whole context costs what it holds. That
+        # reads the lengths on the host: free on a CPU, where torch.compile keeps the length as a symbolic
+        # size (capture_scalar_outputs, below) and one graph serves every length; on a GPU a sync,
+        # so compiled there the shapes stay static and the mask does the work (the Triton kernel skips
+        # the empty tiles itself).
+        filled = lengths.max().clamp(min=1).item()
+        torch._check(filled >= 1)
+        torch._check(filled <= k.shape[2])
         k, v = k[:, :, :filled], v[:, :, :filled]
     S = k.shape[2]
     qg = q.float().view(B, Hkv, Hq // Hkv, D)                                               # (B, Hkv, G, D)
@@ -54,11 +63,10 @@ def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple
     o: (..., D) float32, lse: (...) float32; either side may be empty (lse = -inf).
     """
     lse = torch.logaddexp(lse1, lse2)
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    w1 = torch.where(finite, torch.exp(lse1 - safe), torch.zeros_like(lse))
-    w2 = torch.where(finite, torch.exp(lse2 - safe), torch.zeros_like(lse))
-    return o1 * w1[..., None] + o2 * w2[..., None], lse
+    # Both sides empty: lse = -inf; a finite floor in its place keeps both weights at exp(-inf) = 0, not NaN.
+    floor = lse.clamp(min=torch.finfo(torch.float32).min)
+    w1, w2 = (lse1 - floor).exp_(), (lse2 - floor).exp_()
+    return torch.addcmul(o1 * w1[..., None], o2, w2[..., None]), lse
 
 
 def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
