@@ -10,6 +10,7 @@ Prefill tok/s: prompt tokens over the time to the first new token. Decode tok/s 
 of C tokens, then --new-tokens tokens; decode steps over their time (the prefill is not counted).
 """
 import argparse
+import copy
 import platform
 import sys
 import time
@@ -33,12 +34,15 @@ def log(*args) -> None:
 
 class Ours:
     """Our model with dense caches, or write-gated ones when gate is a --gate spec. Compiled: the decode
-    step as generate.py --compile does, and the prefill with dynamic shapes. One set of caches (and
-    gates) per context, reused, so the compiled step sees the same buffers again instead of recompiling."""
+    step as generate.py --compile does, and the dense prefill with dynamic shapes (the gated prefill
+    reads its admitted counts on the host to size its blocks, so it runs eagerly, as in generate.py).
+    One set of caches (and gates) per context, reused, so the compiled step sees the same buffers
+    again instead of recompiling."""
 
     def __init__(self, model, compiled: bool, gate: str | None = None):
         self.model, self.gate, self.caches = model, gate, {}
-        self.prefill_step = torch.compile(generate.prefill, dynamic=True, fullgraph=True) if compiled else generate.prefill
+        self.prefill_step = torch.compile(generate.prefill, dynamic=True, fullgraph=True) \
+            if compiled and gate is None else generate.prefill
         self.decode_step = generate.compile_decode_step("cpu") if compiled else generate.decode_one_token
 
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> Timings:
@@ -109,9 +113,13 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
         checkpoint = ensure_default_checkpoint()
     model, tokenizer = generate.load(checkpoint)
     largest = max([*prefill, *contexts]) + new_tokens
-    makers = {"transformers": lambda: Transformers(checkpoint), "eager": lambda: Ours(model, compiled=False),
-              "compiled": lambda: Ours(model, compiled=True), "gated": lambda: Ours(model, False, gate),
-              "gated-compiled": lambda: Ours(model, True, gate)}
+    # A model of its own per system: compiled code guards on the modules it saw, so systems that swapped
+    # caches and gates on one shared model would recompile each other's steps while being timed.
+    makers = {"transformers": lambda: Transformers(checkpoint),
+              "eager": lambda: Ours(copy.deepcopy(model), compiled=False),
+              "compiled": lambda: Ours(copy.deepcopy(model), compiled=True),
+              "gated": lambda: Ours(copy.deepcopy(model), False, gate),
+              "gated-compiled": lambda: Ours(copy.deepcopy(model), True, gate)}
     runners = {}
     for name in systems:
         runners[name], t0 = makers[name](), time.perf_counter()
