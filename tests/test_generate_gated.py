@@ -64,6 +64,15 @@ def test_gate_file_and_policies_report_admission(tiny, gate_file, capsys):
     assert "global capacity 2 tokens per head" in stats and "capacity rule" in stats
 
 
+def test_compiled_gated_decode_gives_the_eager_tokens(tiny, gate_file, capsys):
+    # The store grows from prompt tokens leaving a window of 4 while 30 tokens decode: one compiled
+    # step (fullgraph, the stores' lengths symbolic on the CPU) must give eager's tokens.
+    eager, _ = run_main(capsys, tiny, gate=str(gate_file), attn_backend="torch")
+    compiled, stats = run_main(capsys, tiny, gate=str(gate_file), attn_backend="torch", compile=True)
+    assert len(eager) > 20 and compiled == eager
+    assert "compile and warm-up:" in stats
+
+
 def test_triton_backend_gives_the_torch_tokens(tiny, gate_file):
     """The Triton kernels under the interpreter on CPU, end to end through the CLI."""
     args = [sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny), "--prompt", PROMPT,
