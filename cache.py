@@ -123,9 +123,10 @@ class WriteGatedCache(nn.Module):
         self.n_admitted.add_(admitted.long())
         self.n_capacity_drops.add_((admitted & (self.global_len >= self.capacity)).long())
         self.ops.promote(self.global_k, self.global_v, self.global_g, self.global_len, k_out, v_out, g_out, self.threshold)
-        self.ring_k.index_copy_(2, slot, k)
-        self.ring_v.index_copy_(2, slot, v)
-        self.ring_g.index_copy_(2, slot, g.float())
+        # Indexing (index_put_), which Inductor writes in place after the reads of the old slot above.
+        self.ring_k[:, :, slot] = k
+        self.ring_v[:, :, slot] = v
+        self.ring_g[:, :, slot] = g.float()
         ring_len = (input_pos[0] + 1).clamp(max=self.window)                                   # ()
         y = self.ops.decode_attention(q[:, :, 0], self.ring_k, self.ring_v, ring_len,
                                       self.global_k, self.global_v, self.global_len, self.scale)  # (B, Hq, D)

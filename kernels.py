@@ -185,16 +185,13 @@ def promote_ref(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len
     lowest_g, lowest = torch.where(slot_in_store, global_g, torch.full_like(global_g, float("inf"))).min(-1)
     write = (g_out > threshold) & (~full | (g_out > lowest_g))                              # (B, Hkv)
     slot = torch.where(full, lowest, global_len.clamp(max=C - 1))                           # (B, Hkv)
-    # Rows that do not write get their own old value back, so the scatter is unconditional.
-    old_k = global_k.gather(2, slot[..., None, None].expand(B, Hkv, 1, D)).squeeze(2)      # (B, Hkv, D)
-    old_v = global_v.gather(2, slot[..., None, None].expand(B, Hkv, 1, D)).squeeze(2)
-    old_g = global_g.gather(2, slot[..., None]).squeeze(2)
-    new_k = torch.where(write[..., None], k_out.to(global_k.dtype), old_k)
-    new_v = torch.where(write[..., None], v_out.to(global_v.dtype), old_v)
-    new_g = torch.where(write, g_out.to(global_g.dtype), old_g)
-    global_k.scatter_(2, slot[..., None, None].expand(B, Hkv, 1, D), new_k[:, :, None])
-    global_v.scatter_(2, slot[..., None, None].expand(B, Hkv, 1, D), new_v[:, :, None])
-    global_g.scatter_(2, slot[..., None], new_g[..., None])
+    # Rows that do not write get their own old value back, so the write is unconditional. Indexing
+    # (index_put_) rather than scatter_: compiled, Inductor writes it in place, where a scatter_ after
+    # the gather of the old values made it copy the whole store every step.
+    at = (torch.arange(B, device=slot.device)[:, None], torch.arange(Hkv, device=slot.device)[None, :], slot)
+    global_k[at] = torch.where(write[..., None], k_out.to(global_k.dtype), global_k[at])   # (B, Hkv, D)
+    global_v[at] = torch.where(write[..., None], v_out.to(global_v.dtype), global_v[at])   # (B, Hkv, D)
+    global_g[at] = torch.where(write, g_out.to(global_g.dtype), global_g[at])               # (B, Hkv)
     global_len.add_((write & ~full).to(global_len.dtype))
 
 
