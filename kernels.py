@@ -39,7 +39,7 @@ def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scal
     if q.device.type == "cpu" or not torch.compiler.is_compiling():
         # Read only the filled slots, so a store sized for the whole context costs what it holds. That
         # reads the lengths on the host: free on a CPU, where torch.compile keeps the length as a symbolic
-        # size (capture_scalar_outputs, below) and one graph serves every length; on a GPU a sync,
+        # size (capture_scalar_outputs, above) and one graph serves every length; on a GPU a sync,
         # so compiled there the shapes stay static and the mask does the work (the Triton kernel skips
         # the empty tiles itself).
         filled = lengths.max().clamp(min=1).item()
@@ -179,7 +179,7 @@ def promote_ref(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len
     k_out, v_out: (B, Hkv, D); g_out: (B, Hkv) (an empty ring slot has g = -1, never admitted).
     A full store admits the token in place of its lowest-g entry, and only if the token's g is higher.
     """
-    B, Hkv, C, D = global_k.shape
+    B, Hkv, C = global_g.shape
     full = global_len >= C                                                                  # (B, Hkv)
     slot_in_store = torch.arange(C, device=global_len.device) < global_len[..., None]     # (B, Hkv, C)
     lowest_g, lowest = torch.where(slot_in_store, global_g, torch.full_like(global_g, float("inf"))).min(-1)
