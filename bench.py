@@ -61,7 +61,7 @@ class Ours:
             self.kv_held = admission_stats(self.model)["bytes_in_use"]
         else:
             c, written = self.model.config, timings.prompt_tokens + timings.decode_steps
-            self.kv_held = written * c.n_layers * 2 * c.n_kv_heads * c.head_dim * self.model.output.weight.element_size()
+            self.kv_held = written * c.n_layers * c.n_kv_heads * self.model.layers[0].attention.cache.bytes_per_token()
         return timings
 
 

@@ -36,6 +36,10 @@ class DenseCache(nn.Module):
     def bytes_allocated(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
+    def bytes_per_token(self) -> int:
+        """K and V of one token of one (batch, KV head), as WriteGatedCache.bytes_per_token."""
+        return 2 * self.k_cache.shape[-1] * self.k_cache.element_size()
+
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The kernels.BACKENDS name to use: 'auto' is Triton on CUDA when it is there, else the PyTorch reference."""

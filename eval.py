@@ -337,7 +337,7 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
         heads = c.n_layers * c.n_kv_heads
         left = heads * max(seen - window, 0)
         return {"left": left, "kept": left, "held": heads * seen, "seen": heads * seen,
-                "bytes_per_token": 2 * c.head_dim * caches[0].k_cache.element_size()}
+                "bytes_per_token": caches[0].bytes_per_token()}
     total = lambda tensors: int(torch.stack([t.sum() for t in tensors]).sum())
     counts = [cache.counts() for cache in caches]
     return {"left": total(cache.n_left for cache in caches), "kept": total(cache.global_len for cache in caches),
