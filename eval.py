@@ -679,13 +679,12 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
         if "runs" not in pieces[-1] or "sequences" not in pieces[-1]:
             raise EvalError(f"{path} is not a result of this eval.py (written with --out)")
     first = pieces[0]
+    shared = lambda piece: {**{k: piece["runs"][0][k] for k in SHARED_RUN}, **{k: piece["grid"][k] for k in SHARED_GRID}}
     for path, piece in zip(paths[1:], pieces[1:]):
-        for section, keys in (("runs", SHARED_RUN), ("grid", SHARED_GRID)):
-            for key in keys:
-                a = first[section][0][key] if section == "runs" else first[section][key]
-                b = piece[section][0][key] if section == "runs" else piece[section][key]
-                if a != b:
-                    raise EvalError(f"{path} has {key} {b!r}, {paths[0]} has {a!r}: pieces of one grid share it")
+        for key, a in shared(first).items():
+            if shared(piece)[key] != a:
+                raise EvalError(f"{path} has {key} {shared(piece)[key]!r}, {paths[0]} has {a!r}: "
+                                f"pieces of one grid share it")
         if piece["gates"] != first["gates"]:
             raise EvalError(f"{path} evaluated other gates than {paths[0]}: {sorted(piece['gates'])} "
                             f"vs {sorted(first['gates'])}")

@@ -44,15 +44,18 @@ def setup(tmp_path_factory):
     return root, checkpoint
 
 
+def run_eval(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "eval.py"), "--threads", "1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def quick(setup):
     root, checkpoint = setup
     out = root / "eval.json"
-    cmd = [sys.executable, str(REPO / "eval.py"), "--quick", "--checkpoint", str(checkpoint),
-           "--data", str(root / "heldout"), "--gates-dir", str(root / "gates"), "--lengths", "160",
-           "--docs", "2", "--decode-tokens", "16", "--passkey-lengths", "400", "--depths", "0", "0.5", "1",
-           "--threads", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = run_eval("--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
+                    "--gates-dir", str(root / "gates"), "--lengths", "160", "--docs", "2", "--decode-tokens", "16",
+                    "--passkey-lengths", "400", "--depths", "0", "0.5", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -83,12 +86,6 @@ def test_quick_runs_every_policy_and_task(quick):
     assert "matplotlib" in proc.stderr or (Path(result["runs"][0]["command"].split("--out ")[1]).with_suffix(".png")).exists()
 
 
-def run_eval(setup, *args: str) -> subprocess.CompletedProcess:
-    root, checkpoint = setup
-    cmd = [sys.executable, str(REPO / "eval.py"), "--threads", "1", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-
-
 def test_pieces_merge_into_the_whole_grid(setup, quick):
     """The quick grid run in two pieces (documents and the first depth; the other depths) and merged gives
     the one run's tables exactly: each passkey cell draws its own key, whatever else the run holds."""
@@ -99,10 +96,10 @@ def test_pieces_merge_into_the_whole_grid(setup, quick):
     paths = [root / "piece-1.json", root / "piece-2.json"]
     for path, grid in zip(paths, (["--lengths", "160", "--passkey-lengths", "400", "--depths", "0"],
                                   ["--lengths", "--passkey-lengths", "400", "--depths", "0.5", "1"])):
-        proc = run_eval(setup, *common, *grid, "--out", str(path))
+        proc = run_eval(*common, *grid, "--out", str(path))
         assert proc.returncode == 0, proc.stderr[-3000:]
     merged_path = root / "merged.json"
-    proc = run_eval(setup, "--merge", *map(str, paths), "--out", str(merged_path))
+    proc = run_eval("--merge", *map(str, paths), "--out", str(merged_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = json.loads(merged_path.read_text())
     for table in ("perplexity", "decode", "passkey"):
@@ -113,7 +110,7 @@ def test_pieces_merge_into_the_whole_grid(setup, quick):
     for args, message in ((["--merge", str(paths[0]), str(merged_path)], "must not overlap"),
                           (["--merge", str(paths[0]), "--lengths", "160"], "drop --lengths"),
                           (["--merge", str(root / "heldout" / "prose" / "doc.txt")], "cannot read")):
-        proc = run_eval(setup, *args)
+        proc = run_eval(*args)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
             proc.stderr
 
