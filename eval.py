@@ -513,8 +513,18 @@ def report(result: dict) -> str:
     return "\n\n".join(parts)
 
 
+def policy_family(name: str, gates: dict) -> str:
+    """The family a row's policy belongs to: dense, gate, random, snapkv, or the built-in's own name."""
+    if name in ("dense", *gates):
+        return "dense" if name == "dense" else "gate"
+    return name.split(" ~ ")[0] if " ~ " in name else name
+
+
 def plot(result: dict, path: str) -> None:
-    """Quality against the share of the KV cache held, one panel per task."""
+    """Quality against the share of the KV cache held, one panel per task: perplexity relative to dense at the
+    same length (the documents differ per length, so raw perplexities do not compare across lengths), passkey
+    accuracy as it is. Colour: the policy's family; marker: the length; a line joins a family's points at one
+    length, so each gate family traces its trade-off curve beside the matched baselines."""
     try:
         import matplotlib
     except ImportError:
@@ -522,29 +532,39 @@ def plot(result: dict, path: str) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [(k, y, label) for k, y, label in (("perplexity", "ppl", "held-out perplexity (one prefill)"),
-                                               ("decode", "ppl", "perplexity, prefill + decode"),
-                                               ("passkey", "accuracy", "passkey accuracy"))
-              if result[k]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    names = list(dict.fromkeys(r["policy"] for k, _, _ in panels for r in result[k]))
-    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
-    lengths = sorted({r["length"] for k, _, _ in panels for r in result[k]})
+    panels = [(task, label) for task, label in (("perplexity", "perplexity / dense (one prefill)"),
+                                                ("decode", "perplexity / dense (prefill + decode)"),
+                                                ("passkey", "passkey accuracy"))
+              if result[task]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    families = list(dict.fromkeys(policy_family(r["policy"], result["gates"]) for task, _ in panels
+                                  for r in result[task]))
+    colors = {f: "black" if f == "dense" else plt.cm.tab10(i % 10) for i, f in enumerate(families)}
+    lengths = sorted({r["length"] for task, _ in panels for r in result[task]})
     markers = dict(zip(lengths, "osD^vP*X"))
-    for ax, (k, y, label) in zip(axes[0], panels):
-        for r in result[k]:
-            ax.scatter(r["kv_held"], r[y], color=colors[r["policy"]], marker=markers[r["length"]])
+    for ax, (task, label) in zip(axes[0], panels):
+        for L in lengths:
+            rows = [r for r in result[task] if r["length"] == L]
+            dense = next((r for r in rows if r["policy"] == "dense"), None)
+            if task != "passkey" and dense is None:
+                continue                       # nothing to be relative to
+            value = (lambda r: r["accuracy"]) if task == "passkey" else (lambda r: r["ppl"] / dense["ppl"])
+            for family in families:
+                points = sorted((r["kv_held"], value(r)) for r in rows
+                                if policy_family(r["policy"], result["gates"]) == family)
+                if points:
+                    ax.plot(*zip(*points), color=colors[family], marker=markers[L], linewidth=0.8, alpha=0.85)
         ax.set_xlabel("KV cache held (share of dense)")
         ax.set_ylabel(label)
         ax.set_xscale("log")
-        if y == "accuracy":
+        if task == "passkey":
             ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=colors[n], marker="o", linestyle="", label=n) for n in names]
+    handles = [plt.Line2D([], [], color=colors[f], marker="o", linestyle="", label=f) for f in families]
     handles += [plt.Line2D([], [], color="gray", marker=markers[L], linestyle="", label=f"L = {L}") for L in lengths]
     fig.legend(handles=handles, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
-    fig.savefig(path, dpi=120)
+    fig.tight_layout(rect=(0, 0, 0.91, 1))
+    fig.savefig(path, dpi=100)
     say(f"plot: {path}")
 
 

@@ -83,7 +83,21 @@ def test_quick_runs_every_policy_and_task(quick):
     # The protocol claim: one prefill gives the logits decode gives, for every uncapped policy.
     assert {c["policy"] for c in result["checks"]} == set(names)
     assert max(c["max_abs_nll_diff"] for c in result["checks"]) < 1e-4
-    assert "matplotlib" in proc.stderr or (Path(result["runs"][0]["command"].split("--out ")[1]).with_suffix(".png")).exists()
+    png = Path(result["runs"][0]["command"].split("--out ")[1]).with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in proc.stderr
+
+
+def test_plot_without_matplotlib_says_why_and_the_tables_still_come(quick, tmp_path, monkeypatch, capsys):
+    _, result = quick
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # what an environment without it raises
+    ev.plot(result, str(tmp_path / "eval.png"))
+    assert "matplotlib is not installed" in capsys.readouterr().err and not (tmp_path / "eval.png").exists()
+
+
+def test_policy_families_colour_the_plot(quick):
+    _, result = quick
+    families = [ev.policy_family(r["policy"], result["gates"]) for r in result["decode"]]
+    assert families == ["dense", "gate", "random", "snapkv", "none", "sink:4"]
 
 
 def test_pieces_merge_into_the_whole_grid(setup, quick):
