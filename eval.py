@@ -515,9 +515,7 @@ def report(result: dict) -> str:
 
 def policy_family(name: str, gates: dict) -> str:
     """The family a row's policy belongs to: dense, gate, random, snapkv, or the built-in's own name."""
-    if name in ("dense", *gates):
-        return "dense" if name == "dense" else "gate"
-    return name.split(" ~ ")[0] if " ~ " in name else name
+    return "gate" if name in gates else name.split(" ~ ")[0]
 
 
 def plot(result: dict, path: str) -> None:
