@@ -87,7 +87,7 @@ def test_quick_runs_every_policy_and_task(quick):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in proc.stderr
 
 
-def test_plot_without_matplotlib_says_why_and_the_tables_still_come(quick, tmp_path, monkeypatch, capsys):
+def test_plot_without_matplotlib_says_why_and_writes_nothing(quick, tmp_path, monkeypatch, capsys):
     _, result = quick
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # what an environment without it raises
     ev.plot(result, str(tmp_path / "eval.png"))
