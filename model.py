@@ -1,4 +1,7 @@
-"""A Llama in plain PyTorch: config from a Hugging Face config.json, lazy safetensors loading.
+"""Llama and Qwen3 in plain PyTorch: config from a Hugging Face config.json, lazy safetensors loading.
+
+One model for both: Qwen3 is a Llama with an RMSNorm on each query and key head before RoPE
+(q_norm, k_norm), an explicit head_dim and possibly biased attention projections.
 
 The model knows nothing of KV-cache policy. Each attention layer computes q, the key before and
 after RoPE and v, asks its `gate` (if any) for one admission score per KV head and token, and hands
@@ -21,7 +24,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message names the problem in one line."""
 
 
-# Keys of a Llama config.json that describe the file or training, not the forward pass.
+# The architectures a config.json may name, with the model_type that goes with each.
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+# Keys of a config.json that describe the file or training, not the forward pass.
 _METADATA_KEYS = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
     "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id", "attention_dropout",
@@ -32,7 +37,9 @@ _METADATA_KEYS = {
     "is_decoder", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
 }
 # Keys whose only supported value is the one given: anything else changes the math.
-_FIXED_KEYS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+_FIXED_KEYS = {"hidden_act": "silu", "mlp_bias": False}
+# Qwen3's sliding-window keys: read only to refuse sliding attention, which changes the math.
+_QWEN3_KEYS = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
 
 
 @dataclass
@@ -49,6 +56,8 @@ class LlamaConfig:
     rope_scaling: dict = field(default_factory=dict)   # {} or Llama-3 "llama3" scaling parameters
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
+    attention_bias: bool = False  # biases on the q, k, v and output projections
+    qk_norm: bool = False         # Qwen3: RMSNorm (weight (D,)) on each query and key head before RoPE
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -61,13 +70,26 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
-        """Build from the dict of a Hugging Face LlamaForCausalLM config.json; fail loudly on anything else."""
-        archs = hf.get("architectures") or ["LlamaForCausalLM"]
-        if hf.get("model_type", "llama") != "llama" or archs != ["LlamaForCausalLM"]:
-            raise CheckpointError(f"architecture {archs} / model_type {hf.get('model_type')!r} is not supported (supported: LlamaForCausalLM, model_type 'llama')")
+        """Build from the dict of a Hugging Face LlamaForCausalLM or Qwen3ForCausalLM config.json; fail
+        loudly on anything else."""
+        model_type = hf.get("model_type", "llama")
+        archs = hf.get("architectures") or [a for a, t in ARCHITECTURES.items() if t == model_type][:1]
+        if len(archs) != 1 or ARCHITECTURES.get(archs[0]) != model_type:
+            raise CheckpointError(f"architecture {archs} / model_type {model_type!r} is not supported (supported: "
+                                  + ", ".join(f"{a} with model_type {t!r}" for a, t in ARCHITECTURES.items()) + ")")
+        qwen3 = model_type == "qwen3"
         for key, supported in _FIXED_KEYS.items():
             if key in hf and hf[key] != supported:
                 raise CheckpointError(f"config.json {key}={hf[key]!r} is not supported (supported: {supported!r})")
+        if qwen3:
+            if hf.get("use_sliding_window"):
+                raise CheckpointError("config.json use_sliding_window=true is not supported (sliding-window attention; "
+                                      "supported: full attention in every layer)")
+            sliding = [i for i, t in enumerate(hf.get("layer_types") or []) if t != "full_attention"]
+            if sliding:
+                raise CheckpointError(f"config.json layer_types has {hf['layer_types'][sliding[0]]!r} in layers "
+                                      f"{sliding[:8]}{'...' if len(sliding) > 8 else ''}, which is not supported "
+                                      f"(supported: 'full_attention' in every layer)")
         # transformers 5 keeps rope_theta inside rope_parameters; 4.x has rope_theta and rope_scaling.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -78,18 +100,21 @@ class LlamaConfig:
             "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
             "intermediate_size": "intermediate_size", "head_dim": "head_dim", "rms_norm_eps": "rms_norm_eps",
             "max_position_embeddings": "max_position_embeddings", "tie_word_embeddings": "tie_word_embeddings",
+            "attention_bias": "attention_bias",
         }
-        known = set(mapping) | _METADATA_KEYS | set(_FIXED_KEYS) | {"rope_theta", "rope_scaling", "rope_parameters"}
+        supported = set(mapping) | {"rope_theta", "rope_scaling", "rope_parameters"} | (_QWEN3_KEYS if qwen3 else set())
+        known = supported | _METADATA_KEYS | set(_FIXED_KEYS)
         unknown = sorted(k for k in hf if k not in known and not k.startswith("_"))
         if unknown:
-            raise CheckpointError(f"config.json has unsupported fields {unknown} (supported: {sorted(mapping) + ['rope_theta', 'rope_scaling', 'rope_parameters']})")
+            raise CheckpointError(f"config.json has unsupported fields {unknown} (supported: {sorted(supported)})")
+        # Qwen3's defaults for these differ from Llama's (head_dim 128, eps 1e-6): demand them, guess neither.
         required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
-        missing = [k for k in required if k not in hf]
+        missing = [k for k in required + (["head_dim", "rms_norm_eps"] if qwen3 else []) if k not in hf]
         if missing:
             raise CheckpointError(f"config.json lacks required fields {missing}")
         kwargs = {ours: hf[theirs] for theirs, ours in mapping.items() if hf.get(theirs) is not None}
         kwargs.setdefault("n_kv_heads", kwargs["n_heads"])
-        return cls(**kwargs, rope_theta=float(theta), rope_scaling=rope)
+        return cls(**kwargs, rope_theta=float(theta), rope_scaling=rope, qk_norm=qwen3)
 
 
 class RMSNorm(nn.Module):
@@ -132,10 +157,14 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        bias = config.attention_bias
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=bias)
+        # Qwen3's per-head norms; one weight (D,) shared by all heads, as its checkpoints store it.
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         # Both set from outside (setup_caches, gate.install); the layer only calls them.
         self.cache: nn.Module | None = None   # (q, k, v, g, input_pos) -> (B, Hq, T, D)
         self.gate: nn.Module | None = None    # (k_pre, k_post, input_pos) -> g (B, Hkv, T)
@@ -145,6 +174,9 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)          # (B, Hq, T, D)
         k_pre = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)       # (B, Hkv, T, D)
+        if self.q_norm is not None:
+            # The gate's pre-RoPE key is the normed one, as in the authors' Qwen3 patch (see README).
+            q, k_pre = self.q_norm(q), self.k_norm(k_pre)                                  # (B, H, T, D)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k_pre, cos, sin)
         g = self.gate(k_pre, k, input_pos) if self.gate is not None else None            # (B, Hkv, T)
@@ -220,7 +252,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Transformer":
-        """Load a Hugging Face Llama directory (config.json + *.safetensors, single or sharded)."""
+        """Load a Hugging Face Llama or Qwen3 directory (config.json + *.safetensors, single or sharded)."""
         from safetensors import safe_open
         checkpoint = Path(checkpoint)
         config = LlamaConfig.from_hf(read_json(checkpoint / "config.json"))
@@ -270,13 +302,14 @@ def read_json(path: Path) -> dict:
 _HF_LAYER_NAMES = {
     "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+    "self_attn.o_proj": "attention.wo", "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
     "mlp.down_proj": "feed_forward.w2",
 }
 
 
 def hf_to_ours(name: str) -> str | None:
-    """Map a Hugging Face Llama tensor name to ours; None for buffers we rebuild (rotary inv_freq)."""
+    """Map a Hugging Face Llama or Qwen3 tensor name to ours; None for buffers we rebuild (rotary inv_freq)."""
     if name.endswith("rotary_emb.inv_freq"):
         return None
     if name == "model.embed_tokens.weight":
