@@ -20,6 +20,22 @@ from model import CheckpointError, read_json
 
 # The special tokens transformers passes to every chat template by name (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# The names a message's reasoning (Qwen3's <think> text) may come under. transformers fills reasoning_content
+# (which Qwen3's templates read) and thinking (gpt-oss's) from the first one given.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """The messages as transformers 5 hands them to a template: keys whose value is None left out (a template
+    tests for a missing key, and would print None), and the reasoning under each name templates read it by."""
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in REASONING_FIELDS if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
@@ -108,10 +124,11 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to messages [{"role": ..., "content": ...}], as transformers renders it."""
+        """The chat template applied to messages [{"role": ..., "content": ...}, optionally "reasoning_content"],
+        as transformers renders it."""
         if self.chat_template is None:
             raise CheckpointError("this checkpoint has no chat template")
-        return self.chat_template.render(messages=messages, tools=None, documents=None,
+        return self.chat_template.render(messages=template_messages(messages), tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

@@ -5,13 +5,18 @@ import jinja2
 import pytest
 import transformers
 
-from tiny import LLAMA3_TEMPLATE, save_tiny_checkpoint, tiny_tokenizer
+from tiny import LLAMA3_TEMPLATE, SPECIAL, save_tiny_checkpoint, tiny_tokenizer
 from tokenizer import StreamDecoder, Tokenizer, compile_chat_template
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": " Hi 😀 "},
      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "東京?\n"}],
+    # Reasoning inline, under its own key and under another name, and a None that transformers drops: Qwen3's
+    # templates turn each into <think> ... </think> after the last user turn.
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nAdd.\n</think>\n\n4"},
+     {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": "Add again."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "thinking": "Greet.", "tool_calls": None}],
 ]
 
 
@@ -20,7 +25,7 @@ def hf_chat_ids(hf, messages, add_generation_prompt):
     return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
 
 
-@pytest.fixture(scope="module", params=["chatml", "llama3"])
+@pytest.fixture(scope="module", params=["chatml", "llama3", "qwen3-instruct", "qwen3-thinking"])
 def tiny_pair(request, tmp_path_factory):
     path = save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
     return request.param, Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
@@ -39,11 +44,31 @@ def test_chat_template_matches_transformers(tiny_pair, conversation, add_generat
 def test_one_bos_and_stop_ids(tiny_pair):
     template, ours, hf = tiny_pair
     chat = ours.encode_prompt("Hi")
-    assert chat[:1] == [hf.bos_token_id] and chat[1] != hf.bos_token_id   # the template's BOS, not a second one
+    if SPECIAL[template][0] is None:   # Qwen3: no BOS at all
+        assert hf.bos_token_id is None and chat[0] == hf.convert_tokens_to_ids("<|im_start|>")
+    else:
+        assert chat[:1] == [hf.bos_token_id] and chat[1] != hf.bos_token_id   # the template's BOS, not a second one
     assert ours.encode("Hi") == hf("Hi")["input_ids"]                      # raw text: what the post-processor adds
-    end_of_turn = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[template]
-    assert ours.stop_ids == {hf.eos_token_id, hf.convert_tokens_to_ids(end_of_turn)}
+    end_of_turn = hf.convert_tokens_to_ids(SPECIAL[template][2])
+    # Qwen3's config.json ends a reply at <|endoftext|> too.
+    also = {hf.convert_tokens_to_ids("<|endoftext|>")} if template.startswith("qwen3") else set()
+    assert ours.stop_ids == {hf.eos_token_id, end_of_turn} | also
     assert ours.encode_prompt("Hi", chat=False) == ours.encode("Hi")
+
+
+@pytest.mark.parametrize("template", ["qwen3-instruct", "qwen3-thinking"])
+def test_qwen3_thinking_markers(tmp_path, template):
+    """The Thinking template opens a <think> block in the prompt, the Instruct one does not; both keep a reply's
+    <think> ... </think> (added tokens, not special) when decoding, as transformers does."""
+    path = save_tiny_checkpoint(tmp_path, template)
+    ours, hf = Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    prompt = ours.encode_prompt("Hi")
+    think, end_think = hf.convert_tokens_to_ids("<think>"), hf.convert_tokens_to_ids("</think>")
+    assert (think in prompt) == (template == "qwen3-thinking")
+    assert prompt == hf_chat_ids(hf, [{"role": "user", "content": "Hi"}], True)
+    reply = ours.encode("Some thought.\n</think>\n\nParis.", add_special_tokens=False)
+    assert end_think in reply
+    assert ours.decode(reply) == hf.decode(reply, skip_special_tokens=True) == "Some thought.\n</think>\n\nParis."
 
 
 def test_template_raise_exception():
