@@ -16,6 +16,7 @@ import argparse
 import gzip
 import io
 import json
+import random
 import shutil
 import struct
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,6 +92,168 @@ def make_samples(docs: list[list[int]], prefix: list[int], seq_len: int) -> Tens
         raise DataError(f"no document is long enough for one {seq_len}-token sample (the longest has "
                         f"{max(map(len, docs))} tokens, and the chat prefix takes {len(prefix)})")
     return torch.tensor(rows, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval samples: facts planted in training prose, asked for at the end (issue 13)
+#
+# The all-position distillation loss barely pays a gate to keep a token that only a far question
+# needs: almost every position is predicted well from the window. These samples put that case in
+# the training mix, as DuoAttention does for its retention gates: several facts of varied forms at
+# random depths of a training document, questions about some of them after it, and the answers in
+# the assistant turn, whose positions train_gate.py weights apart. The wording is our own and
+# differs from eval.py's passkey prompt, which never enters training.
+
+FIRST = ("Amara", "Bastian", "Chiara", "Dmitri", "Esme", "Farid", "Greta", "Hiroshi", "Ines", "Jonas", "Kalani",
+         "Lucia", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosalind", "Soren", "Tamsin", "Umar", "Vera",
+         "Wendell", "Ximena", "Yusuf", "Zofia")
+LAST = ("Abernathy", "Brennan", "Castellano", "Delacroix", "Eriksen", "Fairweather", "Galloway", "Hargreaves",
+        "Ibarra", "Jankowski", "Lindqvist", "Montague", "Nakamura", "Okafor", "Pemberton", "Quintero", "Rasmussen",
+        "Sinclair", "Thornbury", "Whitcombe", "Yamada", "Zeller")
+PLACES = ("harbour office", "east tower", "river mill", "old library", "glass workshop", "signal station",
+          "orchard house", "copper mine", "night market", "weather station", "ferry terminal", "music hall",
+          "botanical garden", "clock tower", "salt warehouse", "village school", "lighthouse", "print shop")
+OBJECTS = ("blue lantern", "brass telescope", "cedar chest", "silver compass", "iron safe", "velvet case",
+           "oak cabinet", "stone tablet", "red notebook", "glass jar", "leather satchel", "copper kettle",
+           "music box", "wooden sled")
+WORDS = ("marigold", "thunder", "saffron", "lattice", "quiver", "ember", "nebula", "juniper", "cobalt", "meadow",
+         "falcon", "pumice", "riddle", "tundra", "willow", "zephyr", "obsidian", "harvest", "canyon", "biscuit",
+         "glacier", "pepper", "walrus", "trumpet")
+ROLES = ("keeper", "treasurer", "head gardener", "night watchman", "chief engineer", "archivist", "harbour master",
+         "cook", "captain", "librarian", "doctor", "bookkeeper")
+NUMBERED = ("access code", "room number", "account number", "ticket number", "lock combination", "order number",
+            "badge number", "phone extension")
+CREATURES = ("grey cat", "small fox", "old dog", "white goat", "black crow", "tame hare", "striped lizard",
+             "young owl", "lame pony", "green parrot")
+SPOTS = ("under the stairs", "behind the piano", "inside the chimney", "beneath the bridge", "on the roof",
+         "in the cellar", "beside the well", "under the green cart", "in the hayloft", "behind the bakery")
+INSTRUCTIONS = ("Read the following text carefully. Some facts are hidden in it; answer the questions after it.",
+                "Below is a long document with a few facts scattered through it. Remember them.",
+                "Here is some text. Pay attention to any names, numbers and codes it mentions.",
+                "Study this passage; you will be asked about details from it.")
+QUESTIONS_HEADER = ("Questions:", "Now answer these questions about the text:", "Answer briefly:",
+                    "Please answer from the text above:")
+
+
+def _code(rng: random.Random) -> str:
+    letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+    part = lambda n: "".join(rng.choice(letters + "0123456789") for _ in range(n))
+    return f"{rng.choice(letters)}{rng.choice(letters)}-{part(rng.randint(3, 5))}"
+
+
+def make_fact(rng: random.Random) -> tuple[str, str, str, str]:
+    """One fact: (the sentence planted in the text, the question about it, its answer, its form).
+    The forms: numbers, words, names, codes, key-value pairs and short sentences, each in varied wording."""
+    form = rng.choice(("number", "word", "name", "code", "key-value", "sentence"))
+    place, thing = rng.choice(PLACES), rng.choice(OBJECTS)
+    if form == "number":
+        label, value = f"{rng.choice(NUMBERED)} of the {place}", str(rng.randrange(10 ** rng.randint(2, 6), 10 ** 7))
+        said = rng.choice(("The {l} is {v}.", "Note that the {l} is {v}.", "For the record, the {l} reads {v}."))
+        asked = rng.choice(("What is the {l}?", "Which number is the {l}?"))
+    elif form == "word":
+        label, value = f"the {place}", rng.choice(WORDS)
+        said = rng.choice(("The secret word at {l} is {v}.", "At {l}, the password is {v}.",
+                           "Whoever visits {l} must say the word {v}."))
+        asked = rng.choice(("What is the secret word at {l}?", "Which word must be said at {l}?"))
+    elif form == "name":
+        label, value = f"{rng.choice(ROLES)} of the {place}", f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+        said = rng.choice(("The {l} is {v}.", "The {l} was a person named {v}.", "{v} served as the {l}."))
+        asked = rng.choice(("Who is the {l}?", "What is the name of the {l}?"))
+    elif form == "code":
+        label, value = f"the {thing}", _code(rng)
+        said = rng.choice(("The serial code on {l} is {v}.", "Stamped on {l} was the code {v}.",
+                           "{l} is labelled {v}."))
+        asked = rng.choice(("What is the code on {l}?", "Which code is stamped on {l}?"))
+    elif form == "key-value":
+        label, value = f"entry {rng.randrange(100, 10000)}", f"{rng.choice(WORDS)} {rng.choice(OBJECTS).split()[-1]}"
+        said = rng.choice(("In the ledger, {l} maps to {v}.", "Ledger line: {l} -> {v}.", "The ledger lists {l} as {v}."))
+        asked = rng.choice(("In the ledger, what does {l} map to?", "What does the ledger list for {l}?"))
+    else:
+        label, value = f"{rng.choice(FIRST)}'s {rng.choice(CREATURES)}", rng.choice(SPOTS)
+        said, asked = rng.choice((("{l} sleeps {v}.", "Where does {l} sleep?"),
+                                  ("Every night {l} hides {v}.", "Where does {l} hide every night?"),
+                                  ("They found {l} {v}.", "Where was {l} found?")))
+    statement = said.format(l=label, v=value)
+    return statement[0].upper() + statement[1:], asked.format(l=label), value, form
+
+
+@dataclass
+class RetrievalSample:
+    ids: list[int]               # exactly seq_len tokens
+    answer_mask: list[bool]      # True at t when token t + 1 belongs to an answer (the positions that predict it)
+    facts: list[tuple[int, int]]  # [start, end) token span of each planted fact in ids, in text order
+    asked: list[int]             # the facts asked about (indices into facts), in the order asked
+    answers: list[str]           # the answer to each asked fact, in that order
+
+
+def retrieval_sample(tok, prose: list[int], seq_len: int, rng: random.Random, facts: tuple[int, int] = (2, 10),
+                     min_filler: float = 0.5) -> RetrievalSample:
+    """One sample of exactly seq_len tokens: facts planted at random depths of a piece of `prose` (token ids of
+    training text), then questions about a random non-empty subset of them, and the answers as the assistant's
+    reply. tok is a tokenizer.Tokenizer. Fewer facts are planted when their text would leave less than
+    min_filler of the sample to prose."""
+    encode = lambda s: tok.encode(s, add_special_tokens=False)
+    drawn, questions, n_facts = [], set(), rng.randint(*facts)
+    while len(drawn) < n_facts:
+        statement, question, answer, _ = make_fact(rng)
+        if question not in questions:   # two facts answering one question would make the answer ambiguous
+            questions.add(question)
+            drawn.append((statement, question, answer))
+    while True:
+        asked = rng.sample(range(len(drawn)), rng.randint(1, len(drawn)))
+        head, pieces = _retrieval_template(tok, rng.choice(INSTRUCTIONS), rng.choice(QUESTIONS_HEADER),
+                                           [drawn[i][1] for i in asked])
+        needles = [encode(f" {statement} ") for statement, _, _ in drawn]
+        answers = [encode(" " + drawn[i][2]) for i in asked]
+        n_fill = seq_len - len(head) - sum(map(len, needles)) - sum(map(len, pieces)) - sum(map(len, answers))
+        if n_fill >= min_filler * seq_len or len(drawn) == 1:
+            break
+        drawn.pop()
+    if n_fill < 0:
+        raise DataError(f"a retrieval sample needs more than {seq_len} tokens; use a longer --seq-len")
+    if len(prose) < n_fill:
+        raise DataError(f"the training text holds {len(prose)} tokens, a retrieval sample needs {n_fill} of filler")
+    start = rng.randrange(len(prose) - n_fill + 1)
+    fill = prose[start:start + n_fill]
+    depths = sorted(rng.randrange(n_fill + 1) for _ in drawn)
+    ids, spans, at = list(head), [], 0
+    for depth, needle in zip(depths, needles):
+        ids += fill[at:depth]
+        spans.append((len(ids), len(ids) + len(needle)))
+        ids += needle
+        at = depth
+    ids += fill[at:]
+    in_answer = [False] * len(ids)
+    for piece, answer in zip(pieces, answers + [[]]):   # the template's pieces around and after the answers
+        ids += piece + answer
+        in_answer += [False] * len(piece) + [True] * len(answer)
+    assert len(ids) == seq_len
+    return RetrievalSample(ids, in_answer[1:] + [False], spans, asked, [drawn[i][2] for i in asked])
+
+
+def _retrieval_template(tok, instruction: str, header: str, questions: list[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the chat template around a retrieval sample: the head (up to the text) and the pieces
+    around the answers (the first ends with the assistant's "1.", the last closes its turn)."""
+    text, answer = "\x00TEXT\x00", "\x00ANSWER\x00"
+    user = f"{instruction}\n\n{text}\n\n{header}\n" + "".join(f"{n + 1}. {q}\n" for n, q in enumerate(questions))
+    reply = "\n".join(f"{n + 1}.{answer}" for n in range(len(questions)))
+    if tok.chat_template is None:
+        rendered = f"{user}\nAnswers:\n{reply}\n"
+    else:
+        rendered = tok.render_chat([{"role": "user", "content": user.rstrip()}, {"role": "assistant", "content": reply}],
+                                   add_generation_prompt=False)
+    head, rest = rendered.split(text)
+    encode = lambda s: tok.encode(s, add_special_tokens=False)
+    return encode(head), [encode(p) for p in rest.split(answer)]
+
+
+def make_retrieval_samples(tok, docs: list[list[int]], seq_len: int, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """n retrieval samples over the training documents' ids, sample i drawn from (seed, i) alone:
+    ids (n, seq_len) and answer_mask (n, seq_len)."""
+    prose = [t for ids in docs for t in ids]
+    samples = [retrieval_sample(tok, prose, seq_len, random.Random(f"retrieval/{seed}/{i}")) for i in range(n)]
+    return (torch.tensor([s.ids for s in samples], dtype=torch.long),
+            torch.tensor([s.answer_mask for s in samples], dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------------
