@@ -19,6 +19,8 @@ import json
 import math
 import os
 import platform
+import random
+import shlex
 import signal
 import sys
 import time
@@ -30,15 +32,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from data import DataError, chat_prefix, make_samples, read_documents
-from gate import WriteGate, save_gates
+from data import DataError, chat_prefix, make_retrieval_samples, make_samples, read_documents
+from gate import WriteGate, check_fits, load_gates, save_gates
 from model import CheckpointError, Transformer
 from tokenizer import Tokenizer
 
 # The flags that fix a run's trajectory, with their defaults (checkpoint None: the embedded SmolLM2).
 # --resume takes them from the checkpoint; one given again must agree with it.
+# The retrieval settings default to the prose-only recipe, which is also what a run saved before they existed did.
 TRAJECTORY = dict(checkpoint=None, data="data/train", seq_len=1024, steps=1000, batch_size=1, lam=0.16, window=256,
-                  threshold=0.1, lr=1e-3, weight_decay=0.01, warmup=0.1, hidden=0, seed=0, dtype="float32")
+                  threshold=0.1, lr=1e-3, weight_decay=0.01, warmup=0.1, hidden=0, seed=0, dtype="float32",
+                  retrieval_mix=0.0, retrieval_samples=1024, answer_weight=0.0, init=None)
 
 
 class TrainError(Exception):
@@ -156,9 +160,14 @@ class Distiller:
         for b, gate, attn in zip(self.blocks, self.gates, self.attns):
             b.attention.gate, b.attention.cache = (gate, attn) if student else (None, None)
 
-    def loss(self, x: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    def loss(self, x: Tensor, lam: float, answer_mask: Tensor | None = None, answer_weight: float = 0.0
+             ) -> tuple[Tensor, Tensor]:
         """x: (B, T) token ids -> the loss to back-propagate, and (loss, distill, reg, admitted share,
-        mean g) as a float64 CPU tensor of statistics."""
+        mean g, answer distill) as a float64 CPU tensor of statistics.
+
+        answer_mask: (B, T), True at the positions that predict an answer token. Their MSE, weighted by
+        answer_weight, joins the loss: the all-position mean hardly sees the few positions where a token far
+        behind the window is needed. Without answer positions (or at weight 0) the loss is the paper's."""
         self.wire(student=False)
         with torch.no_grad():
             target = self.model.body(x).float()                                               # (B, T, dim)
@@ -170,8 +179,13 @@ class Distiller:
         distill = F.mse_loss(hidden_states, target)
         reg = regularizer(gs, self.window)
         loss = distill + lam * reg
+        answer = torch.zeros_like(distill)
+        if answer_mask is not None and answer_mask.any():
+            answer = F.mse_loss(hidden_states[answer_mask], target[answer_mask])                # over (n_answer, dim)
+            if answer_weight:
+                loss = loss + answer_weight * answer
         with torch.no_grad():
-            stats = torch.stack([loss, distill, reg, (gs > self.threshold).float().mean(), gs.mean()])
+            stats = torch.stack([loss, distill, reg, (gs > self.threshold).float().mean(), gs.mean(), answer])
         return loss, stats.double().cpu()
 
 
@@ -195,10 +209,19 @@ def learning_rate(step: int, steps: int, lr: float, warmup: float) -> float:
 
 
 def sample_index(i: int, n: int, seed: int) -> int:
-    """The i-th sample of the whole run: epoch i // n visits all n samples in its own seeded order,
+    """The i-th draw from n samples: epoch i // n visits all n samples in its own seeded order,
     so the data order is a pure function of (seed, step) and a resumed run sees what it would have."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + i // n))
     return int(order[i % n])
+
+
+def sample_row(i: int, n_prose: int, n_retrieval: int, mix: float, seed: int) -> int:
+    """Row of the run's samples (prose rows first, then retrieval rows) that the i-th sample of the run reads:
+    a retrieval sample with probability mix, decided by (seed, i) alone. At mix 0 the prose order of a
+    prose-only run."""
+    if n_retrieval and random.Random(f"mix/{seed}/{i}").random() < mix:
+        return n_prose + sample_index(i, n_retrieval, seed + 1)
+    return sample_index(i, n_prose, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +246,12 @@ def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype
         "base_model": Path(a["checkpoint"]).name,
         "training": {"steps": state["step"], "of_steps": a["steps"], "seq_len": a["seq_len"], "batch_size": a["batch_size"],
                      "lr": a["lr"], "weight_decay": a["weight_decay"], "data": a["data"], "run": str(run),
+                     "retrieval_mix": a.get("retrieval_mix", 0.0), "retrieval_samples": a.get("retrieval_samples"),
+                     "answer_weight": a.get("answer_weight", 0.0), "init": a.get("init"),
+                     "commands": state.get("commands", []),
                      "train_seconds": round(state["elapsed"]), "machine": state["machine"],
-                     "final": {k: state["last"][k] for k in ("distill", "reg", "admitted")} if state.get("last") else None},
+                     "final": {k: state["last"].get(k) for k in ("distill", "reg", "admitted", "answer")}
+                     if state.get("last") else None},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -241,7 +268,8 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
           steps: int | None = None, batch_size: int | None = None, lam: float | None = None, window: int | None = None,
           threshold: float | None = None, lr: float | None = None, weight_decay: float | None = None,
           warmup: float | None = None, hidden: int | None = None, seed: int | None = None, dtype: str | None = None,
-          device: str | None = None, activation_checkpointing: bool = False, block: int = 256, save_every: int = 25,
+          retrieval_mix: float | None = None, retrieval_samples: int | None = None, answer_weight: float | None = None,
+          init: str | None = None, device: str | None = None, activation_checkpointing: bool = False, block: int = 256, save_every: int = 25,
           threads: int = 0, resume: bool = False, export: str | None = None, export_dtype: str = "float16") -> None:
     """Train (or, with export, write a run's latest gates); None takes the default or the resumed run's value."""
     given = {k: v for k, v in locals().items() if k in TRAJECTORY and v is not None}
@@ -259,6 +287,7 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
     state = None
     if resume:
         state = load_checkpoint(run)
+        state["args"] = TRAJECTORY | state["args"]   # a run from before a setting existed ran at its default
         changed = [f"{k} {state['args'][k]!r} -> {v!r}" for k, v in given.items() if state["args"][k] != v]
         if changed:
             raise TrainError(f"{run}/checkpoint.pt was written with other settings ({'; '.join(changed)}); "
@@ -272,8 +301,8 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
             from convert_gguf import ensure_default_checkpoint
             args["checkpoint"] = str(ensure_default_checkpoint())
         args["out"] = str(run)
-    checkpoint, data, seq_len, steps, batch_size, lam, window, threshold, lr, weight_decay, warmup, hidden, seed, dtype = (
-        args[k] for k in TRAJECTORY)
+    (checkpoint, data, seq_len, steps, batch_size, lam, window, threshold, lr, weight_decay, warmup, hidden, seed, dtype,
+     retrieval_mix, retrieval_samples, answer_weight, init) = (args[k] for k in TRAJECTORY)
 
     for name, value, low in (("--seq-len", seq_len, 2), ("--steps", steps, 1), ("--batch-size", batch_size, 1),
                              ("--window", window, 1), ("--block", block, 1), ("--save-every", save_every, 1)):
@@ -282,6 +311,9 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
     if lam < 0 or lr <= 0 or not 0 <= warmup <= 1 or not 0 < threshold < 1:
         raise TrainError(f"need --lambda >= 0, --lr > 0, 0 <= --warmup <= 1, 0 < --threshold < 1 "
                          f"(got {lam}, {lr}, {warmup}, {threshold})")
+    if not 0 <= retrieval_mix <= 1 or answer_weight < 0 or (retrieval_mix and retrieval_samples < 1):
+        raise TrainError(f"need 0 <= --retrieval-mix <= 1, --answer-weight >= 0 and --retrieval-samples >= 1 "
+                         f"(got {retrieval_mix}, {answer_weight}, {retrieval_samples})")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,21 +334,39 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         raise TrainError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_position_embeddings} tokens")
     if state is not None and (run / "samples.pt").exists():
         # The run's own tokenized samples: a resumed run trains on exactly what it started with.
-        samples = torch.load(run / "samples.pt", weights_only=True).long()                    # (N, seq_len)
+        saved = torch.load(run / "samples.pt", weights_only=True)
+        if isinstance(saved, Tensor):   # a prose-only run from before retrieval samples
+            saved = {"ids": saved, "answer_mask": torch.zeros(saved.shape, dtype=torch.bool), "prose": saved.shape[0]}
+        samples, answer_mask, n_prose = saved["ids"].long(), saved["answer_mask"], saved["prose"]     # (N, seq_len) x 2
     else:
         tok = Tokenizer(checkpoint)
         docs = read_documents(data)
         t0 = time.time()
         ids = [e.ids for e in tok.backend.encode_batch([text for _, text in docs], add_special_tokens=False)]
         samples = make_samples(ids, chat_prefix(tok), seq_len)                                # (N, seq_len)
-        say(f"data: {len(docs)} documents under {data} -> {samples.shape[0]} samples of {seq_len} tokens "
-            f"({time.time() - t0:.0f} s to tokenize)")
+        n_prose = samples.shape[0]
+        answer_mask = torch.zeros(samples.shape, dtype=torch.bool)                            # (N, seq_len)
+        if retrieval_mix:
+            planted, planted_mask = make_retrieval_samples(tok, ids, seq_len, retrieval_samples, seed)
+            samples, answer_mask = torch.cat([samples, planted]), torch.cat([answer_mask, planted_mask])
+        say(f"data: {len(docs)} documents under {data} -> {n_prose} prose and {samples.shape[0] - n_prose} retrieval "
+            f"samples of {seq_len} tokens ({time.time() - t0:.0f} s to build)")
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
-            save_atomic(samples.int(), run / "samples.pt")
+            save_atomic({"ids": samples.int(), "answer_mask": answer_mask, "prose": n_prose}, run / "samples.pt")
+    n_retrieval = samples.shape[0] - n_prose
 
     torch.manual_seed(seed)
     gates = build_gates(model, hidden).to(device)
+    if init is not None and state is None:   # start from a trained gate file (a resumed run has its own gates)
+        try:
+            start, _ = load_gates(init)
+        except (OSError, CheckpointError) as e:
+            raise TrainError(f"--init {init}: {e}") from None
+        check_fits(start, model, init)
+        if [(g.n_kv_heads, g.head_dim, g.hidden) for g in start] != [(g.n_kv_heads, g.head_dim, g.hidden) for g in gates]:
+            raise TrainError(f"--init {init} has gates of another width than --hidden {hidden} asks")
+        gates.load_state_dict(nn.ModuleList(start).float().state_dict())
     optimizer = torch.optim.AdamW(gates.parameters(), lr=lr, weight_decay=weight_decay)
     step, elapsed = 0, 0.0
     if state is not None:
@@ -326,8 +376,10 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         say(f"resumed {run} at step {step}/{steps}")
     distiller = Distiller(model, gates, window, threshold, block, activation_checkpointing)
 
+    commands = (state.get("commands", []) if state is not None else []) + [shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])]
+
     def snapshot(last: dict | None) -> dict:
-        return {"step": step, "elapsed": elapsed, "args": args, "gates": gates.state_dict(),
+        return {"step": step, "elapsed": elapsed, "args": args, "gates": gates.state_dict(), "commands": commands,
                 "gate_shapes": [(g.n_kv_heads, g.head_dim, g.hidden) for g in gates],
                 "optimizer": optimizer.state_dict(), "machine": machine(device, world), "last": last}
 
@@ -355,12 +407,14 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         t_step = time.time()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
-        totals = torch.zeros(5, dtype=torch.float64)   # loss, distill, reg, admitted, g mean (sums over the global batch)
+        # loss, distill, reg, admitted, g mean, answer distill (sums over the global batch), retrieval samples
+        totals = torch.zeros(7, dtype=torch.float64)
         for i in range(local):
-            x = samples[sample_index(step * batch_size + rank * local + i, samples.shape[0], seed)][None].to(device)  # (1, T)
-            loss, stats = distiller.loss(x, lam)
+            row = sample_row(step * batch_size + rank * local + i, n_prose, n_retrieval, retrieval_mix, seed)
+            x, mask = samples[row][None].to(device), answer_mask[row][None].to(device)           # (1, T) x 2
+            loss, stats = distiller.loss(x, lam, mask, answer_weight)
             (loss / batch_size).backward()
-            totals += stats
+            totals += torch.cat([stats, stats.new_tensor([float(row >= n_prose)])])
         stopping = torch.tensor([stop["signal"] is not None], dtype=torch.float64)
         if distributed:
             flat = torch.cat([p.grad.reshape(-1) for p in gates.parameters()])
@@ -371,9 +425,10 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
                 offset += p.numel()
             both = torch.cat([totals, stopping]).to(device)
             dist.all_reduce(both)
-            totals, stopping = both[:5].cpu(), both[5:].cpu()
-        stats = (totals / batch_size).tolist()
-        if not all(math.isfinite(v) for v in stats):
+            totals, stopping = both[:-1].cpu(), both[-1:].cpu()
+        stats = (totals[:5] / batch_size).tolist()
+        stats.append(totals[5].item() / totals[6].item() if totals[6] else None)   # answer distill per retrieval sample
+        if not all(math.isfinite(v) for v in stats if v is not None):
             kept = f"the last good checkpoint is {run}/checkpoint.pt (step {step_saved(run)})" if (run / "checkpoint.pt").exists() \
                 else "no checkpoint was written yet"
             raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({stats[0]}); stopped without updating the gates; {kept}")
@@ -382,9 +437,10 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         step += 1
         dt = time.time() - t_step
         elapsed += dt
-        last = dict(zip(("loss", "distill", "reg", "admitted", "g_mean"), stats))
+        last = dict(zip(("loss", "distill", "reg", "admitted", "g_mean", "answer"), stats))
         rate = (time.time() - start_time) / (step - start_step)
-        say(f"step {step}/{steps} loss {stats[0]:.5f} distill {stats[1]:.5f} reg {stats[2]:.4f} "
+        answer = f" answer {stats[5]:.5f}" if stats[5] is not None else ""
+        say(f"step {step}/{steps} loss {stats[0]:.5f} distill {stats[1]:.5f}{answer} reg {stats[2]:.4f} "
             f"admit {100 * stats[3]:.1f}% lr {optimizer.param_groups[0]['lr']:.1e} "
             f"{tokens_per_step / dt:.0f} tok/s eta {format_time(rate * (steps - step))}")
         if rank == 0:
@@ -421,10 +477,18 @@ def step_saved(run: Path) -> int:
 
 
 def trim_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint being resumed (written after it, then lost with the process)."""
+    """Drop log lines past the checkpoint being resumed (written after it, then lost with the process), and
+    the half-written last line a killed process may leave."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record["step"] <= step:
+                kept.append(line)
+        path.write_text("".join(l + "\n" for l in kept))
 
 
 def machine(device: str, world: int) -> str:
@@ -457,6 +521,13 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=float, help="share of the steps with linear warm-up, then cosine to 0" + d("warmup"))
     p.add_argument("--hidden", type=int, help="gate MLP width, 0: 4 x head dim" + d("hidden"))
     p.add_argument("--seed", type=int, help="seeds the gate initialisation and the data order" + d("seed"))
+    p.add_argument("--retrieval-mix", type=float,
+                   help="share of samples with facts planted in the text and asked for at the end" + d("retrieval_mix"))
+    p.add_argument("--retrieval-samples", type=int, help="retrieval samples built for the run" + d("retrieval_samples"))
+    p.add_argument("--answer-weight", type=float,
+                   help="weight of the distillation loss on the answer positions, added to the all-position loss"
+                   + d("answer_weight"))
+    p.add_argument("--init", help="start the gates from this gate file instead of at random" + d("init"))
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="the frozen model's precision; gates stay float32 (bfloat16 is slow on CPUs without it)" + d("dtype"))
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")

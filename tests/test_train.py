@@ -178,7 +178,7 @@ def test_a_step_trains_only_the_gates(tiny):
     assert all(not torch.equal(a, b) for a, b in zip(gates_before, gates.parameters()))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)   # the model's own tensors, bit for bit
-    assert stats.shape == (5,) and 0 <= stats[3] <= 1
+    assert stats.shape == (6,) and 0 <= stats[3] <= 1 and stats[5] == 0   # no answer positions given
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny):
@@ -302,3 +302,126 @@ def test_two_gloo_processes_match_one_process(tiny, tmp_path):
         torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
     for a, b in zip(log(tmp_path / "one"), log(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The retrieval mix (issue 13)
+
+def test_answer_weighted_loss_is_its_definition_and_weight_0_is_the_old_loss(tiny):
+    model_dir, _ = tiny
+    model = Transformer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    gates = train_gate.build_gates(model, 0)
+    distiller = train_gate.Distiller(model, gates, window=8, threshold=0.1, block=16)
+    x = torch.randint(0, model.config.vocab_size, (1, 48))
+    mask = torch.zeros(1, 48, dtype=torch.bool)
+    mask[0, [20, 21, 22, 40]] = True
+
+    def grads(loss):
+        loss.backward()
+        out = [p.grad.clone() for p in gates.parameters()]
+        gates.zero_grad(set_to_none=True)
+        return out
+
+    old, old_stats = distiller.loss(x, lam=0.1)
+    old_grads = grads(old)
+    zero, zero_stats = distiller.loss(x, lam=0.1, answer_mask=mask, answer_weight=0.0)
+    assert torch.equal(zero, old) and all(torch.equal(a, b) for a, b in zip(grads(zero), old_grads))
+    weighted, stats = distiller.loss(x, lam=0.1, answer_mask=mask, answer_weight=3.0)
+    # The definition, from the two passes by hand: all-position MSE + 3 x MSE at the answer positions + lambda x reg.
+    distiller.wire(student=False)
+    with torch.no_grad():
+        target = model.body(x).float()
+    distiller.wire(student=True)
+    hidden = model.body(x).float()
+    gs = torch.stack([a.g for a in distiller.attns])
+    sq = (hidden - target) ** 2                                                                # (1, T, dim)
+    expected = sq.mean() + 3.0 * sq[0, [20, 21, 22, 40]].mean() + 0.1 * train_gate.regularizer(gs, 8)
+    torch.testing.assert_close(weighted, expected, rtol=1e-6, atol=0)
+    assert stats[5] == pytest.approx(sq[0, [20, 21, 22, 40]].mean().item(), rel=1e-6) and stats[5] > 0
+    assert zero_stats[5] == stats[5] and old_stats[5] == 0
+    expected_grads = grads(expected)
+    for a, b in zip(grads(weighted), expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_sample_rows_follow_the_mix_and_mix_0_is_the_prose_order():
+    assert [train_gate.sample_row(i, 10, 5, 0.0, 3) for i in range(30)] == \
+        [train_gate.sample_index(i, 10, 3) for i in range(30)]
+    rows = [train_gate.sample_row(i, 10, 5, 0.3, 3) for i in range(2000)]
+    share = sum(r >= 10 for r in rows) / len(rows)
+    assert 0.25 < share < 0.35 and set(rows) == set(range(15))
+    assert rows == [train_gate.sample_row(i, 10, 5, 0.3, 3) for i in range(2000)]
+
+
+def retrieval_args(model_dir, docs_dir, out, **overrides):
+    return run_args(model_dir, docs_dir, out, seq_len=256, retrieval_mix=0.5, retrieval_samples=6, answer_weight=2.0,
+                    **overrides)
+
+
+def test_a_retrieval_run_trains_on_training_text_only_and_records_its_mix(tiny, tmp_path):
+    model_dir, docs_dir = tiny
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    (heldout / "secret.txt").write_text("Zebras quarrelled over xylophones. " * 40)
+    out = tmp_path / "run"
+    train_gate.train(**retrieval_args(model_dir, docs_dir, out, steps=8, save_every=100))
+    saved = torch.load(out / "samples.pt", weights_only=True)
+    n_prose = saved["prose"]
+    assert saved["ids"].shape[0] == n_prose + 6 and not saved["answer_mask"][:n_prose].any()
+    assert saved["answer_mask"][n_prose:].any(dim=1).all()
+    tok = ChatTokenizer(model_dir)
+    texts = [tok.decode(row) for row in saved["ids"].tolist()]
+    assert not any("Zebras" in t or "xylophones" in t for t in texts) and any("admission" in t for t in texts)
+    rows = log(out)
+    assert any(r["answer"] is not None for r in rows) and any(r["answer"] is None for r in rows)
+    _, meta = load_gates(out / "gate.safetensors")
+    training = json.loads(meta["training"])
+    assert (training["retrieval_mix"], training["retrieval_samples"], training["answer_weight"]) == (0.5, 6, 2.0)
+    assert training["commands"] and training["init"] is None
+
+
+def test_init_starts_from_a_gate_file(tiny, tmp_path):
+    model_dir, docs_dir = tiny
+    first = tmp_path / "first"
+    train_gate.train(**run_args(model_dir, docs_dir, first, steps=3, save_every=100))
+    second = tmp_path / "second"
+    train_gate.train(**run_args(model_dir, docs_dir, second, steps=1, lr=1e-12, warmup=0.0, save_every=100,
+                                init=str(first / "gate.safetensors")))
+    a, b = load_file(first / "gate.safetensors"), load_file(second / "gate.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-9)   # an lr of 1e-12 barely moves them
+    assert json.loads(load_gates(second / "gate.safetensors")[1]["training"])["init"] == str(first / "gate.safetensors")
+    with pytest.raises(train_gate.TrainError, match="--init"):
+        train_gate.train(**run_args(model_dir, docs_dir, tmp_path / "third", steps=1, init=str(tmp_path / "none.safetensors")))
+
+
+def test_sigkill_resumes_from_the_last_checkpoint_on_the_uninterrupted_trajectory(tmp_path):
+    model_dir, docs_dir = make_tiny_model(tmp_path / "model"), make_docs(tmp_path / "docs")
+    args = retrieval_args(model_dir, docs_dir, tmp_path / "whole", steps=30, save_every=3)
+    train_gate.train(**args)
+    whole = log(tmp_path / "whole")
+
+    out = tmp_path / "parts"
+    cmd = [sys.executable, str(REPO / "train_gate.py")] + cli(args | dict(out=str(out)))
+    for kill_after in (5, 14):   # kill twice, the second time a resumed process
+        proc = subprocess.Popen(cmd + (["--resume"] if kill_after > 5 else []), cwd=REPO, stderr=subprocess.PIPE, text=True)
+        while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < kill_after:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.005)
+        proc.kill()   # SIGKILL: no handler runs, nothing is saved
+        proc.wait(timeout=60)
+        done = len((out / "log.jsonl").read_text().splitlines())
+        saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+        assert done - 3 <= saved <= done and saved % 3 == 0   # at most --save-every steps lost
+    # A checkpoint half-written when the process died, and a torn last log line, are never read.
+    (out / "checkpoint.pt.tmp").write_bytes(b"PK\x03\x04 half a zip")
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')
+    train_gate.train(out=str(out), resume=True, device="cpu", block=16, save_every=3, threads=1)
+    parts = log(out)
+    assert [r["step"] for r in parts] == list(range(1, 31))
+    for a, b in zip(whole, parts):
+        assert a["loss"] == b["loss"] and a["answer"] == b["answer"] and a["admitted"] == b["admitted"], a["step"]
+    assert all(torch.equal(a, b) for a, b in zip(load_file(tmp_path / "whole" / "gate.safetensors").values(),
+                                                 load_file(out / "gate.safetensors").values()))
