@@ -168,16 +168,21 @@ def _gates_from_state(state: dict[str, Tensor], source: Path) -> list[WriteGate]
 
 
 def check_fits(gates: list[nn.Module], model: Transformer, source: str = "gate") -> None:
-    """Raise GateError naming the first way the learned gates do not fit the model."""
+    """Raise GateError naming the first way the learned gates do not fit the model, and both shapes."""
     c = model.config
+    learned = [g for g in gates if isinstance(g, WriteGate)]
+    # Both shapes in every message: a gate for another model is the usual cause (Llama-3.1-8B's and Qwen3-4B's
+    # differ only in the layer count).
+    theirs = f"{len(gates)} layers" + (f", {learned[0].n_kv_heads} KV heads, head dim {learned[0].head_dim}" if learned else "")
+    shapes = f" (gate: {theirs}; model: {c.n_layers} layers, {c.n_kv_heads} KV heads, head dim {c.head_dim})"
     if len(gates) != c.n_layers:
-        raise GateError(f"{source} has {len(gates)} layers, the model has {c.n_layers}")
+        raise GateError(f"{source} has {len(gates)} layers, the model has {c.n_layers}{shapes}")
     for i, gate in enumerate(gates):
         if isinstance(gate, WriteGate):
             if gate.n_kv_heads != c.n_kv_heads:
-                raise GateError(f"{source} has {gate.n_kv_heads} KV heads in layer {i}, the model has {c.n_kv_heads}")
+                raise GateError(f"{source} has {gate.n_kv_heads} KV heads in layer {i}, the model has {c.n_kv_heads}{shapes}")
             if gate.head_dim != c.head_dim:
-                raise GateError(f"{source} has head dim {gate.head_dim} in layer {i}, the model has {c.head_dim}")
+                raise GateError(f"{source} has head dim {gate.head_dim} in layer {i}, the model has {c.head_dim}{shapes}")
 
 
 # -------------------------------------------------------------------------------------------------

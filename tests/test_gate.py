@@ -100,16 +100,17 @@ def test_metadata_round_trips_and_sets_the_defaults(tmp_path):
     assert (setup.window, setup.threshold, setup.capacity) == (3, 0.5, 2)
 
 
-@pytest.mark.parametrize("model_kwargs, message", [
-    ({"n_layers": 3}, "has 2 layers, the model has 3"),
-    ({"n_kv_heads": 4}, "has 2 KV heads in layer 0, the model has 4"),
-    ({"head_dim": 8}, "has head dim 16 in layer 0, the model has 8"),
+@pytest.mark.parametrize("model_kwargs, message, model_shape", [
+    ({"n_layers": 3}, "has 2 layers, the model has 3", "3 layers, 2 KV heads, head dim 16"),
+    ({"n_kv_heads": 4}, "has 2 KV heads in layer 0, the model has 4", "2 layers, 4 KV heads, head dim 16"),
+    ({"head_dim": 8}, "has head dim 16 in layer 0, the model has 8", "2 layers, 2 KV heads, head dim 8"),
 ])
-def test_mismatched_gate_names_the_mismatch(tmp_path, model_kwargs, message):
+def test_mismatched_gate_names_the_mismatch(tmp_path, model_kwargs, message, model_shape):
     gate.save_gates(tmp_path / "g.safetensors", [gate.WriteGate(2, 16) for _ in range(2)])
-    with pytest.raises(gate.GateError, match=message):
+    with pytest.raises(gate.GateError, match=message) as e:
         gate.setup_write_gated(tiny_model(**model_kwargs), str(tmp_path / "g.safetensors"), batch_size=1,
                                max_seq_len=8, dtype=torch.float32, device="cpu")
+    assert f"(gate: 2 layers, 2 KV heads, head dim 16; model: {model_shape})" in str(e.value)
 
 
 def test_inconsistent_hidden_width_names_it(tmp_path):

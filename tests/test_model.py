@@ -1,4 +1,4 @@
-"""model.py and the dense cache against transformers' LlamaForCausalLM on tiny random configs."""
+"""model.py and the dense cache against transformers' LlamaForCausalLM on tiny random configs (Qwen3: test_qwen3.py)."""
 import pytest
 import torch
 
@@ -13,6 +13,7 @@ CONFIGS = {
     "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "mqa-head-dim": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32),
     "gqa-llama3-rope": dict(num_attention_heads=8, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
+    "gqa-attention-bias": dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True),
 }
 
 
