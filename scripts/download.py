@@ -1,6 +1,7 @@
-"""Fetch a Hugging Face Llama checkpoint (weights, configs, tokenizer; nothing else) into checkpoints/REPO_ID.
+"""Fetch a Hugging Face Llama or Qwen3 checkpoint (weights, configs, tokenizer; nothing else) into checkpoints/REPO_ID.
 
     python scripts/download.py meta-llama/Llama-3.1-8B-Instruct [--out DIR] [--revision R]
+    python scripts/download.py Qwen/Qwen3-4B-Instruct-2507
 
 Gated models need a token whose account has accepted the licence: huggingface_hub reads HF_TOKEN
 (or the token saved by `hf auth login`). config.json is
@@ -68,8 +69,8 @@ def fetch(repo_id: str, revision: str | None, call):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Download a Hugging Face Llama checkpoint into checkpoints/REPO_ID.")
-    parser.add_argument("repo_id", help="e.g. meta-llama/Llama-3.1-8B-Instruct")
+    parser = argparse.ArgumentParser(description="Download a Hugging Face Llama or Qwen3 checkpoint into checkpoints/REPO_ID.")
+    parser.add_argument("repo_id", help="e.g. meta-llama/Llama-3.1-8B-Instruct, Qwen/Qwen3-4B-Thinking-2507")
     parser.add_argument("--out", type=Path, help="target directory (default: checkpoints/REPO_ID)")
     parser.add_argument("--revision", help="branch, tag or commit (default: main)")
     try:
