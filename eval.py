@@ -23,6 +23,9 @@ Protocols (the output states them too):
   scored on the n predictions of queries L-n-1 .. L-2, against dense's single prefill.
 - passkey: a 5-digit key hidden at a grid of depths in held-out prose, in the chat template; prefill
   the prompt, generate greedily; correct when the first number in the answer is the key.
+- multi-key: --keys 5-digit keys, each with its own colour, planted at random depths, the one at the grid's
+  depth asked for by its colour; scored as the passkey. Both retrieval tables also report how much of
+  the planted text the store held after the prefill, against how much of all the prompt it held.
 admitted: the share of the tokens that left the window which the cache still holds; KV held: K/V bytes
 held at the end of the sequence, against a dense cache of the same tokens.
 
@@ -47,17 +50,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
 from cache import DenseCache, WriteGatedCache, resolve_backend
 from data import DataError, chat_prefix, make_samples, read_documents
 from gate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, install, load_gates, setup_write_gated
 from model import Transformer
 from tokenizer import Tokenizer
 
-# One passkey prompt per (length, depth): on a 2-core CPU the passkey prompts are most of the grid's time
-# (12 policies x 5 depths at 8k is about an hour), and --trials adds more where a machine allows.
+# Ten retrieval prompts per length (two per depth), for the passkey and for the multi-key task with four keys:
+# one prompt per cell could not tell 8/10 from 10/10. Trial 0 is the prompt a one-trial grid asked, so earlier
+# pieces still merge. At 8k SmolLM2-135M misses the passkey even densely (README): those rows measure the model.
 FULL = dict(lengths=[2048, 4096, 8192], docs=2, decode_tokens=128, passkey_lengths=[2048, 4096, 8192],
-            depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=1)
-QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5], trials=1)
+            depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2, keys=4)
+QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5], trials=1, keys=3)
 
 
 class EvalError(ValueError):
@@ -92,40 +97,61 @@ def document_samples(tok: Tokenizer, docs: list[tuple[str, str]], lengths: list[
     return samples
 
 
-INSTRUCTION = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it: "
-               "I will ask you for it at the end.\n\n")
-NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-QUESTION = "\n\nWhat is the pass key?"
-ANSWER = "The pass key is"
+@dataclass(frozen=True)
+class Wording:
+    """A retrieval prompt's text: {key} and {label} are filled per needle (the passkey's needle has no label)."""
+    instruction: str
+    needle: str
+    question: str
+    answer: str
+
+
+PASSKEY = Wording(
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it: I will ask you for it at "
+    "the end.\n\n", "\nThe pass key is {key}. Remember it. {key} is the pass key.\n", "\n\nWhat is the pass key?",
+    "The pass key is")
+# Several keys, one asked for: a cache that keeps "the digits" without telling them apart fails here.
+MULTIKEY = Wording(
+    "There are several pass keys hidden inside a lot of irrelevant text, each with its own colour. Find them and "
+    "memorize them: I will ask you for one of them at the end.\n\n",
+    "\nThe {label} pass key is {key}. Remember it. {key} is the {label} pass key.\n",
+    "\n\nWhat is the {label} pass key?", "The {label} pass key is")
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver", "brown")
 
 
 @dataclass
 class Passkey:
-    """Passkey prompts of an exact token length: head + filler with the needle inside + tail."""
-    head: list[int]      # up to the haystack: the chat template's opening and INSTRUCTION
-    tail: list[int]      # after it: QUESTION, the end of the user turn, the assistant's header and ANSWER
+    """Retrieval prompts of an exact token length: head + filler with the needles inside + tail."""
+    wording: Wording
     filler: list[int]    # held-out prose, token ids
     tok: Tokenizer
 
-    @classmethod
-    def build(cls, tok: Tokenizer, filler: list[int]) -> "Passkey":
-        sentinel = "\x00HAYSTACK\x00"
-        if tok.chat_template is None:
-            text = INSTRUCTION + sentinel + QUESTION + "\n" + ANSWER
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def head_tail(self, label: str = "") -> tuple[list[int], list[int]]:
+        """Up to the haystack (the chat template's opening and the instruction), and after it (the question,
+        the end of the user turn, the assistant's header and the answer's opening)."""
+        w, sentinel = self.wording, "\x00HAYSTACK\x00"
+        question, answer = w.question.format(label=label), w.answer.format(label=label)
+        if self.tok.chat_template is None:
+            text = w.instruction + sentinel + question + "\n" + answer
         else:
-            text = tok.render_chat([{"role": "user", "content": INSTRUCTION + sentinel + QUESTION}]) + ANSWER
+            text = self.tok.render_chat([{"role": "user", "content": w.instruction + sentinel + question}]) + answer
         head, tail = text.split(sentinel)
-        encode = lambda s: tok.encode(s, add_special_tokens=False)
-        return cls(encode(head), encode(tail), filler, tok)
+        return self.encode(head), self.encode(tail)
 
-    def needle(self, key: str) -> list[int]:
-        return self.tok.encode(NEEDLE.format(key=key), add_special_tokens=False)
+    def needle(self, key: str, label: str = "") -> list[int]:
+        return self.encode(self.wording.needle.format(key=key, label=label))
 
-    def prompt(self, key: str, length: int, depth: float, offset: int = 0) -> tuple[list[int], int]:
-        """(ids of exactly `length` tokens, index of the needle's first token): the needle sits after
-        round(depth * F) of the F filler tokens (depth 0: right after the instruction, 1: right before the question)."""
-        needle = self.needle(key)
-        n_fill = length - len(self.head) - len(needle) - len(self.tail)
+    def prompt(self, needles: list[tuple[str, str, float]], length: int, offset: int = 0,
+               asked: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids of exactly `length` tokens, the [start, end) span of each needle): needles are (key, label, depth);
+        each sits after round(depth * F) of the F filler tokens (depth 0: right after the instruction, 1: right
+        before the question), and the question asks for needles[asked]."""
+        head, tail = self.head_tail(needles[asked][1])
+        planted = [self.needle(key, label) for key, label, _ in needles]
+        n_fill = length - len(head) - sum(map(len, planted)) - len(tail)
         if n_fill < 0:
             raise EvalError(f"passkey length {length} is shorter than the prompt without filler "
                             f"({length - n_fill} tokens)")
@@ -133,14 +159,30 @@ class Passkey:
             raise DataError(f"the held-out documents hold {len(self.filler)} tokens of filler, a passkey prompt "
                             f"of {length} tokens at offset {offset} needs {offset + n_fill}")
         fill = self.filler[offset:offset + n_fill]
-        at = round(depth * n_fill)
-        return self.head + fill[:at] + needle + fill[at:] + self.tail, len(self.head) + at
+        ids, spans, at = list(head), [None] * len(needles), 0
+        for i in sorted(range(len(needles)), key=lambda i: needles[i][2]):
+            depth_at = round(needles[i][2] * n_fill)
+            ids += fill[at:depth_at]
+            spans[i] = (len(ids), len(ids) + len(planted[i]))
+            ids += planted[i]
+            at = depth_at
+        return ids + fill[at:] + tail, spans
 
 
-def passkey_key(seed: int, length: int, depth: float, trial: int) -> str:
-    """The 5-digit key of one cell, drawn from the cell's own coordinates: a run of part of the grid
-    asks exactly the prompts the whole grid would (so pieces merge, see --merge)."""
-    return str(random.Random(f"{seed}/{length}/{depth:g}/{trial}").randrange(10000, 100000))
+def passkey_key(seed: int, length: int, depth: float, trial: int, needle: int | None = None) -> str:
+    """The 5-digit key of one cell (of its needle-th key, for several), drawn from the cell's own coordinates:
+    a run of part of the grid asks exactly the prompts the whole grid would (so pieces merge, see --merge)."""
+    cell = f"{seed}/{length}/{depth:g}/{trial}" + ("" if needle is None else f"/key {needle}")
+    return str(random.Random(cell).randrange(10000, 100000))
+
+
+def multikey_needles(seed: int, length: int, depth: float, trial: int, n_keys: int) -> list[tuple[str, str, float]]:
+    """The needles of one multi-key cell, the asked one first: (key, colour, depth), the asked one at the
+    cell's depth, the others at depths and in colours drawn from the cell's coordinates."""
+    rng = random.Random(f"{seed}/{length}/{depth:g}/{trial}/multikey")
+    colours = rng.sample(COLOURS, n_keys)
+    depths = [depth] + [rng.random() for _ in range(n_keys - 1)]
+    return [(passkey_key(seed, length, depth, trial, i), colours[i], depths[i]) for i in range(n_keys)]
 
 
 def passkey_correct(answer: str, key: str) -> bool:
@@ -237,8 +279,9 @@ class SnapKVCache(WriteGatedCache):
         self.observe, self.pool = observe, pool
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
-        score = snapkv_scores(q, k, self.scale, self.observe, self.pool)                        # (B, Hkv, T)
-        return super().prefill(q, k, v, score.clamp_min(torch.finfo(torch.float32).tiny), input_pos)
+        score = snapkv_scores(q, k, self.scale, self.observe, self.pool).clamp_min(torch.finfo(torch.float32).tiny)
+        self.prompt_g = score                                                                   # (B, Hkv, T)
+        return super().prefill(q, k, v, score, input_pos)
 
 
 @dataclass
@@ -259,12 +302,11 @@ def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int
     elif policy.kind in ("gate", "builtin"):
         setup_write_gated(model, policy.spec, batch_size=1, max_seq_len=seq_len, dtype=dtype, device=device,
                           window=window, backend=backend)
-        if policy.kind == "gate":
-            install(model, [Recorder(layer.attention.gate) for layer in model.layers])
+        install(model, [Recorder(layer.attention.gate) for layer in model.layers])
     elif policy.kind == "random":
         # A fresh generator: the same gate decisions give the same shuffle in every table.
         generator = torch.Generator().manual_seed(seed)
-        install(model, [TableGate(shuffled(a, window, generator)) for a in recorded[policy.spec]])
+        install(model, [Recorder(TableGate(shuffled(a, window, generator))) for a in recorded[policy.spec]])
         model.setup_caches(lambda i: WriteGatedCache(1, H, D, window, DEFAULT_THRESHOLD, seq_len - window,
                                                      dtype, device, backend))
     else:
@@ -276,6 +318,24 @@ def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int
 def recording(model: Transformer) -> list[Tensor]:
     """The admissions a gate policy made on the sequence just run, per layer (Hkv, S)."""
     return [layer.attention.gate.admitted(layer.attention.cache.threshold) for layer in model.layers]
+
+
+def prompt_store(model: Transformer, T: int) -> Tensor:
+    """(L, Hkv, T) bool: the prompt positions the long-lived store of each layer and KV head holds after a
+    prefill of T tokens (every position, for the dense cache; for a capped store, the ones its capacity kept)."""
+    held = []
+    for layer in model.layers:
+        cache = layer.attention.cache
+        if isinstance(cache, DenseCache):
+            held.append(torch.ones(cache.k_cache.shape[1], T, dtype=torch.bool))
+            continue
+        g = cache.prompt_g if isinstance(cache, SnapKVCache) else layer.attention.gate.calls[0]   # (1, Hkv, T)
+        idx, count = kernels.compact_admitted_ref(g, cache.threshold, cache.window)
+        keep = kernels.kept_positions(g, idx, count, cache.capacity)                          # (1, Hkv, min(C, T))
+        valid = torch.arange(keep.shape[-1], device=keep.device) < count[..., None]           # (1, Hkv, min(C, T))
+        mask = torch.zeros_like(g, dtype=torch.bool).scatter_(2, keep, valid)
+        held.append(mask[0].cpu())
+    return torch.stack(held)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,16 +468,27 @@ def documents_task(model: Transformer, policies: list[Policy], samples: dict, wi
 
 
 def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Policy], passkey: Passkey, lengths: list[int],
-                 depths: list[float], trials: int, window: int, seed: int, setup) -> list[dict]:
-    """Greedy answers to passkey prompts, one record per (length, depth, trial, policy)."""
+                 depths: list[float], trials: int, window: int, seed: int, setup, n_keys: int = 1) -> list[dict]:
+    """Greedy answers to retrieval prompts, one record per (length, depth, trial, policy): the passkey (one
+    needle) or, with n_keys > 1, n_keys needles of which the one at the cell's depth is asked for. Each record
+    counts the planted tokens older than the window after the prefill and how many of them the store held,
+    beside the same counts over every prompt token (over layers and KV heads)."""
     device = model.output.weight.device
+    name = "passkey" if n_keys == 1 else "multikey"
     out = []
     for L in lengths:
         for depth in depths:
             for trial in range(trials):
-                key = passkey_key(seed, L, depth, trial)
-                ids, at = passkey.prompt(key, L, depth, offset=trial * L)
+                needles = [(passkey_key(seed, L, depth, trial), "", depth)] if n_keys == 1 else \
+                    multikey_needles(seed, L, depth, trial, n_keys)
+                key = needles[0][0]
+                ids, spans = passkey.prompt(needles, L, offset=trial * L)
                 ids = torch.tensor(ids, device=device)
+                old = torch.zeros(L, dtype=torch.bool)                                            # (L,)
+                old[:max(L - window, 0)] = True
+                planted = torch.zeros(L, dtype=torch.bool)                                        # (L,)
+                for a, b in spans:
+                    planted[a:b] = True
                 n_new = len(tok.encode(" " + key, add_special_tokens=False)) + 1
                 seen = L + n_new - 1
                 recorded = {}
@@ -427,10 +498,15 @@ def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Policy], pas
                     answer = tok.decode(generate(model, ids, n_new))
                     if policy.kind == "gate":
                         recorded[policy.name] = recording(model)
+                    held = prompt_store(model, L)                                                 # (layers, Hkv, L)
                     correct = passkey_correct(answer, key)
                     out.append({"length": L, "policy": policy.name, "depth": depth, "trial": trial, "key": key,
-                                "needle_at": at, "answer": answer, "correct": correct, **kv_stats(model, seen, window)})
-                    say(f"[passkey L={L} depth {depth:g} trial {trial + 1}/{trials}] {policy.name}: "
+                                "needles": [[k, label, d] for k, label, d in needles], "spans": spans, "answer": answer,
+                                "correct": correct, "planted_left": int((planted & old).sum()) * held.shape[0] * held.shape[1],
+                                "planted_held": int(held[:, :, planted & old].sum()),
+                                "prompt_left": int(old.sum()) * held.shape[0] * held.shape[1],
+                                "prompt_held": int(held[:, :, old].sum()), **kv_stats(model, seen, window)})
+                    say(f"[{name} L={L} depth {depth:g} trial {trial + 1}/{trials}] {policy.name}: "
                         f"{'right' if correct else 'wrong'} {answer!r}, {time.time() - t0:.1f} s")
     return out
 
@@ -460,12 +536,17 @@ def summarize(records: list[dict], policies: list[str], metrics: bool) -> list[d
 
 
 def summarize_passkey(records: list[dict], policies: list[str]) -> list[dict]:
+    """Per (length, policy): right answers per depth, and the admission diagnostic: the share of the planted
+    tokens older than the window that the store held, against that share over every prompt token."""
     rows = summarize(records, policies, metrics=False)
     depths = sorted({r["depth"] for r in records})
     for row in rows:
         rs = [r for r in records if r["length"] == row["length"] and r["policy"] == row["policy"]]
         row["cells"] = {f"{d:g}": [r["correct"] for r in rs if r["depth"] == d] for d in depths}
         row["accuracy"] = sum(r["correct"] for r in rs) / len(rs)
+        for what in ("planted", "prompt"):   # runs from before the diagnostic have neither count
+            left = sum(r.get(f"{what}_left", 0) for r in rs)
+            row[f"{what}_held"] = sum(r.get(f"{what}_held", 0) for r in rs) / left if left else None
     return rows
 
 
@@ -497,12 +578,20 @@ def report(result: dict) -> str:
                   markdown(head + ["ppl", "KL", "top-1"],
                            [memory_cells(r) + [f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['top1']:.1%}"]
                             for r in result["decode"]])]
-    if result["passkey"]:
-        depths = list(result["passkey"][0]["cells"])
-        parts += ["### Passkey retrieval (correct / trials at each depth of the needle in the prompt)",
-                  markdown(head + [f"depth {d}" for d in depths] + ["all"],
-                           [memory_cells(r) + [f"{sum(c)}/{len(c)}" for c in r["cells"].values()]
-                            + [f"{r['accuracy']:.0%}"] for r in result["passkey"]])]
+    share = lambda x: "-" if x is None else f"{x:.1%}"
+    titles = {"passkey": "Passkey retrieval (correct / prompts at each depth of the needle)",
+              "multikey": f"Multi-key retrieval ({result['grid'].get('keys')} keys of different colours planted, the "
+                          f"one at the depth asked for; correct / prompts at each depth)"}
+    for task, title in titles.items():
+        if result.get(task):
+            depths = list(result[task][0]["cells"])
+            parts += [f"### {title}; planted held: share of the needles' tokens older than the window that the store "
+                      f"held after the prefill (over layers and KV heads), against all tokens held: the same share "
+                      f"over every prompt token",
+                      markdown(head + [f"depth {d}" for d in depths] + ["all", "planted held", "all tokens held"],
+                               [memory_cells(r) + [f"{sum(c)}/{len(c)}" for c in r["cells"].values()]
+                                + [f"{r['accuracy']:.0%}", share(r["planted_held"]), share(r["prompt_held"])]
+                                for r in result[task]])]
     runs = result["runs"]
     joined = lambda key: ", ".join(dict.fromkeys(r[key] for r in runs))
     commands = "; ".join(f"`{r['command']}` ({r['wall_s']:.0f} s)" for r in runs)
@@ -532,8 +621,9 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     panels = [(task, label) for task, label in (("perplexity", "perplexity / dense (one prefill)"),
                                                 ("decode", "perplexity / dense (prefill + decode)"),
-                                                ("passkey", "passkey accuracy"))
-              if result[task]]
+                                                ("passkey", "passkey accuracy"),
+                                                ("multikey", "multi-key accuracy"))
+              if result.get(task)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     families = list(dict.fromkeys(policy_family(r["policy"], result["gates"]) for task, _ in panels
                                   for r in result[task]))
@@ -544,9 +634,10 @@ def plot(result: dict, path: str) -> None:
         for L in lengths:
             rows = [r for r in result[task] if r["length"] == L]
             dense = next((r for r in rows if r["policy"] == "dense"), None)
-            if task != "passkey" and dense is None:
+            retrieval = task in ("passkey", "multikey")
+            if not retrieval and dense is None:
                 continue                       # nothing to be relative to
-            value = (lambda r: r["accuracy"]) if task == "passkey" else (lambda r: r["ppl"] / dense["ppl"])
+            value = (lambda r: r["accuracy"]) if retrieval else (lambda r: r["ppl"] / dense["ppl"])
             for family in families:
                 points = sorted((r["kv_held"], value(r)) for r in rows
                                 if policy_family(r["policy"], result["gates"]) == family)
@@ -555,7 +646,7 @@ def plot(result: dict, path: str) -> None:
         ax.set_xlabel("KV cache held (share of dense)")
         ax.set_ylabel(label)
         ax.set_xscale("log")
-        if task == "passkey":
+        if task in ("passkey", "multikey"):
             ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[f], marker="o", linestyle="", label=f) for f in families]
@@ -570,7 +661,7 @@ def plot(result: dict, path: str) -> None:
 
 def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quick: bool, lengths: list[int] | None,
         docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
-        trials: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
+        trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
         threads: int, seed: int, out: str | None, plot_path: str | None) -> None:
     t_start = time.time()
     grid = QUICK if quick else FULL
@@ -580,6 +671,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     passkey_lengths = passkey_lengths if passkey_lengths is not None else grid["passkey_lengths"]
     depths = depths if depths is not None else grid["depths"]
     trials = trials if trials is not None else grid["trials"]
+    keys = keys if keys is not None else grid["keys"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if threads:
         torch.set_num_threads(threads)
@@ -611,8 +703,9 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     for L in lengths + passkey_lengths:
         if L > limit:
             raise EvalError(f"length {L} exceeds the model's context of {limit} tokens")
-    if window < 1 or sink < 0 or docs < 1 or trials < 0 or decode_tokens < 0:
-        raise EvalError("need --window >= 1, --sink >= 0, --docs >= 1, --trials >= 0, --decode-tokens >= 0")
+    if window < 1 or sink < 0 or docs < 1 or trials < 0 or decode_tokens < 0 or not (keys == 0 or 2 <= keys <= len(COLOURS)):
+        raise EvalError(f"need --window >= 1, --sink >= 0, --docs >= 1, --trials >= 0, --decode-tokens >= 0, "
+                        f"--keys 0 or 2..{len(COLOURS)}")
     if decode_tokens > window:
         raise EvalError(f"--decode-tokens {decode_tokens} exceeds the window W = {window}: the eviction baseline "
                         f"scores prompt tokens only, so no decoded token may leave the window")
@@ -633,21 +726,25 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
             filler += tok.encode(text[:16 * need] + "\n\n", add_special_tokens=False)
             if len(filler) >= need:
                 break
-        passkey = Passkey.build(tok, filler)
+        passkey, multikey = Passkey(PASSKEY, filler, tok), Passkey(MULTIKEY, filler, tok)
         for L in passkey_lengths:   # raises on a length too short for the prompt or filler too short
-            passkey.prompt("00000", L, 0.5, offset=(trials - 1) * L)
+            passkey.prompt([("00000", "", 0.5)], L, offset=(trials - 1) * L)
+            if keys:
+                multikey.prompt([("00000", max(COLOURS, key=len), 0.5)] * keys, L, offset=(trials - 1) * L)
     else:
         passkey_lengths = []
 
     policies = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink)
     say(f"eval: {len(policies)} policies, perplexity at {lengths} x {docs} documents, decode {decode_tokens} tokens, "
-        f"passkey at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}")
+        f"passkey (and {keys} keys) at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}")
     setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded,
                                                              getattr(torch, dtype), device, backend, seed)
     with torch.inference_mode():
         records = documents_task(model, policies, samples, window, decode_tokens, setup)
         records["passkey"] = passkey_task(model, tok, policies, passkey, passkey_lengths, depths, trials, window,
                                           seed, setup) if passkey_lengths else []
+        records["multikey"] = passkey_task(model, tok, policies, multikey, passkey_lengths, depths, trials, window,
+                                           seed, setup, n_keys=keys) if passkey_lengths and keys else []
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.machine()} CPU (torch threads: {torch.get_num_threads()})"
@@ -655,14 +752,14 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
                 "checkpoint": checkpoint, "dtype": dtype, "machine": machine, "torch": torch.__version__,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_s": time.time() - t_start}
     grid = {"lengths": lengths, "docs": docs, "decode_tokens": decode_tokens, "passkey_lengths": passkey_lengths,
-            "depths": depths, "trials": trials, "window": window, "sink": sink, "seed": seed}
+            "depths": depths, "trials": trials, "keys": keys, "window": window, "sink": sink, "seed": seed}
     gates = {name: {"path": path, "metadata": metadata} for name, (path, metadata) in gate_meta.items()}
     emit(assemble([this_run], grid, gates, [p.name for p in policies], records), out, plot_path)
 
 
-TASKS = ("perplexity", "decode", "passkey")
+TASKS = ("perplexity", "decode", "passkey", "multikey")
 # What every piece of a merged grid must share; the lengths and depths may differ.
-SHARED_RUN, SHARED_GRID = ("model", "dtype"), ("docs", "decode_tokens", "trials", "window", "sink", "seed")
+SHARED_RUN, SHARED_GRID = ("model", "dtype"), ("docs", "decode_tokens", "keys", "window", "sink", "seed")
 
 
 def assemble(runs: list[dict], grid: dict, gates: dict, policies: list[str], records: dict) -> dict:
@@ -672,6 +769,7 @@ def assemble(runs: list[dict], grid: dict, gates: dict, policies: list[str], rec
             "perplexity": summarize(records["perplexity"], policies, metrics=True),
             "decode": summarize(records["decode"], policies, metrics=True),
             "passkey": summarize_passkey(records["passkey"], policies),
+            "multikey": summarize_passkey(records["multikey"], policies),
             "checks": records["checks"], "sequences": {k: records[k] for k in TASKS}}
 
 
@@ -697,20 +795,22 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
         if "runs" not in pieces[-1] or "sequences" not in pieces[-1]:
             raise EvalError(f"{path} is not a result of this eval.py (written with --out)")
     first = pieces[0]
-    shared = lambda piece: {**{k: piece["runs"][0][k] for k in SHARED_RUN}, **{k: piece["grid"][k] for k in SHARED_GRID}}
+    # A piece from before a setting existed (keys) has None there and agrees with any piece.
+    shared = lambda piece: {**{k: piece["runs"][0][k] for k in SHARED_RUN}, **{k: piece["grid"].get(k) for k in SHARED_GRID}}
     for path, piece in zip(paths[1:], pieces[1:]):
         for key, a in shared(first).items():
-            if shared(piece)[key] != a:
+            if None not in (a, shared(piece)[key]) and shared(piece)[key] != a:
                 raise EvalError(f"{path} has {key} {shared(piece)[key]!r}, {paths[0]} has {a!r}: "
                                 f"pieces of one grid share it")
         if piece["gates"] != first["gates"]:
             raise EvalError(f"{path} evaluated other gates than {paths[0]}: {sorted(piece['gates'])} "
                             f"vs {sorted(first['gates'])}")
-    cell = {"perplexity": ("length", "doc"), "decode": ("length", "doc"), "passkey": ("length", "depth", "trial")}
+    cell = {"perplexity": ("length", "doc"), "decode": ("length", "doc"), "passkey": ("length", "depth", "trial"),
+            "multikey": ("length", "depth", "trial")}
     records, seen = {k: [] for k in TASKS}, {}
     for path, piece in zip(paths, pieces):
         for task in TASKS:
-            for r in piece["sequences"][task]:
+            for r in piece["sequences"].get(task, []):
                 key = (task, r["policy"]) + tuple(r[f] for f in cell[task])
                 if key in seen:
                     raise EvalError(f"{path} and {seen[key]} both ran {task} {dict(zip(cell[task], key[2:]))} "
@@ -720,7 +820,8 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
     records["checks"] = [c for piece in pieces for c in piece["checks"]]
     union = lambda key: sorted({x for piece in pieces for x in piece["grid"][key]})
     grid = {**first["grid"], "lengths": union("lengths"), "passkey_lengths": union("passkey_lengths"),
-            "depths": union("depths")}
+            "depths": union("depths"), "trials": max(piece["grid"]["trials"] for piece in pieces),
+            "keys": next((piece["grid"]["keys"] for piece in pieces if piece["grid"].get("keys")), None)}
     policies = list(dict.fromkeys(p for piece in pieces for p in piece["policies"]))
     emit(assemble([r for piece in pieces for r in piece["runs"]], grid, first["gates"], policies, records),
          out, plot_path)
@@ -728,7 +829,7 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
 
 # The options that define a grid to run; --merge takes the grid from its files and refuses them.
 GRID_OPTIONS = ("checkpoint", "gate", "quick", "lengths", "docs", "decode_tokens", "passkey_lengths", "depths",
-                "trials", "window")
+                "trials", "keys", "window")
 
 
 def main(merge_paths: list[str] | None, **kwargs) -> None:
@@ -758,6 +859,7 @@ if __name__ == "__main__":
     parser.add_argument("--passkey-lengths", type=int, nargs="*", help="passkey prompt lengths (none: skip passkey)")
     parser.add_argument("--depths", type=float, nargs="*", help="needle depths in [0, 1]")
     parser.add_argument("--trials", type=int, help="passkey prompts per (length, depth)")
+    parser.add_argument("--keys", type=int, help="keys planted in each multi-key prompt, one asked for (0: skip the task)")
     parser.add_argument("--window", type=int, help="local window W for every policy (default: the first gate's, else 256)")
     parser.add_argument("--sink", type=int, default=4, help="sink tokens of the sink:N baseline (default 4)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")

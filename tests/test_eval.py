@@ -67,7 +67,14 @@ def test_quick_runs_every_policy_and_task(quick):
     assert [r["policy"] for r in result["decode"]] == names[:3] + ["snapkv ~ tiny-0.5"] + names[3:]
     assert [r["policy"] for r in result["passkey"]] == names[:3] + ["snapkv ~ tiny-0.5"] + names[3:]
     assert all(len(r["cells"]) == 3 for r in result["passkey"])
-    for table in ("perplexity", "decode", "passkey"):
+    assert [r["policy"] for r in result["multikey"]] == [r["policy"] for r in result["passkey"]]
+    assert result["grid"]["keys"] == 3 and "### Multi-key retrieval (3 keys" in proc.stdout
+    for table in ("passkey", "multikey"):
+        rows = {r["policy"]: r for r in result[table]}
+        assert rows["dense"]["planted_held"] == rows["dense"]["prompt_held"] == 1.0
+        assert rows["none"]["planted_held"] == rows["none"]["prompt_held"] == 0.0
+        assert 0.0 < rows["tiny-0.5"]["prompt_held"] < 1.0
+    for table in ("perplexity", "decode", "passkey", "multikey"):
         for r in result[table]:
             assert 0.0 <= r["admitted"] <= 1.0 and 0.0 < r["kv_held"] <= 1.0
             assert f"| {r['policy']} | {r['admitted']:.1%} |" in proc.stdout
@@ -116,7 +123,7 @@ def test_pieces_merge_into_the_whole_grid(setup, quick):
     proc = run_eval("--merge", *map(str, paths), "--out", str(merged_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = json.loads(merged_path.read_text())
-    for table in ("perplexity", "decode", "passkey"):
+    for table in ("perplexity", "decode", "passkey", "multikey"):
         assert merged[table] == whole[table], table
     assert len(merged["runs"]) == 2 and "in 2 runs:" in proc.stdout and "| depth 0.5 |" in proc.stdout
     assert merged["grid"]["lengths"] == [160] and merged["grid"]["depths"] == [0, 0.5, 1]
@@ -152,20 +159,68 @@ def test_matched_baselines_hold_the_gates_kv_bytes(quick):
 def test_passkey_prompt_puts_the_key_at_the_depth():
     tok = Tokenizer(save_tiny_checkpoint(Path(__import__("tempfile").mkdtemp()) / "tiny"))
     filler = tok.encode(" ".join(CORPUS * 20), add_special_tokens=False)
-    task = ev.Passkey.build(tok, filler)
+    task = ev.Passkey(ev.PASSKEY, filler, tok)
+    head, tail = task.head_tail()
     needle = task.needle("71432")
     for length in (300, 451):
-        n_fill = length - len(task.head) - len(needle) - len(task.tail)
+        n_fill = length - len(head) - len(needle) - len(tail)
         for depth in (0.0, 0.25, 0.5, 1.0):
-            ids, at = task.prompt("71432", length, depth, offset=7)
-            assert len(ids) == length
-            assert at == len(task.head) + round(depth * n_fill)
+            ids, [(at, end)] = task.prompt([("71432", "", depth)], length, offset=7)
+            assert len(ids) == length and end == at + len(needle)
+            assert at == len(head) + round(depth * n_fill)
             assert ids[at:at + len(needle)] == needle and "71432" in tok.decode(ids[at:at + len(needle)])
-            assert ids[:len(task.head)] == task.head and ids[-len(task.tail):] == task.tail
-            assert ids[len(task.head):at] == filler[7:7 + at - len(task.head)]
-    assert task.prompt("71432", 300, 1.0)[1] == 300 - len(task.tail) - len(needle)   # right before the question
+            assert ids[:len(head)] == head and ids[-len(tail):] == tail
+            assert ids[len(head):at] == filler[7:7 + at - len(head)]
+    assert task.prompt([("71432", "", 1.0)], 300)[1][0][0] == 300 - len(tail) - len(needle)   # right before the question
     with pytest.raises(ev.EvalError):
-        task.prompt("71432", len(task.head) + len(task.tail), 0.5)
+        task.prompt([("71432", "", 0.5)], len(head) + len(tail), 0.5)
+
+
+def test_multikey_prompt_plants_every_key_and_asks_for_the_one_at_the_depth():
+    tok = Tokenizer(save_tiny_checkpoint(Path(__import__("tempfile").mkdtemp()) / "tiny"))
+    filler = tok.encode(" ".join(CORPUS * 20), add_special_tokens=False)
+    task = ev.Passkey(ev.MULTIKEY, filler, tok)
+    needles = ev.multikey_needles(0, 600, 0.25, 1, 4)
+    assert needles == ev.multikey_needles(0, 600, 0.25, 1, 4) != ev.multikey_needles(0, 600, 0.25, 0, 4)
+    assert needles[0][2] == 0.25 and len({c for _, c, _ in needles}) == 4 and len({k for k, _, _ in needles}) == 4
+    assert needles[0][0] != ev.passkey_key(0, 600, 0.25, 1)   # the one-key prompt's key is drawn apart
+    ids, spans = task.prompt(needles, 600)
+    assert len(ids) == 600
+    for (key, colour, _), (a, b) in zip(needles, spans):
+        assert ids[a:b] == task.needle(key, colour) and f"The {colour} pass key is {key}." in tok.decode(ids[a:b])
+    _, tail = task.head_tail(needles[0][1])
+    assert ids[-len(tail):] == tail and f"What is the {needles[0][1]} pass key?" in tok.decode(tail)
+    ordered = sorted(spans)
+    assert all(b <= c for (_, b), (c, _) in zip(ordered, ordered[1:]))
+
+
+def test_dense_finds_a_key_it_sees_and_the_diagnostic_counts_the_store(smollm2_checkpoint):
+    """The real SmolLM2 on short prompts with the key 300 tokens back: dense reads it, the window alone cannot,
+    and planted/prompt held count exactly what each policy's store keeps."""
+    from model import Transformer
+    torch.manual_seed(0)
+    model = Transformer.from_pretrained(smollm2_checkpoint)
+    tok = Tokenizer(smollm2_checkpoint)
+    filler = tok.encode((REPO / "prompts" / "with-statement.md").read_text() * 3, add_special_tokens=False)
+    window, L = 128, 520
+    policies = [ev.Policy("dense", "dense"), ev.Policy("none", "builtin", "none"), ev.Policy("sink:4", "builtin", "sink:4")]
+    setup = lambda policy, seq_len, recorded: ev.install_policy(model, policy, seq_len, window, recorded, torch.float32,
+                                                                "cpu", "torch", 0)
+    heads = model.config.n_layers * model.config.n_kv_heads
+    with torch.inference_mode():
+        for task, keys in ((ev.PASSKEY, 1), (ev.MULTIKEY, 3)):
+            records = ev.passkey_task(model, tok, policies, ev.Passkey(task, filler, tok), [L], [0.0], 1, window, 0,
+                                      setup, n_keys=keys)
+            by = {r["policy"]: r for r in records}
+            assert by["dense"]["correct"] and not by["none"]["correct"], [r["answer"] for r in records]
+            a, b = by["dense"]["spans"][0]
+            old = sum(b - a for a, b in by["dense"]["spans"])   # every needle lies more than W before the end
+            assert by["dense"]["planted_left"] == old * heads == by["dense"]["planted_held"]
+            assert by["dense"]["prompt_left"] == (L - window) * heads == by["dense"]["prompt_held"]
+            assert by["none"]["planted_held"] == by["none"]["prompt_held"] == 0
+            assert by["sink:4"]["prompt_held"] == 4 * heads and by["sink:4"]["planted_held"] == 0
+    rows = ev.summarize_passkey(records, [p.name for p in policies])
+    assert [r["planted_held"] for r in rows] == [1.0, 0.0, 0.0] and rows[2]["prompt_held"] == 4 / (L - window)
 
 
 def test_passkey_checker():
