@@ -66,7 +66,7 @@ class Ours:
 
 
 class Transformers:
-    """transformers' LlamaForCausalLM.generate, timed by a streamer that notes when each token arrives."""
+    """transformers' generate (AutoModelForCausalLM: Llama or Qwen3), timed by a streamer that notes when each token arrives."""
 
     def __init__(self, checkpoint):
         import transformers
@@ -83,7 +83,7 @@ class Transformers:
                 pass
 
         self.clock = Clock
-        self.model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
     @torch.no_grad()
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> Timings:

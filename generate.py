@@ -1,4 +1,4 @@
-"""Generate text with a Llama checkpoint: prefill the prompt, then decode one token at a time.
+"""Generate text with a Llama or Qwen3 checkpoint: prefill the prompt, then decode one token at a time.
 
     python generate.py --prompt "What is the capital of France?"            # the embedded SmolLM2-135M, its gate
     python generate.py --prompt-file prompts/with-statement.md --gate dense  # the same with the dense cache
