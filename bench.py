@@ -7,13 +7,22 @@ Prints a markdown table on stdout, progress on stderr.
     python bench.py --systems eager gated --prefill 2048 4096 8192 --contexts 2048 4096 8192   # dense vs --gate
 
 Prefill tok/s: prompt tokens over the time to the first new token. Decode tok/s at context C: a prompt
-of C tokens, then --new-tokens tokens; decode steps over their time (the prefill is not counted).
+of C tokens, then --new-tokens tokens; decode steps over their time (the prefill is not counted), also as
+ms/token beside the weight-read floor: the model's weight bytes over the read bandwidth this machine
+shows (a torch sum over 512 MiB), the time a decode step needs at least when it reads every weight once.
+--compile-time adds, for each compiled system, the seconds its decode step takes to compile in a fresh
+process with an empty Inductor cache (cold), again in a second process on that cache (warm), and for a
+second cache size in the first process (what another --max-seq-len costs).
 """
 import argparse
 import copy
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pydoc_data.topics
 import torch
@@ -96,6 +105,41 @@ class Transformers:
         return Timings(len(ids), clock.times[1] - start, new_tokens - 1, end - clock.times[1])
 
 
+def read_bandwidth(threads: int) -> float:
+    """Bytes per second a torch sum reads from a 512 MiB float32 tensor (median of 5), the decode floor's rate."""
+    x = torch.ones(2**27)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * x.element_size() / sorted(times[1:])[2]
+
+
+def compile_seconds(checkpoint: str, system: str, gate: str, sizes: list[int], cache_dir: str, threads: int) -> list[float]:
+    """In a new process (so nothing compiled earlier helps) on the Inductor cache cache_dir: the seconds the
+    first compiled decode step takes at each cache size in turn."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-child", system, "--gate", gate, "--threads",
+           str(threads), "--checkpoint", str(checkpoint), "--contexts", *map(str, sizes)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache_dir})
+    if result.returncode:
+        raise RuntimeError(f"compiling {system} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return [float(x) for x in result.stdout.split()]
+
+
+def compile_child(checkpoint: str, system: str, gate: str, sizes: list[int]) -> None:
+    """--compile-child: compile the system's decode step for each cache size, print the seconds of each."""
+    model, tokenizer = generate.load(checkpoint)
+    runner = Ours(model, compiled=True, gate=gate if system == "gated-compiled" else None)
+    runner.prefill_step = generate.prefill   # the decode step alone is timed
+    for size in sizes:
+        generate.setup_caches(model, size, gate=runner.gate, backend="torch")
+        token = generate.prefill(model, torch.tensor([prompt_ids(tokenizer, 64)]), 0.0, 0, 1.0)
+        t0 = time.perf_counter()
+        runner.decode_step(model, token, torch.tensor([64]), 0.0, 0, 1.0)
+        print(f"{time.perf_counter() - t0:.1f}", flush=True)
+
+
 def prompt_ids(tokenizer, n: int) -> list[int]:
     """The first n tokens of Python's own documentation topics: offline, fixed, real prose and code."""
     text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
@@ -105,12 +149,21 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 
 def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
-         systems=("transformers", "eager", "compiled"), threads=0, gate="random:0.2") -> None:
+         systems=("transformers", "eager", "compiled"), threads=0, gate="random:0.2", compile_time=False) -> None:
     if threads:
         torch.set_num_threads(threads)
     if checkpoint is None:
         from convert_gguf import ensure_default_checkpoint
         checkpoint = ensure_default_checkpoint()
+    compile_rows = {}
+    for name in [s for s in systems if s.endswith("compiled")] if compile_time else []:
+        sizes = [contexts[0] + new_tokens, contexts[-1] + 2 * new_tokens]   # two sizes, even with one context
+        with tempfile.TemporaryDirectory() as cache_dir:
+            cold = compile_seconds(checkpoint, name, gate, sizes, cache_dir, threads)
+            warm = compile_seconds(checkpoint, name, gate, sizes[:1], cache_dir, threads)
+        compile_rows[name] = {"compile s: cold": cold[0], "compile s: warm (second process)": warm[0],
+                              "compile s: a second cache size": cold[1]}
+        log(f"{name}: compile {cold[0]:.1f} s cold, {warm[0]:.1f} s warm, {cold[1]:.1f} s for a second cache size")
     model, tokenizer = generate.load(checkpoint)
     largest = max([*prefill, *contexts]) + new_tokens
     # A model of its own per system: compiled code guards on the modules it saw, so systems that swapped
@@ -141,6 +194,15 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
                 if new > 1 and hasattr(runners[name], "kv_held"):
                     results[name][f"KV MiB held @ {n}"] = runners[name].kv_held / 2**20
 
+    for name in systems:
+        results[name] |= compile_rows.get(name, {})
+        for c in contexts:
+            if f"decode @ {c} tok/s" in results[name]:
+                results[name][f"decode @ {c} ms/token"] = 1000 / results[name][f"decode @ {c} tok/s"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())   # a tied head counted once
+    bandwidth = read_bandwidth(threads)
+    floor_ms = 1000 * weights / bandwidth
+
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     gated = [s for s in systems if s.startswith("gated")]
@@ -153,11 +215,15 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
     print("| | " + " | ".join(systems) + "".join(f" | {a} / {b}" for a, b in pairs) + " |")
     print("|---" * (1 + len(systems) + len(pairs)) + "|")
     kv_rows = [f"KV MiB held @ {c}" for c in contexts if any(f"KV MiB held @ {c}" in results[s] for s in systems)]
-    for row in [*rows, *kv_rows]:
+    ms_rows = [f"decode @ {c} ms/token" for c in contexts]
+    for row in [*rows, *ms_rows, *kv_rows, *dict.fromkeys(r for rs in compile_rows.values() for r in rs)]:
         cells = [f"{results[s][row]:.1f}" if row in results[s] else "" for s in systems]
-        cells += [f"{results[a][row] / results[b][row]:.2f}x" if row in results[a] and row in results[b] else ""
+        ratio = row.endswith("tok/s") or row.startswith("KV")   # a ratio of times or of compile seconds misleads
+        cells += [f"{results[a][row] / results[b][row]:.2f}x" if ratio and row in results[a] and row in results[b] else ""
                   for a, b in pairs]
         print(f"| {row} | " + " | ".join(cells) + " |")
+    print(f"\nweight-read floor: {floor_ms:.1f} ms/token ({weights / 1e6:.0f} MB of weights, read at "
+          f"{bandwidth / 1e9:.1f} GB/s by a torch sum over 512 MiB with {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":
@@ -171,8 +237,18 @@ if __name__ == "__main__":
                         choices=["transformers", "eager", "compiled", "gated", "gated-compiled"])
     parser.add_argument("--gate", default="random:0.2", help="the --gate spec of the gated systems")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compile-time", action="store_true",
+                        help="also time each compiled system's compilation: cold, warm, and a second cache size")
+    parser.add_argument("--compile-child", help=argparse.SUPPRESS)   # compile_seconds's own process
     try:
-        main(**vars(parser.parse_args()))
+        args = vars(parser.parse_args())
+        child = args.pop("compile_child")
+        if child:
+            from convert_gguf import ensure_default_checkpoint
+            torch.set_num_threads(args["threads"] or torch.get_num_threads())
+            compile_child(args["checkpoint"] or ensure_default_checkpoint(), child, args["gate"], args["contexts"])
+        else:
+            main(**args)
     except CheckpointError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)

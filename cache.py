@@ -13,6 +13,18 @@ from torch import Tensor
 
 import kernels
 
+# One compiled decode step for every cache size (--max-seq-len): the size dims of the caches' buffers are
+# marked dynamic below, which torch.compile honours for module buffers only with this flag off (it treats
+# buffers as parameters, whose shapes it otherwise fixes). Parameters keep their static shapes: nothing
+# marks them dynamic and they never change size.
+torch._dynamo.config.force_parameter_static_shapes = False
+
+
+def dynamic_sizes(*dims: tuple[Tensor, int]) -> None:
+    """Mark the (buffer, dim) pairs dynamic for torch.compile; a size of 0 or 1 may still be specialised."""
+    for tensor, dim in dims:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
 
 class DenseCache(nn.Module):
     """The baseline: every token's K/V is kept, gpt-fast style."""
@@ -24,6 +36,7 @@ class DenseCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)  # (B, Hkv, S, D)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)  # (B, Hkv, S, D)
         self.register_buffer("positions", torch.arange(max_seq_len, device=device), persistent=False)       # (S,)
+        dynamic_sizes((self.k_cache, 2), (self.v_cache, 2), (self.positions, 0))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, input_pos: Tensor) -> Tensor:
         self.k_cache.index_copy_(2, input_pos, k)
@@ -67,7 +80,7 @@ class WriteGatedCache(nn.Module):
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, threshold: float,
                  capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch"):
         super().__init__()
-        self.window, self.threshold, self.capacity = window, threshold, capacity
+        self.window, self.threshold = window, threshold
         self.backend = resolve_backend(backend, device)
         self.ops = kernels.BACKENDS[self.backend]
         self.scale = head_dim ** -0.5
@@ -88,6 +101,12 @@ class WriteGatedCache(nn.Module):
         buffer("n_left", (B, H), torch.int64)
         buffer("n_admitted", (B, H), torch.int64)
         buffer("n_capacity_drops", (B, H), torch.int64)
+        dynamic_sizes((self.global_k, 2), (self.global_v, 2), (self.global_g, 2))
+
+    @property
+    def capacity(self) -> int:
+        """C, read off the store so that compiled code sees it as the buffer's (dynamic) size, not a constant."""
+        return self.global_g.shape[-1]
 
     def reset(self) -> None:
         """Empty the cache for the next prompt (a prefill does this itself)."""

@@ -9,9 +9,9 @@ from cache import DenseCache, WriteGatedCache, resolve_backend
 from model import LlamaConfig, Transformer
 
 
-def tiny_model(n_kv_heads: int, seed: int = 0) -> Transformer:
+def tiny_model(n_kv_heads: int, seed: int = 0, n_layers: int = 2) -> Transformer:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, intermediate_size=96)
+    config = LlamaConfig(vocab_size=97, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=n_kv_heads, intermediate_size=96)
     return Transformer(config).eval().requires_grad_(False)
 
 
@@ -183,9 +183,11 @@ def test_capacity_fills_during_decode():
     run_capacity(cache, T0=4, steps=30, seed=1)
 
 
-def test_decode_compiles_fullgraph_and_matches_eager():
-    model = tiny_model(2)
-    setup_learned(model, random_gates(model), window=3, max_seq_len=16)
+def test_decode_compiles_fullgraph_once_per_block_and_matches_eager():
+    from torch._dynamo.utils import counters
+    model = tiny_model(2, n_layers=6)
+    gates = random_gates(model)
+    setup_learned(model, gates, window=3, max_seq_len=16)
     prompt = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(6))
 
     stored = lambda: sum(int(layer.attention.cache.global_len.sum()) for layer in model.layers)
@@ -203,8 +205,24 @@ def test_decode_compiles_fullgraph_and_matches_eager():
     eager = run(model)
     # On a CPU the step reads only the stores' filled slots through a symbolic length, so one graph
     # serves every step as they grow: a recompile fails the test.
-    compiled = run(torch.compile(model, fullgraph=True, dynamic=False), stance_after_first="fail_on_recompile")
+    counters.clear()
+    step = torch.compile(model, fullgraph=True)
+    # Lowered here, not read from an earlier run's caches, so that Inductor's counters see the lowering.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = run(step, stance_after_first="fail_on_recompile")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    # The six blocks are one compiled subgraph: Inductor lowered each matmul of a block once (wq and wo share
+    # a shape, as do wk and wv, w1 and w3), not six times, one per layer.
+    mm = counters["aten_mm_info"]
+    assert mm and max(mm.values()) == 2 and mm["aten.mm_2_64_64"] == 2, dict(mm)
+    # A cache of another size (another --max-seq-len) runs on the same graph.
+    setup_learned(model, gates, window=3, max_seq_len=40)
+    eager = run(model)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        torch.testing.assert_close(run(step, stance_after_first="fail_on_recompile"), eager, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.compiler.set_stance("default")
 
 
 def test_backend_names():
