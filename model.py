@@ -153,15 +153,29 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose one-row product, compiled for a CPU (a decode step), is a multiply-and-sum that Inductor
+    fuses into one vectorised pass over the weight. That streams the weight at about the memory's rate, where
+    the BLAS matrix-vector product reads it at a third to a half of it on this project's CPU (SmolLM2's head:
+    11 ms against 3.8 ms, 1 thread), and a decode step is mostly the reading of every weight once. Eager, or
+    with more rows (a prefill), or on a GPU, it is F.linear."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+            y = (x[..., None, :] * self.weight).sum(-1)                                     # (..., out)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         bias = config.attention_bias
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=bias)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=bias)
+        self.wq = Linear(config.dim, config.n_heads * config.head_dim, bias=bias)
+        self.wk = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
+        self.wv = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
+        self.wo = Linear(config.n_heads * config.head_dim, config.dim, bias=bias)
         # Qwen3's per-head norms; one weight (D,) shared by all heads, as its checkpoints store it.
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -190,9 +204,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)   # gate_proj
-        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)   # up_proj
-        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)   # down_proj
+        self.w1 = Linear(config.dim, config.intermediate_size, bias=False)   # gate_proj
+        self.w3 = Linear(config.dim, config.intermediate_size, bias=False)   # up_proj
+        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)   # down_proj
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -222,7 +236,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config).float(), persistent=False)   # (D/2,)
 
     def setup_caches(self, make_cache) -> None:
