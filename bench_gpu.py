@@ -472,7 +472,7 @@ def run_end_to_end(model, config, s: Sizes, n, kind, weight_bytes, bandwidth):
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     return (fmt_keys(n), kind, f"{prefill_s:.2f} s", f"{ms:.2f} ms", f"{ms / floor_ms:.2f}x",
             fmt_bytes(allocated), fmt_bytes(held), peak,
-            f"warm-up {warmup_s:.0f} s, CUDA graph skips {skips}"), prefill_s
+            f"compile and warm-up {warmup_s:.0f} s, CUDA graph skips {skips}"), prefill_s
 
 
 # --- the command ----------------------------------------------------------------------------
