@@ -141,38 +141,43 @@ def _code(rng: random.Random) -> str:
     return f"{rng.choice(letters)}{rng.choice(letters)}-{part(rng.randint(3, 5))}"
 
 
+def _asked_apart(said: tuple[str, ...], asked: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(s, a) for s in said for a in asked]
+
+
+# Per form, the (planted sentence, question) wordings; {l} is the fact's label, {v} its value.
+WORDINGS = {
+    "number": _asked_apart(("The {l} is {v}.", "Note that the {l} is {v}.", "For the record, the {l} reads {v}."),
+                           ("What is the {l}?", "Which number is the {l}?")),
+    "word": _asked_apart(("The secret word at {l} is {v}.", "At {l}, the password is {v}.",
+                          "Whoever visits {l} must say the word {v}."),
+                         ("What is the secret word at {l}?", "Which word must be said at {l}?")),
+    "name": _asked_apart(("The {l} is {v}.", "The {l} was a person named {v}.", "{v} served as the {l}."),
+                         ("Who is the {l}?", "What is the name of the {l}?")),
+    "code": _asked_apart(("The serial code on {l} is {v}.", "Stamped on {l} was the code {v}.", "{l} is labelled {v}."),
+                         ("What is the code on {l}?", "Which code is stamped on {l}?")),
+    "key-value": _asked_apart(("In the ledger, {l} maps to {v}.", "Ledger line: {l} -> {v}.",
+                               "The ledger lists {l} as {v}."),
+                              ("In the ledger, what does {l} map to?", "What does the ledger list for {l}?")),
+    "sentence": [("{l} sleeps {v}.", "Where does {l} sleep?"), ("Every night {l} hides {v}.", "Where does {l} hide every night?"),
+                 ("They found {l} {v}.", "Where was {l} found?")],   # the question follows the sentence's verb
+}
+
+
 def make_fact(rng: random.Random) -> tuple[str, str, str, str]:
     """One fact: (the sentence planted in the text, the question about it, its answer, its form).
     The forms: numbers, words, names, codes, key-value pairs and short sentences, each in varied wording."""
-    form = rng.choice(("number", "word", "name", "code", "key-value", "sentence"))
-    place, thing = rng.choice(PLACES), rng.choice(OBJECTS)
-    if form == "number":
-        label, value = f"{rng.choice(NUMBERED)} of the {place}", str(rng.randrange(10 ** rng.randint(2, 6), 10 ** 7))
-        said = rng.choice(("The {l} is {v}.", "Note that the {l} is {v}.", "For the record, the {l} reads {v}."))
-        asked = rng.choice(("What is the {l}?", "Which number is the {l}?"))
-    elif form == "word":
-        label, value = f"the {place}", rng.choice(WORDS)
-        said = rng.choice(("The secret word at {l} is {v}.", "At {l}, the password is {v}.",
-                           "Whoever visits {l} must say the word {v}."))
-        asked = rng.choice(("What is the secret word at {l}?", "Which word must be said at {l}?"))
-    elif form == "name":
-        label, value = f"{rng.choice(ROLES)} of the {place}", f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-        said = rng.choice(("The {l} is {v}.", "The {l} was a person named {v}.", "{v} served as the {l}."))
-        asked = rng.choice(("Who is the {l}?", "What is the name of the {l}?"))
-    elif form == "code":
-        label, value = f"the {thing}", _code(rng)
-        said = rng.choice(("The serial code on {l} is {v}.", "Stamped on {l} was the code {v}.",
-                           "{l} is labelled {v}."))
-        asked = rng.choice(("What is the code on {l}?", "Which code is stamped on {l}?"))
-    elif form == "key-value":
-        label, value = f"entry {rng.randrange(100, 10000)}", f"{rng.choice(WORDS)} {rng.choice(OBJECTS).split()[-1]}"
-        said = rng.choice(("In the ledger, {l} maps to {v}.", "Ledger line: {l} -> {v}.", "The ledger lists {l} as {v}."))
-        asked = rng.choice(("In the ledger, what does {l} map to?", "What does the ledger list for {l}?"))
-    else:
-        label, value = f"{rng.choice(FIRST)}'s {rng.choice(CREATURES)}", rng.choice(SPOTS)
-        said, asked = rng.choice((("{l} sleeps {v}.", "Where does {l} sleep?"),
-                                  ("Every night {l} hides {v}.", "Where does {l} hide every night?"),
-                                  ("They found {l} {v}.", "Where was {l} found?")))
+    form = rng.choice(list(WORDINGS))
+    place = rng.choice(PLACES)
+    label, value = {
+        "number": lambda: (f"{rng.choice(NUMBERED)} of the {place}", str(rng.randrange(10 ** rng.randint(2, 6), 10 ** 7))),
+        "word": lambda: (f"the {place}", rng.choice(WORDS)),
+        "name": lambda: (f"{rng.choice(ROLES)} of the {place}", f"{rng.choice(FIRST)} {rng.choice(LAST)}"),
+        "code": lambda: (f"the {rng.choice(OBJECTS)}", _code(rng)),
+        "key-value": lambda: (f"entry {rng.randrange(100, 10000)}", f"{rng.choice(WORDS)} {rng.choice(OBJECTS).split()[-1]}"),
+        "sentence": lambda: (f"{rng.choice(FIRST)}'s {rng.choice(CREATURES)}", rng.choice(SPOTS)),
+    }[form]()
+    said, asked = rng.choice(WORDINGS[form])
     statement = said.format(l=label, v=value)
     return statement[0].upper() + statement[1:], asked.format(l=label), value, form
 

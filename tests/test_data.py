@@ -43,7 +43,7 @@ def test_filler_is_consecutive_training_prose_and_nothing_of_eval(tok, prose):
     ids, _ = data.make_retrieval_samples(tok, [prose], 1024, 8, seed=3)
     for row in ids.tolist():
         s = tok.decode(row, skip_special_tokens=False)
-        assert evaluation.INSTRUCTION not in s and "pass key" not in s.lower()
+        assert all(w.instruction not in s for w in (evaluation.PASSKEY, evaluation.MULTIKEY)) and "pass key" not in s.lower()
         assert TRAIN.split(".")[0].split(",")[0] in s
     # With prose of distinct ids, the filler between the facts is one run of consecutive prose tokens.
     counting = list(range(40000, 48000))
