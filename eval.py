@@ -144,12 +144,12 @@ class Passkey:
     def needle(self, key: str, label: str = "") -> list[int]:
         return self.encode(self.wording.needle.format(key=key, label=label))
 
-    def prompt(self, needles: list[tuple[str, str, float]], length: int, offset: int = 0,
-               asked: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
+    def prompt(self, needles: list[tuple[str, str, float]], length: int,
+               offset: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids of exactly `length` tokens, the [start, end) span of each needle): needles are (key, label, depth);
         each sits after round(depth * F) of the F filler tokens (depth 0: right after the instruction, 1: right
-        before the question), and the question asks for needles[asked]."""
-        head, tail = self.head_tail(needles[asked][1])
+        before the question), and the question asks for the first needle."""
+        head, tail = self.head_tail(needles[0][1])
         planted = [self.needle(key, label) for key, label, _ in needles]
         n_fill = length - len(head) - sum(map(len, planted)) - len(tail)
         if n_fill < 0:

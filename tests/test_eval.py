@@ -173,7 +173,7 @@ def test_passkey_prompt_puts_the_key_at_the_depth():
             assert ids[len(head):at] == filler[7:7 + at - len(head)]
     assert task.prompt([("71432", "", 1.0)], 300)[1][0][0] == 300 - len(tail) - len(needle)   # right before the question
     with pytest.raises(ev.EvalError):
-        task.prompt([("71432", "", 0.5)], len(head) + len(tail), 0.5)
+        task.prompt([("71432", "", 0.5)], len(head) + len(tail))
 
 
 def test_multikey_prompt_plants_every_key_and_asks_for_the_one_at_the_depth():
