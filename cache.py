@@ -73,25 +73,77 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
+class PagePool(nn.Module):
+    """Pages of `page_size` token slots that the global stores of every layer, batch row and KV head draw from.
+
+    One pool per model, shared by the layers' WriteGatedCaches: a head takes a page when its last one is
+    full, so memory follows what the gate admits, head by head, instead of a worst case per head. Page
+    n_pages is scratch (see kernels.py); the free stack and its count live on the device.
+    """
+
+    def __init__(self, n_pages: int, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        if n_pages < 0 or page_size < 1:
+            raise ValueError(f"a page pool needs n_pages >= 0 and page_size >= 1, not {n_pages} and {page_size}")
+        self.page_size = page_size
+        N, P, D = n_pages, page_size, head_dim
+        self.register_buffer("k", torch.zeros(N + 1, P, D, dtype=dtype, device=device), persistent=False)        # (N+1, P, D)
+        self.register_buffer("v", torch.zeros(N + 1, P, D, dtype=dtype, device=device), persistent=False)        # (N+1, P, D)
+        self.register_buffer("g", torch.zeros(N + 1, P, dtype=torch.float32, device=device), persistent=False)   # (N+1, P)
+        self.register_buffer("free_pages", torch.empty(N + 1, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("n_free", torch.empty(1, dtype=torch.int64, device=device), persistent=False)
+        dynamic_sizes((self.k, 0), (self.v, 0), (self.g, 0), (self.free_pages, 0))
+        self.reset()
+
+    @property
+    def n_pages(self) -> int:
+        return self.k.shape[0] - 1
+
+    def reset(self) -> None:
+        """Every page free; the stack hands out pages 0, 1, 2... first (any order would do)."""
+        self.free_pages.copy_(torch.arange(self.n_pages, -1, -1, device=self.free_pages.device).roll(-1))
+        self.n_free.fill_(self.n_pages)
+
+    def bytes_allocated(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def bytes_per_page(self) -> int:
+        """K, V and g of one page, the unit a budget buys."""
+        return (2 * self.k[0].numel() * self.k.element_size()) + self.g[0].numel() * self.g.element_size()
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
 class WriteGatedCache(nn.Module):
-    """Write-Gated KV: a ring of the last W tokens and a global store of the admitted older ones.
+    """Write-Gated KV: a ring of the last W tokens and a paged global store of the admitted older ones.
 
     A token sits in ring slot pos % W for W steps (an empty slot has g = -1). When it leaves the ring it
     enters its (batch, KV head)'s global store if g > tau, else it is dropped; a prefill does this at
     once for the prompt tokens older than the last W. So a query sees exactly the keys of the SPEC
-    visibility rule: the ring (i - j < W) and the store (g_j > tau). The store holds C tokens per
-    (batch, KV head), its lengths are device tensors. When it is full, an admitted token replaces the
-    lowest-g entry if its g is higher: the simplest eviction rule, counted in `n_capacity_drops`.
+    visibility rule: the ring (i - j < W) and the store (g_j > tau). The store's tokens live in pages of a
+    PagePool (shared by all layers, or the cache's own, sized for `capacity` per head, when none is given),
+    through a page table per head; lengths are device tensors. A head holds at most `capacity` tokens,
+    rounded up to whole pages. When a head cannot take a page (its capacity, or the pool, is exhausted),
+    an admitted token replaces the head's lowest-g entry if its g is higher: counted in `n_capacity_drops`.
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, threshold: float,
-                 capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch"):
+                 capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
+                 pool: PagePool | None = None, page_size: int = 16):
         super().__init__()
         self.window, self.threshold = window, threshold
         self.backend = resolve_backend(backend, device)
         self.ops = kernels.BACKENDS[self.backend]
         self.scale = head_dim ** -0.5
-        B, H, W, C, D = batch_size, n_kv_heads, window, capacity, head_dim
+        B, H, W, D = batch_size, n_kv_heads, window, head_dim
+        if capacity < 1:
+            raise ValueError(f"global capacity {capacity} must be at least 1")
+        if pool is None:
+            pool = PagePool(B * H * pages_for(capacity, page_size), page_size, head_dim, dtype, device)
+        self.pool = pool
+        M = pages_for(capacity, pool.page_size)
 
         def buffer(name, shape, dtype, fill=0.0):
             self.register_buffer(name, torch.full(shape, fill, dtype=dtype, device=device), persistent=False)
@@ -99,26 +151,31 @@ class WriteGatedCache(nn.Module):
         buffer("ring_k", (B, H, W, D), dtype)
         buffer("ring_v", (B, H, W, D), dtype)
         buffer("ring_g", (B, H, W), torch.float32, -1.0)
-        buffer("global_k", (B, H, C, D), dtype)
-        buffer("global_v", (B, H, C, D), dtype)
-        buffer("global_g", (B, H, C), torch.float32)
+        buffer("page_table", (B, H, M), torch.int64, pool.n_pages)                      # (B, Hkv, M) all scratch
         buffer("global_len", (B, H), torch.int64)
         # Statistics, read once at the end: tokens that left the ring, how many of them had g > tau,
         # and how many of those the capacity rule threw away (rejected, or evicted for a higher g).
         buffer("n_left", (B, H), torch.int64)
         buffer("n_admitted", (B, H), torch.int64)
         buffer("n_capacity_drops", (B, H), torch.int64)
-        dynamic_sizes((self.global_k, 2), (self.global_v, 2), (self.global_g, 2))
+        dynamic_sizes((self.page_table, 2))
 
     @property
     def capacity(self) -> int:
-        """C, read off the store so that compiled code sees it as the buffer's (dynamic) size, not a constant."""
-        return self.global_g.shape[-1]
+        """Tokens a head may hold: whole pages, read off the page table so that compiled code sees a dynamic size."""
+        return self.page_table.shape[-1] * self.pool.page_size
+
+    def store(self) -> tuple[Tensor, ...]:
+        """The paged store as the kernels take it: pool K, V, g, free stack and count, page table, lengths."""
+        p = self.pool
+        return p.k, p.v, p.g, p.free_pages, p.n_free, self.page_table, self.global_len
 
     def reset(self) -> None:
-        """Empty the cache for the next prompt (a prefill does this itself)."""
+        """Empty the cache for the next prompt, giving its pages back to the pool (a prefill does this itself)."""
+        kernels.release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len,
+                              self.pool.page_size)
         self.ring_g.fill_(-1.0)
-        for name in ("global_len", "n_left", "n_admitted", "n_capacity_drops"):
+        for name in ("n_left", "n_admitted", "n_capacity_drops"):
             getattr(self, name).zero_()
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
@@ -127,11 +184,11 @@ class WriteGatedCache(nn.Module):
         return self.decode(q, k, v, g, input_pos)
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
-        """Positions 0..T-1 into an empty cache: compact the admitted old tokens, ring the last W."""
+        """Positions 0..T-1 into an empty cache: store the admitted old tokens, ring the last W."""
         T, W = q.shape[2], self.window
         self.reset()
         idx, count = self.ops.compact_admitted(g, self.threshold, W)                           # (B, Hkv, T), (B, Hkv)
-        self.ops.store_admitted(self.global_k, self.global_v, self.global_g, self.global_len, k, v, g, idx, count)
+        self.ops.store_admitted(*self.store(), k, v, g, idx, count)
         recent = slice(max(T - W, 0), T)
         slots = input_pos[recent] % W                                                           # (min(T, W),)
         self.ring_k.index_copy_(2, slots, k[:, :, recent])
@@ -139,7 +196,7 @@ class WriteGatedCache(nn.Module):
         self.ring_g.index_copy_(2, slots, g[:, :, recent].float())
         self.n_left.fill_(max(T - W, 0))
         self.n_admitted.copy_(count)
-        self.n_capacity_drops.copy_((count - self.capacity).clamp(min=0))
+        self.n_capacity_drops.copy_(count - self.global_len)
         return self.ops.gated_prefill_attention(q, k, v, idx, count, W, self.scale)
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
@@ -151,16 +208,25 @@ class WriteGatedCache(nn.Module):
         admitted = g_out > self.threshold                                                      # (B, Hkv)
         self.n_left.add_((g_out >= 0).long())
         self.n_admitted.add_(admitted.long())
-        self.n_capacity_drops.add_((admitted & (self.global_len >= self.capacity)).long())
-        self.ops.promote(self.global_k, self.global_v, self.global_g, self.global_len, k_out, v_out, g_out, self.threshold)
+        before = self.global_len.clone()
+        self.ops.promote(*self.store(), k_out, v_out, g_out, self.threshold)
+        # An admitted token that did not lengthen the store either replaced an entry or was rejected:
+        # either way one admitted token is gone.
+        self.n_capacity_drops.add_((admitted & (self.global_len == before)).long())
         # Indexing (index_put_), which Inductor writes in place after the reads of the old slot above.
         self.ring_k[:, :, slot] = k
         self.ring_v[:, :, slot] = v
         self.ring_g[:, :, slot] = g.float()
         ring_len = (input_pos[0] + 1).clamp(max=self.window)                                   # ()
         y = self.ops.decode_attention(q[:, :, 0], self.ring_k, self.ring_v, ring_len,
-                                      self.global_k, self.global_v, self.global_len, self.scale)  # (B, Hq, D)
+                                      self.pool.k, self.pool.v, self.page_table, self.global_len, self.scale)  # (B, Hq, D)
         return y[:, :, None]
+
+    def store_contents(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The global store as contiguous tensors, for tests and inspection: k, v (B, Hkv, C, D) and g
+        (B, Hkv, C); slot s of a head holds a token for s < global_len, anything after."""
+        M = self.page_table.shape[-1]
+        return tuple(kernels.gather_store(x, self.page_table, M) for x in (self.pool.k, self.pool.v, self.pool.g))
 
     def counts(self) -> dict[str, Tensor]:
         """Per (batch, KV head) token counts, as device tensors (B, Hkv): read them after generation."""
@@ -173,7 +239,8 @@ class WriteGatedCache(nn.Module):
         }
 
     def bytes_allocated(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """The ring, the page table and the counters; the pool is counted once, apart (it is shared)."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if not name.startswith("pool."))
 
     def bytes_per_token(self) -> int:
         """K and V of one token of one (batch, KV head)."""

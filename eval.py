@@ -274,12 +274,13 @@ class SnapKVCache(WriteGatedCache):
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, capacity: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
-                 observe: int = 32, pool: int = 7):
-        super().__init__(batch_size, n_kv_heads, head_dim, window, 0.0, capacity, dtype, device, backend)
-        self.observe, self.pool = observe, pool
+                 observe: int = 32, pooling: int = 7):
+        # Pages of one token: the store holds exactly C, the budget matched to the gate's.
+        super().__init__(batch_size, n_kv_heads, head_dim, window, 0.0, capacity, dtype, device, backend, page_size=1)
+        self.observe, self.pooling = observe, pooling
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
-        score = snapkv_scores(q, k, self.scale, self.observe, self.pool).clamp_min(torch.finfo(torch.float32).tiny)
+        score = snapkv_scores(q, k, self.scale, self.observe, self.pooling).clamp_min(torch.finfo(torch.float32).tiny)
         self.prompt_g = score                                                                   # (B, Hkv, T)
         return super().prefill(q, k, v, score, input_pos)
 
@@ -301,7 +302,7 @@ def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int
         model.setup_caches(lambda i: DenseCache(1, H, seq_len, D, dtype, device))
     elif policy.kind in ("gate", "builtin"):
         setup_write_gated(model, policy.spec, batch_size=1, max_seq_len=seq_len, dtype=dtype, device=device,
-                          window=window, backend=backend)
+                          window=window, kv_budget="unlimited", backend=backend)
         install(model, [Recorder(layer.attention.gate) for layer in model.layers])
     elif policy.kind == "random":
         # A fresh generator: the same gate decisions give the same shuffle in every table.
@@ -331,8 +332,9 @@ def prompt_store(model: Transformer, T: int) -> Tensor:
             continue
         g = cache.prompt_g if isinstance(cache, SnapKVCache) else layer.attention.gate.calls[0]   # (1, Hkv, T)
         idx, count = kernels.compact_admitted_ref(g, cache.threshold, cache.window)
-        keep = kernels.kept_positions(g, idx, count, cache.capacity)                          # (1, Hkv, min(C, T))
-        valid = torch.arange(keep.shape[-1], device=keep.device) < count[..., None]           # (1, Hkv, min(C, T))
+        room = torch.full_like(count, cache.capacity)                                          # an unlimited pool: the capacity
+        keep = kernels.kept_positions(g, idx, count, room)                                     # (1, Hkv, T)
+        valid = torch.arange(T, device=keep.device) < count.minimum(room)[..., None]           # (1, Hkv, T)
         mask = torch.zeros_like(g, dtype=torch.bool).scatter_(2, keep, valid)
         held.append(mask[0].cpu())
     return torch.stack(held)

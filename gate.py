@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cache import WriteGatedCache, resolve_backend
+from cache import PagePool, WriteGatedCache, pages_for, resolve_backend
 from model import CheckpointError, RMSNorm, Transformer
 
 GATE_NORM_EPS = 1e-6
@@ -90,7 +90,7 @@ class WriteGate(nn.Module):
 _KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.g_predictors\.(.+)")
 _NAMES = ("pre_key_norm.weight", "post_key_norm.weight", "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
 # Header fields that are numbers; every other field (base_model, training, ...) is free-form text.
-_TYPED_METADATA = {"window": int, "threshold": float, "lambda": float}
+_TYPED_METADATA = {"window": int, "threshold": float, "lambda": float, "admitted_per_layer": json.loads}
 
 
 def save_gates(path: str | Path, gates: list[WriteGate], metadata: dict | None = None,
@@ -294,6 +294,77 @@ def install(model: Transformer, gates: list[nn.Module] | None) -> None:
         layer.attention.gate = gates[i] if gates is not None else None
 
 
+# The default pool holds what the gate admitted in training, per layer, times this margin (documents
+# differ from the training average; see the README for the held-out measurement), plus one page per head
+# for its partly filled last page. A gate without that record gets the full need.
+BUDGET_MARGIN = 1.5
+DEFAULT_PAGE_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Budget:
+    """--kv-budget: the pool's size as bytes, tokens, a share of the dense cache, or unlimited (None: derived)."""
+    kind: str           # "bytes" | "tokens" | "share" | "unlimited"
+    value: float = 0.0
+
+    def __str__(self) -> str:
+        return {"bytes": f"{self.value / 2**20:g}MiB", "tokens": f"{self.value:g}", "share": f"{self.value:g}%",
+                "unlimited": "unlimited"}[self.kind]
+
+
+_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9}
+
+
+def parse_budget(spec: str | None) -> Budget | None:
+    """'300MiB' | '20000' (tokens) | '40%' (of the dense cache) | 'unlimited'; None stays None (the default)."""
+    if spec is None:
+        return None
+    text = spec.strip().lower()
+    if text == "unlimited":
+        return Budget("unlimited")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|b|kib|mib|gib|kb|mb|gb)?", text)
+    if m is None or (m[2] is None and "." in m[1]):
+        raise GateError(f"--kv-budget {spec!r}: expected bytes (300MiB, 2GiB), tokens (20000), a share of the "
+                        "dense cache (40%) or unlimited")
+    number = float(m[1])
+    if number <= 0 or (m[2] == "%" and number > 100):
+        raise GateError(f"--kv-budget {spec!r}: must be above 0 (and a share at most 100%)")
+    if m[2] == "%":
+        return Budget("share", number)
+    if m[2] is None:
+        return Budget("tokens", number)
+    return Budget("bytes", number * _UNITS[m[2]])
+
+
+def pool_pages(budget: Budget | None, *, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
+               capacity: int, page_size: int, dense_tokens: int, element_size: int,
+               admitted_per_layer: list[float] | None) -> tuple[int, str]:
+    """Pages of the shared pool, and how they were chosen (for the setup line).
+
+    capacity: tokens one head may hold; dense_tokens: tokens per head of the dense cache (max_seq_len).
+    Never more than every head's full capacity: a budget beyond that buys nothing.
+    """
+    heads = batch_size * n_kv_heads
+    full = n_layers * heads * pages_for(capacity, page_size)
+    per_page = page_size * (2 * head_dim * element_size + 4)            # K, V and g
+    if budget is None:
+        if not admitted_per_layer or len(admitted_per_layer) != n_layers:
+            return full, "the full need (the gate file records no admission rate)"
+        pages = sum(pages_for(round(min(1.0, BUDGET_MARGIN * rate) * capacity * heads), page_size) + heads
+                    for rate in admitted_per_layer)
+        return min(pages, full), f"{BUDGET_MARGIN:g}x the gate's admission in training"
+    if budget.kind == "unlimited":
+        return full, "unlimited"
+    if budget.kind == "tokens":
+        pages = pages_for(int(budget.value), page_size)
+    elif budget.kind == "bytes":
+        pages = int(budget.value // per_page)
+    else:
+        dense_bytes = n_layers * heads * dense_tokens * 2 * head_dim * element_size
+        pages = int(budget.value / 100 * dense_bytes // per_page)
+    return min(pages, full), f"--kv-budget {budget}"
+
+
 @dataclass
 class GatedSetup:
     policy: str
@@ -302,25 +373,33 @@ class GatedSetup:
     capacity: int             # global store slots per (batch, KV head)
     backend: str
     max_seq_len: int
+    pool_pages: int           # pages of the shared pool
+    page_size: int
+    budget: str               # how the pool was sized
     metadata: dict = field(default_factory=dict)
 
 
 def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq_len: int, dtype: torch.dtype,
                       device: torch.device | str, window: int | None = None, threshold: float | None = None,
-                      global_capacity: int | None = None, backend: str = "auto", seed: int = 0) -> GatedSetup:
-    """Install gates and a WriteGatedCache in every layer.
+                      global_capacity: int | None = None, kv_budget: str | None = None,
+                      page_size: int = DEFAULT_PAGE_SIZE, backend: str = "auto", seed: int = 0) -> GatedSetup:
+    """Install gates and a WriteGatedCache in every layer, their stores drawing on one PagePool.
 
     gate: the --gate spec (PATH | full | none | random:P | sink:N). window and threshold default to the
-    gate file's metadata, else W = 256, tau = 0.1; the capacity defaults to what max_seq_len needs
-    (the built-in policies that admit less get less). Bad input raises GateError (one line); an
+    gate file's metadata, else W = 256, tau = 0.1; the capacity per head defaults to what max_seq_len
+    needs (the built-in policies that admit less get less); kv_budget (parse_budget's forms) sizes the
+    pool, by default from the gate file's recorded admission. Bad input raises GateError (one line); an
     unavailable backend raises ValueError (one line).
     """
     policy = parse_policy(gate)
+    budget = parse_budget(kv_budget)
     gates, metadata = make_gates(policy, model, seed)
     window = window if window is not None else metadata.get("window", DEFAULT_WINDOW)
     threshold = threshold if threshold is not None else metadata.get("threshold", DEFAULT_THRESHOLD)
     if window < 1:
         raise GateError(f"window {window} must be at least 1")
+    if page_size < 1:
+        raise GateError(f"page size {page_size} must be at least 1")
     needed = max_seq_len - window
     if policy.kind == "none":
         needed = 0
@@ -329,14 +408,20 @@ def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq
     capacity = global_capacity if global_capacity is not None else max(needed, 1)
     if capacity < 1:
         raise GateError(f"global capacity {capacity} must be at least 1")
+    capacity = pages_for(capacity, page_size) * page_size    # what the page table holds
     backend = resolve_backend(backend, device)
     install(model, [g.to(device=device, dtype=torch.float32).requires_grad_(False) for g in gates])
     c = model.config
+    n_pages, how = pool_pages(budget, n_layers=c.n_layers, batch_size=batch_size, n_kv_heads=c.n_kv_heads,
+                              head_dim=c.head_dim, capacity=capacity, page_size=page_size, dense_tokens=max_seq_len,
+                              element_size=torch.empty((), dtype=dtype).element_size(),
+                              admitted_per_layer=metadata.get("admitted_per_layer") if policy.kind == "file" else None)
+    pool = PagePool(n_pages, page_size, c.head_dim, dtype, device)
     # A window longer than the sequence sees the same keys as one of max_seq_len slots: allocate no more.
     ring = min(window, max_seq_len)
     model.setup_caches(lambda i: WriteGatedCache(batch_size, c.n_kv_heads, c.head_dim, ring, threshold,
-                                                 capacity, dtype, device, backend))
-    return GatedSetup(str(policy), window, threshold, capacity, backend, max_seq_len, metadata)
+                                                 capacity, dtype, device, backend, pool=pool))
+    return GatedSetup(str(policy), window, threshold, capacity, backend, max_seq_len, n_pages, page_size, how, metadata)
 
 
 def admission_stats(model: Transformer) -> dict:
@@ -344,29 +429,37 @@ def admission_stats(model: Transformer) -> dict:
 
     admitted_fraction: tokens with g > tau among all tokens scored (those still in the ring included);
     bytes_in_use: K/V held (ring + store) vs dense_bytes, a dense cache of the same tokens;
-    capacity_drops: admitted tokens that the store's capacity rule (keep the highest g) threw away.
+    bytes_allocated: rings, page tables and the pool, all that the caches allocated;
+    capacity_drops: admitted tokens that a head without room (its capacity or the pool spent) threw away.
     """
     caches = [layer.attention.cache for layer in model.layers]
+    pools = list({id(c.pool): c.pool for c in caches}.values())
     counts = {k: torch.stack([c.counts()[k].sum() for c in caches]).tolist() for k in caches[0].counts()}
     per_token = caches[0].bytes_per_token()
     admitted, seen = counts["admitted"], counts["seen"]
     return {
         "admitted_fraction": sum(admitted) / max(sum(seen), 1),
         "admitted_fraction_per_layer": [a / max(s, 1) for a, s in zip(admitted, seen)],
-        "bytes_allocated": sum(c.bytes_allocated() for c in caches),
+        "bytes_allocated": sum(c.bytes_allocated() for c in caches) + sum(p.bytes_allocated() for p in pools),
         "bytes_in_use": sum(counts["held"]) * per_token,
         "dense_bytes": sum(seen) * per_token,
+        "pages_in_use": sum(p.n_pages for p in pools) - int(sum(p.n_free for p in pools)),
+        "pool_pages": sum(p.n_pages for p in pools),
         "capacity_drops": sum(counts["capacity_drops"]),
     }
 
 
-def format_stats(stats: dict) -> str:
-    """The statistics as lines for stderr."""
+def format_stats(stats: dict, dense_allocated: int | None = None) -> str:
+    """The statistics as lines for stderr; dense_allocated: what a dense cache of the same --max-seq-len allocates."""
     per_layer = " ".join(f"{f:.2f}" for f in stats["admitted_fraction_per_layer"])
+    dense = (f" vs dense {dense_allocated / 2**20:.2f} MiB ({stats['bytes_allocated'] / max(dense_allocated, 1):.1%})"
+             if dense_allocated else "")
     return (f"admitted {stats['admitted_fraction']:.1%} of tokens (per layer: {per_layer})\n"
             f"KV bytes in use {stats['bytes_in_use'] / 2**20:.2f} MiB vs dense {stats['dense_bytes'] / 2**20:.2f} MiB "
-            f"({stats['bytes_in_use'] / max(stats['dense_bytes'], 1):.1%}); allocated {stats['bytes_allocated'] / 2**20:.2f} MiB\n"
-            f"capacity rule (store keeps the highest-g tokens): {stats['capacity_drops']} admitted tokens dropped")
+            f"({stats['bytes_in_use'] / max(stats['dense_bytes'], 1):.1%}); allocated {stats['bytes_allocated'] / 2**20:.2f} MiB"
+            f"{dense}; pool pages in use {stats['pages_in_use']} of {stats['pool_pages']}\n"
+            f"admitted tokens lost to the capacity or the budget: {stats['capacity_drops']} "
+            f"(a head without room keeps its highest-g tokens)")
 
 
 def main(file: str) -> None:

@@ -49,20 +49,29 @@ def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate
                  **gated) -> int:
     """Give every layer a fresh K/V cache for max_seq_len positions; returns its bytes in all.
     gate None: the dense cache; else a --gate spec, and `gated` holds setup_write_gated's options
-    (window, threshold, global_capacity, backend)."""
+    (window, threshold, global_capacity, kv_budget, page_size, backend)."""
     c, w = model.config, model.output.weight
     if gate is None:
         install(model, None)
         model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
-    else:
-        try:
-            setup = setup_write_gated(model, gate, batch_size=batch_size, max_seq_len=max_seq_len,
-                                      dtype=w.dtype, device=w.device, **gated)
-        except ValueError as e:   # a bad spec, a gate that does not fit, an unavailable backend
-            raise BadInput(str(e)) from None
-        print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
-              f"global capacity {setup.capacity} tokens per head, attention backend {setup.backend}", file=sys.stderr)
-    return sum(layer.attention.cache.bytes_allocated() for layer in model.layers)
+        return sum(layer.attention.cache.bytes_allocated() for layer in model.layers)
+    try:
+        setup = setup_write_gated(model, gate, batch_size=batch_size, max_seq_len=max_seq_len,
+                                  dtype=w.dtype, device=w.device, **gated)
+    except ValueError as e:   # a bad spec or budget, a gate that does not fit, an unavailable backend
+        raise BadInput(str(e)) from None
+    caches = [layer.attention.cache for layer in model.layers]
+    allocated = sum(cache.bytes_allocated() for cache in caches) + caches[0].pool.bytes_allocated()
+    print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
+          f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
+          f"tokens ({setup.budget}), attention backend {setup.backend}", file=sys.stderr)
+    return allocated
+
+
+def dense_bytes(model: Transformer, max_seq_len: int, batch_size: int = 1) -> int:
+    """What DenseCache allocates for max_seq_len positions, without allocating it."""
+    c = model.config
+    return 2 * c.n_layers * batch_size * c.n_kv_heads * max_seq_len * c.head_dim * model.output.weight.element_size()
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -154,7 +163,8 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
          no_chat: bool = False, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
          top_p: float = 1.0, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
          max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
-         threshold: float | None = None, global_capacity: int | None = None, attn_backend: str = "auto") -> None:
+         threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
+         page_size: int = 16, attn_backend: str = "auto") -> None:
     if device not in ("cpu", "cuda"):
         raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
     if device == "cuda" and not torch.cuda.is_available():
@@ -189,7 +199,8 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
         max_new_tokens = max_seq_len - T
         print(f"--max-seq-len {max_seq_len} leaves room for {max_new_tokens} new tokens", file=sys.stderr)
     kv_bytes = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
-                            global_capacity=global_capacity, backend=attn_backend)
+                            global_capacity=global_capacity, kv_budget=kv_budget, page_size=page_size,
+                            backend=attn_backend)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
     decode_step = decode_one_token
@@ -213,7 +224,7 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
           f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(model.output.weight.device)}",
           file=sys.stderr)
     if gate is not None:
-        print(format_stats(admission_stats(model)), file=sys.stderr)
+        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len)), file=sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -244,8 +255,12 @@ if __name__ == "__main__":
                         f"gates/{DEFAULT_GATE.name} on the embedded model, else dense)")
     parser.add_argument("--window", type=int, help="local window W (default: the gate file's, else 256)")
     parser.add_argument("--threshold", type=float, help="admission threshold tau (default: the gate file's, else 0.1)")
-    parser.add_argument("--global-capacity", type=int, help="tokens per KV head in the global store (default: all "
-                        "that --max-seq-len can need; fewer keeps the highest-g tokens)")
+    parser.add_argument("--global-capacity", type=int, help="tokens per KV head in the global store, rounded up to "
+                        "whole pages (default: all that --max-seq-len can need; fewer keeps the highest-g tokens)")
+    parser.add_argument("--kv-budget", help="size of the page pool that every layer's store draws on: bytes (300MiB), "
+                        "tokens (20000), a share of the dense cache (40%%) or unlimited (default: from the admission "
+                        "the gate file recorded in training, else unlimited)")
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per page of the pool (default: 16)")
     parser.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"],
                         help="gated attention: PyTorch reference or Triton kernels (auto: triton on CUDA)")
     try:

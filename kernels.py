@@ -42,8 +42,11 @@ def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scal
         # size (capture_scalar_outputs, above) and one graph serves every length; on a GPU a sync,
         # so compiled there the shapes stay static and the mask does the work (the Triton kernel skips
         # the empty tiles itself).
-        filled = lengths.max().clamp(min=1).item()
-        torch._check(filled >= 1)
+        # At least two keys where there are two, so that compiled code knows the keys are not one row (a
+        # layout question Inductor's bmm asks, which it cannot answer of a data-dependent size).
+        shortest = min(2, k.shape[2])
+        filled = lengths.max().clamp(min=shortest).item()
+        torch._check(filled >= shortest)
         torch._check(filled <= k.shape[2])
         k, v = k[:, :, :filled], v[:, :, :filled]
     S = k.shape[2]
@@ -67,18 +70,6 @@ def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple
     floor = lse.clamp(min=torch.finfo(torch.float32).min)
     w1, w2 = (lse1 - floor).exp_(), (lse2 - floor).exp_()
     return torch.addcmul(o1 * w1[..., None], o2, w2[..., None]), lse
-
-
-def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
-                         global_k: Tensor, global_v: Tensor, global_len: Tensor, scale: float) -> Tensor:
-    """One decode query over the ring (its first ring_len slots) and the global store (ragged).
-
-    q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: () ; global_k, global_v: (B, Hkv, C, D);
-    global_len: (B, Hkv). Returns (B, Hq, D) in q's dtype.
-    """
-    o_ring, lse_ring = partial_attention_ref(q, ring_k, ring_v, ring_len, scale)
-    o_glob, lse_glob = partial_attention_ref(q, global_k, global_v, global_len, scale)
-    return merge_attention(o_ring, lse_ring, o_glob, lse_glob)[0].to(q.dtype)
 
 
 def compact_admitted_ref(g: Tensor, threshold: float, window: int) -> tuple[Tensor, Tensor]:
@@ -140,59 +131,151 @@ def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: T
     return out.view(B, Hq, T, D).to(q.dtype)
 
 
-def kept_positions(g: Tensor, admitted_idx: Tensor, admitted_count: Tensor, capacity: int) -> Tensor:
-    """The prompt positions a global store of `capacity` slots keeps: (B, Hkv, min(C, T)) int64.
+# --- the paged global store -------------------------------------------------------------------
+# The admitted tokens of every (layer, batch row, KV head) live in pages of P token slots drawn from one
+# pool: pool_k, pool_v (N + 1, P, D) and pool_g (N + 1, P). A head's row of page_table (B, Hkv, M) lists its
+# pages in order: its store slot s is pool row page_table[s // P] * P + s % P, global_len (B, Hkv) says how
+# many slots hold a token, and it holds ceil(len / P) pages, none of them empty. The per-head capacity is
+# C = M * P. Page N is scratch: it is never handed out, unused table entries point at it, and the writes of
+# heads that write nothing go there, so that every write is unconditional and no two heads write the same
+# row. free_pages (N + 1,) is a stack whose first n_free (1,) entries are the free pages (its last entry is
+# scratch as well).
 
-    The first min(count, C) entries are meaningful: every admitted position in order when C >= T
-    (shapes, not data, pick the branch), else the C admitted tokens with the highest g, best first.
+def pool_rows(page_table: Tensor, slots: Tensor, page_size: int) -> Tensor:
+    """Flat pool rows (page * P + offset) of store slots: page_table (B, Hkv, M), slots (B, Hkv, S) -> (B, Hkv, S)."""
+    pages = page_table.gather(2, (slots // page_size).clamp(max=page_table.shape[-1] - 1))
+    return pages * page_size + slots % page_size
+
+
+def gather_store(pool: Tensor, page_table: Tensor, n_pages: int) -> Tensor:
+    """The first n_pages pages of every head's store: pool (N + 1, P, ...) -> (B, Hkv, n_pages * P, ...)."""
+    return pool[page_table[:, :, :n_pages]].flatten(2, 3)
+
+
+def grant_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, held: Tensor, want: Tensor) -> Tensor:
+    """Hand pages from the free stack to the heads that want them, in (batch, head) order, on the device.
+
+    held, want: (B, Hkv) pages each head holds and how many more it wants. The table entries
+    [held, held + got) receive the pages; a head asking past its table or past what is left gets fewer.
+    Returns got (B, Hkv). No host sync: prefix sums, a gather and a select.
+    """
+    M = page_table.shape[-1]
+    want = torch.minimum(want, M - held).flatten()                                          # (B*Hkv,)
+    before = (want.cumsum(0) - want).view_as(held)                                          # wanted by earlier heads
+    got = (n_free - before).clamp(min=0).minimum(want.view_as(held))                        # (B, Hkv)
+    new = torch.arange(M, device=held.device) - held[..., None]                             # (B, Hkv, M) rank among the new pages
+    entry = (n_free - 1 - before[..., None] - new).clamp(0, free_pages.shape[0] - 1)         # (B, Hkv, M) stack entries
+    page_table.copy_(torch.where((new >= 0) & (new < got[..., None]), free_pages[entry], page_table))
+    n_free.sub_(got.sum())
+    return got
+
+
+def release_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int) -> None:
+    """Give every page the heads hold back to the free stack and empty their stores, on the device."""
+    N, M = free_pages.shape[0] - 1, page_table.shape[-1]
+    held = (global_len + page_size - 1) // page_size                                        # (B, Hkv)
+    before = (held.flatten().cumsum(0) - held.flatten()).view_as(held)                      # (B, Hkv)
+    col = torch.arange(M, device=held.device)
+    dest = torch.where(col < held[..., None], n_free + before[..., None] + col, N)          # (B, Hkv, M); the rest to scratch
+    free_pages.scatter_(0, dest.flatten(), page_table.flatten())
+    free_pages[N] = N
+    n_free.add_(held.sum())
+    page_table.fill_(N)
+    global_len.zero_()
+
+
+def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
+                         pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
+    """One decode query over the ring (its first ring_len slots) and the paged global store (ragged).
+
+    q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (); pool_k, pool_v: (N + 1, P, D);
+    page_table: (B, Hkv, M); global_len: (B, Hkv). Returns (B, Hq, D) in q's dtype.
+    """
+    B, Hkv, M = page_table.shape
+    P, D = pool_k.shape[1:]
+    S = M * P
+    if q.device.type == "cpu" or not torch.compiler.is_compiling():
+        # Gather only the slots in use (a host read, as partial_attention_ref's, and for the same reasons).
+        # At least two when the store has two, so that compiled code knows the gathered keys are not one row.
+        shortest = min(2, M * P)
+        S = global_len.max().clamp(min=shortest).item()
+        torch._check(S >= shortest)
+        torch._check(S <= M * P)
+    rows = pool_rows(page_table, torch.arange(S, device=q.device).expand(B, Hkv, S), P)     # (B, Hkv, S)
+    o_ring, lse_ring = partial_attention_ref(q, ring_k, ring_v, ring_len, scale)
+    o_glob, lse_glob = partial_attention_ref(q, pool_k.view(-1, D)[rows], pool_v.view(-1, D)[rows], global_len, scale)
+    return merge_attention(o_ring, lse_ring, o_glob, lse_glob)[0].to(q.dtype)
+
+
+def kept_positions(g: Tensor, admitted_idx: Tensor, admitted_count: Tensor, room: Tensor) -> Tensor:
+    """The prompt positions a store with `room` free slots per head keeps, in the order to store them.
+
+    g, admitted_idx: (B, Hkv, T); admitted_count, room: (B, Hkv). Returns (B, Hkv, T) int64 whose first
+    min(count, room) entries are kept: every admitted position in order where they fit, else the admitted
+    tokens by descending g (ties by position), so that the first `room` are the highest.
     """
     T = g.shape[-1]
-    if capacity >= T:
-        return admitted_idx
     admitted = torch.arange(T, device=g.device) < admitted_count[..., None]                # (B, Hkv, T) in idx order
     ranked = torch.where(admitted, g.gather(2, admitted_idx), torch.full_like(g, -1.0))
-    best = ranked.topk(capacity, dim=-1).indices                                           # (B, Hkv, C)
-    return admitted_idx.gather(2, best)
+    best = admitted_idx.gather(2, ranked.sort(dim=-1, descending=True, stable=True).indices)
+    return torch.where((admitted_count <= room)[..., None], admitted_idx, best)
 
 
-def store_admitted_ref(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Tensor,
-                       k: Tensor, v: Tensor, g: Tensor, admitted_idx: Tensor, admitted_count: Tensor) -> None:
-    """Prefill: write the admitted prompt tokens into an empty global store, in place.
+def store_room(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int,
+               wanted: Tensor) -> Tensor:
+    """Pages for `wanted` (B, Hkv) more tokens per head; returns the free slots each head then has (B, Hkv)."""
+    P = page_size
+    held = (global_len + P - 1) // P
+    want = (global_len + wanted + P - 1) // P - held
+    got = grant_pages(free_pages, n_free, page_table, held, want)
+    return (held + got) * P - global_len
 
-    global_k, global_v: (B, Hkv, C, D); global_g: (B, Hkv, C); global_len: (B, Hkv);
-    k, v: (B, Hkv, T, D); g: (B, Hkv, T); admitted_idx, admitted_count from compact_admitted_ref.
-    When more than C tokens are admitted the store keeps the C with the highest g.
+
+def store_admitted_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
+                       page_table: Tensor, global_len: Tensor, k: Tensor, v: Tensor, g: Tensor,
+                       admitted_idx: Tensor, admitted_count: Tensor) -> None:
+    """Prefill: append the admitted prompt tokens to each head's store, taking the pages they need, in place.
+
+    k, v: (B, Hkv, T, D); g: (B, Hkv, T); admitted_idx, admitted_count from compact_admitted_ref. A head
+    whose capacity, or the pool, runs out keeps its highest-g admitted tokens that fit.
     """
-    B, Hkv, C, D = global_k.shape
-    keep = kept_positions(g, admitted_idx, admitted_count, C)                              # (B, Hkv, min(C, T))
-    idx = torch.cat((keep, keep.new_zeros(B, Hkv, C - keep.shape[-1])), dim=-1)            # (B, Hkv, C)
-    global_k.copy_(k.gather(2, idx[..., None].expand(B, Hkv, C, D)))
-    global_v.copy_(v.gather(2, idx[..., None].expand(B, Hkv, C, D)))
-    global_g.copy_(g.gather(2, idx).to(global_g.dtype))
-    global_len.copy_(admitted_count.clamp(max=C))
+    B, Hkv, T, D = k.shape
+    P = pool_k.shape[1]
+    room = store_room(free_pages, n_free, page_table, global_len, P, admitted_count)       # (B, Hkv)
+    n_keep = admitted_count.minimum(room)
+    keep = kept_positions(g, admitted_idx, admitted_count, room)                           # (B, Hkv, T)
+    s = torch.arange(T, device=k.device)
+    rows = pool_rows(page_table, global_len[..., None] + s, P)                             # (B, Hkv, T)
+    rows = torch.where(s < n_keep[..., None], rows, (pool_k.shape[0] - 1) * P).flatten()    # the rest to scratch
+    pool_k.view(-1, D)[rows] = k.gather(2, keep[..., None].expand(B, Hkv, T, D)).flatten(0, 2).to(pool_k.dtype)
+    pool_v.view(-1, D)[rows] = v.gather(2, keep[..., None].expand(B, Hkv, T, D)).flatten(0, 2).to(pool_v.dtype)
+    pool_g.view(-1)[rows] = g.gather(2, keep).flatten().to(pool_g.dtype)
+    global_len.add_(n_keep)
 
 
-def promote_ref(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Tensor,
-                k_out: Tensor, v_out: Tensor, g_out: Tensor, threshold: float) -> None:
-    """Decode: the token leaving the ring enters the global store if g > tau, in place, no host sync.
+def promote_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
+                page_table: Tensor, global_len: Tensor, k_out: Tensor, v_out: Tensor, g_out: Tensor,
+                threshold: float) -> None:
+    """Decode: the token leaving the ring enters its head's store if g > tau, in place, no host sync.
 
-    k_out, v_out: (B, Hkv, D); g_out: (B, Hkv) (an empty ring slot has g = -1, never admitted).
-    A full store admits the token in place of its lowest-g entry, and only if the token's g is higher.
+    k_out, v_out: (B, Hkv, D); g_out: (B, Hkv) (an empty ring slot has g = -1, never admitted). A head
+    whose last page is full takes a new page; when its capacity or the pool has none left, the token
+    replaces the head's lowest-g entry, and only if its own g is higher.
     """
-    B, Hkv, C = global_g.shape
-    full = global_len >= C                                                                  # (B, Hkv)
-    slot_in_store = torch.arange(C, device=global_len.device) < global_len[..., None]     # (B, Hkv, C)
-    lowest_g, lowest = torch.where(slot_in_store, global_g, torch.full_like(global_g, float("inf"))).min(-1)
-    write = (g_out > threshold) & (~full | (g_out > lowest_g))                              # (B, Hkv)
-    slot = torch.where(full, lowest, global_len.clamp(max=C - 1))                           # (B, Hkv)
-    # Rows that do not write get their own old value back, so the write is unconditional. Indexing
-    # (index_put_) rather than scatter_: compiled, Inductor writes it in place, where a scatter_ after
-    # the gather of the old values made it copy the whole store every step.
-    at = (torch.arange(B, device=slot.device)[:, None], torch.arange(Hkv, device=slot.device)[None, :], slot)
-    global_k[at] = torch.where(write[..., None], k_out.to(global_k.dtype), global_k[at])   # (B, Hkv, D)
-    global_v[at] = torch.where(write[..., None], v_out.to(global_v.dtype), global_v[at])   # (B, Hkv, D)
-    global_g[at] = torch.where(write, g_out.to(global_g.dtype), global_g[at])               # (B, Hkv)
-    global_len.add_((write & ~full).to(global_len.dtype))
+    B, Hkv, M = page_table.shape
+    P, D = pool_k.shape[1:]
+    admitted = g_out > threshold                                                            # (B, Hkv)
+    room = store_room(free_pages, n_free, page_table, global_len, P, admitted.long()) > 0   # (B, Hkv)
+    slots = torch.arange(M * P, device=g_out.device).expand(B, Hkv, -1)                    # (B, Hkv, C)
+    held_g = torch.where(slots < global_len[..., None], pool_g.view(-1)[pool_rows(page_table, slots, P)], float("inf"))
+    lowest_g, lowest = held_g.min(-1)                                                       # (B, Hkv)
+    write = admitted & (room | (g_out > lowest_g))
+    slot = torch.where(room, global_len, lowest)
+    row = torch.where(write, pool_rows(page_table, slot[..., None], P)[..., 0], (pool_k.shape[0] - 1) * P).flatten()
+    pool_k.view(-1, D)[row] = k_out.flatten(0, 1).to(pool_k.dtype)
+    pool_v.view(-1, D)[row] = v_out.flatten(0, 1).to(pool_v.dtype)
+    pool_g.view(-1)[row] = g_out.flatten().to(pool_g.dtype)
+    global_len.add_((write & room).to(global_len.dtype))
 
 
 class AttentionOps(NamedTuple):
@@ -436,110 +519,120 @@ def gated_prefill_tiled(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, a
 # --- admission: prefill store -----------------------------------------------------------------
 
 @triton.jit
-def _store_kernel(GK, GV, GG, GLEN, K, V, GSRC, KEEP, COUNT,
-                  stride_sb, stride_sh, stride_st, stride_ggb, stride_ggh,
-                  stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                  stride_gb, stride_gh, stride_keepb, stride_keeph, C,
-                  HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _store_kernel(PK, PV, PG, TABLE, GLEN, K, V, GSRC, KEEP, NKEEP,
+                  stride_tb, stride_th, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                  stride_gb, stride_gh, stride_keepb, stride_keeph,
+                  HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr):
     bh = tl.program_id(1)
     b = tl.cast(bh // HKV, tl.int64)
     h = bh % HKV
-    n = tl.minimum(tl.load(COUNT + bh), C)
-    tl.store(GLEN + bh, n, mask=tl.program_id(0) == 0)
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)                                   # store slots
-    ok = s < n
+    n = tl.load(NKEEP + bh)
+    start = tl.load(GLEN + bh)                       # the store's length before this call; the wrapper adds n after
+    i = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)                                   # kept tokens
+    ok = i < n
     d = tl.arange(0, D)
-    src = tl.load(KEEP + b * stride_keepb + h * stride_keeph + s, mask=ok, other=0)          # prompt positions
-    dst = b * stride_sb + h * stride_sh + s[:, None] * stride_st + d[None, :]
+    src = tl.load(KEEP + b * stride_keepb + h * stride_keeph + i, mask=ok, other=0)          # prompt positions
+    slot = start + i
+    page = tl.load(TABLE + b * stride_tb + h * stride_th + slot // PAGE, mask=ok, other=0)
+    row = page * PAGE + slot % PAGE                                                          # (BLOCK_S,) pool rows
     from_k = b * stride_kb + h * stride_kh + src[:, None] * stride_kt + d[None, :]
     from_v = b * stride_vb + h * stride_vh + src[:, None] * stride_vt + d[None, :]
-    tl.store(GK + dst, tl.load(K + from_k, mask=ok[:, None]), mask=ok[:, None])
-    tl.store(GV + dst, tl.load(V + from_v, mask=ok[:, None]), mask=ok[:, None])
-    tl.store(GG + b * stride_ggb + h * stride_ggh + s, tl.load(GSRC + b * stride_gb + h * stride_gh + src, mask=ok),
-             mask=ok)
+    tl.store(PK + row[:, None] * D + d[None, :], tl.load(K + from_k, mask=ok[:, None]), mask=ok[:, None])
+    tl.store(PV + row[:, None] * D + d[None, :], tl.load(V + from_v, mask=ok[:, None]), mask=ok[:, None])
+    tl.store(PG + row, tl.load(GSRC + b * stride_gb + h * stride_gh + src, mask=ok), mask=ok)
+
+
+def _check_pool(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, page_table: Tensor, global_len: Tensor) -> None:
+    assert pool_k.is_contiguous() and pool_v.is_contiguous() and pool_g.is_contiguous(), "the pool is indexed by flat row"
+    assert page_table.stride(-1) == 1 and global_len.is_contiguous()
 
 
 @triton_op("wgkv::store_admitted",
-           mutates_args={"global_k", "global_v", "global_g", "global_len"})
-def store_admitted(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Tensor,
-                   k: Tensor, v: Tensor, g: Tensor, admitted_idx: Tensor, admitted_count: Tensor) -> None:
-    """store_admitted_ref with the copy as a kernel that writes only the kept slots [0, len).
+           mutates_args={"pool_k", "pool_v", "pool_g", "free_pages", "n_free", "page_table", "global_len"})
+def store_admitted(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
+                   page_table: Tensor, global_len: Tensor, k: Tensor, v: Tensor, g: Tensor,
+                   admitted_idx: Tensor, admitted_count: Tensor) -> None:
+    """store_admitted_ref with the copy as a kernel that writes only the kept tokens' rows.
 
-    The choice of slots stays in PyTorch (kept_positions: nothing when everything fits, a top-k over
-    g when the store overflows, rare and prefill-only); the kernel then moves min(count, C) rows per
-    head straight from the prompt's K/V into the store, where the reference gathers all C rows into
-    a temporary first. Slots at or past the new length are left as they were.
+    The pages and the choice of tokens stay in PyTorch (store_room, kept_positions: prefix sums, and a
+    sort over g that matters only where a head runs out of room); the kernel then moves each head's
+    kept rows straight from the prompt's K/V into its pages, where the reference gathers them first.
     """
     k, v, g = _rows(k), _rows(v), _rows(g)
-    B, Hkv, C, D = global_k.shape
-    assert global_k.stride() == global_v.stride(), "the store's k and v must share a layout"
-    assert global_len.is_contiguous() and admitted_count.is_contiguous()
-    keep = kept_positions(g, admitted_idx, admitted_count, C)                              # (B, Hkv, min(C, T))
+    _check_pool(pool_k, pool_v, pool_g, page_table, global_len)
+    B, Hkv, T, D = k.shape
+    P = pool_k.shape[1]
+    room = store_room(free_pages, n_free, page_table, global_len, P, admitted_count)       # (B, Hkv)
+    n_keep = admitted_count.minimum(room).contiguous()                                     # (B, Hkv)
+    keep = kept_positions(g, admitted_idx, admitted_count, room)                           # (B, Hkv, T)
     block = 64 if k.device.type == "cuda" else 16
-    _launch(_store_kernel)[(triton.cdiv(keep.shape[-1], block), B * Hkv)](
-        global_k, global_v, global_g, global_len, k, v, g, keep, admitted_count,
-        global_k.stride(0), global_k.stride(1), global_k.stride(2), global_g.stride(0), global_g.stride(1),
+    _launch(_store_kernel)[(triton.cdiv(T, block), B * Hkv)](
+        pool_k, pool_v, pool_g, page_table, global_len, k, v, g, keep, n_keep,
+        page_table.stride(0), page_table.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        g.stride(0), g.stride(1), keep.stride(0), keep.stride(1), C,
-        HKV=Hkv, D=D, BLOCK_S=block)
+        g.stride(0), g.stride(1), keep.stride(0), keep.stride(1),
+        HKV=Hkv, D=D, PAGE=P, BLOCK_S=block)
+    global_len.add_(n_keep)
 
 
 # --- admission: ring-exit promotion -----------------------------------------------------------
 
 @triton.jit
-def _promote_kernel(GK, GV, GG, GLEN, KO, VO, GO,
-                    stride_sb, stride_sh, stride_st, stride_ggb, stride_ggh, stride_kob, stride_koh, stride_vob, stride_voh,
-                    stride_gob, stride_goh, C, threshold,
-                    HKV: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr):
+def _promote_kernel(PK, PV, PG, TABLE, GLEN, ROOM, KO, VO, GO,
+                    stride_tb, stride_th, stride_kob, stride_koh, stride_vob, stride_voh, stride_gob, stride_goh, threshold,
+                    HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_C: tl.constexpr):
     bh = tl.program_id(0)
     b = tl.cast(bh // HKV, tl.int64)
     h = bh % HKV
     n = tl.load(GLEN + bh)
+    room = tl.load(ROOM + bh) != 0
     g_new = tl.load(GO + b * stride_gob + h * stride_goh)
-    full = n >= C
     admit = g_new > tl.cast(threshold, tl.float32)
-    # The lowest g of a full store, scanned only when it decides something (the loop is empty otherwise).
-    g_head = GG + b * stride_ggb + h * stride_ggh
+    table = TABLE + b * stride_tb + h * stride_th
+    # The lowest g of a head without room, scanned only when it decides something (the loop is empty otherwise).
     offs = tl.arange(0, BLOCK_C)
     lane_g = tl.full([BLOCK_C], float("inf"), tl.float32)
-    lane_i = offs
-    for start in range(0, tl.where(admit & full, C, 0), BLOCK_C):
+    lane_i = offs.to(tl.int64)
+    for start in range(0, tl.where(admit & ~room, n, 0), BLOCK_C):
         c = start + offs
-        gc = tl.load(g_head + c, mask=c < C, other=float("inf")).to(tl.float32)
+        page = tl.load(table + c // PAGE, mask=c < n, other=0)
+        gc = tl.load(PG + page * PAGE + c % PAGE, mask=c < n, other=float("inf")).to(tl.float32)
         lower = gc < lane_g                        # strict: each lane keeps its first minimum
         lane_i = tl.where(lower, c, lane_i)
         lane_g = tl.where(lower, gc, lane_g)
     lowest_g = tl.min(lane_g, 0)
-    lowest = tl.min(tl.where(lane_g == lowest_g, lane_i, C), 0)   # the first slot holding the minimum, as torch.min
-    write = admit & (~full | (g_new > lowest_g))
-    slot = tl.where(full, lowest, n).to(tl.int64)
+    lowest = tl.min(tl.where(lane_g == lowest_g, lane_i, n), 0)   # the first slot holding the minimum, as torch.min
+    write = admit & (room | (g_new > lowest_g))
+    slot = tl.where(room, n, lowest).to(tl.int64)
+    row = tl.load(table + slot // PAGE, mask=write, other=0) * PAGE + slot % PAGE
     d = tl.arange(0, D)
-    dst = b * stride_sb + h * stride_sh + slot * stride_st + d
     write_row = d < tl.where(write, D, 0)          # (D,) all or nothing: the interpreter wants a vector mask
-    tl.store(GK + dst, tl.load(KO + b * stride_kob + h * stride_koh + d), mask=write_row)
-    tl.store(GV + dst, tl.load(VO + b * stride_vob + h * stride_voh + d), mask=write_row)
-    tl.store(g_head + slot, g_new, mask=write)
-    tl.store(GLEN + bh, n + (write & ~full).to(n.dtype))
+    tl.store(PK + row * D + d, tl.load(KO + b * stride_kob + h * stride_koh + d), mask=write_row)
+    tl.store(PV + row * D + d, tl.load(VO + b * stride_vob + h * stride_voh + d), mask=write_row)
+    tl.store(PG + row, g_new, mask=write)
+    tl.store(GLEN + bh, n + (write & room).to(n.dtype))
 
 
-@triton_op("wgkv::promote", mutates_args={"global_k", "global_v", "global_g", "global_len"})
-def promote(global_k: Tensor, global_v: Tensor, global_g: Tensor, global_len: Tensor,
-            k_out: Tensor, v_out: Tensor, g_out: Tensor, threshold: float) -> None:
-    """promote_ref as one launch of one program per (batch, KV head), no host sync.
+@triton_op("wgkv::promote", mutates_args={"pool_k", "pool_v", "pool_g", "free_pages", "n_free", "page_table", "global_len"})
+def promote(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
+            page_table: Tensor, global_len: Tensor, k_out: Tensor, v_out: Tensor, g_out: Tensor,
+            threshold: float) -> None:
+    """promote_ref as one launch of one program per (batch, KV head) after the page grant, no host sync.
 
-    The reference scans every head's C gates on every step; here a head reads them only when its
-    store is full and the leaving token is admitted, the only case the lowest entry matters.
+    The reference scans every head's C gates on every step; here a head reads them only when it has no
+    room and the leaving token is admitted, the only case the lowest entry matters.
     """
     k_out, v_out = _rows(k_out), _rows(v_out)
-    B, Hkv, C, D = global_k.shape
-    assert global_k.stride() == global_v.stride(), "the store's k and v must share a layout"
-    assert global_len.is_contiguous()
-    block = 1024 if global_k.device.type == "cuda" else 16
+    _check_pool(pool_k, pool_v, pool_g, page_table, global_len)
+    B, Hkv, D = k_out.shape
+    P = pool_k.shape[1]
+    admitted = g_out > threshold                                                            # (B, Hkv)
+    room = (store_room(free_pages, n_free, page_table, global_len, P, admitted.long()) > 0).to(torch.int8)
+    block = 1024 if k_out.device.type == "cuda" else 16
     _launch(_promote_kernel)[(B * Hkv,)](
-        global_k, global_v, global_g, global_len, k_out, v_out, g_out,
-        global_k.stride(0), global_k.stride(1), global_k.stride(2), global_g.stride(0), global_g.stride(1),
-        k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1), g_out.stride(0), g_out.stride(1), C, threshold,
-        HKV=Hkv, D=D, BLOCK_C=block)
+        pool_k, pool_v, pool_g, page_table, global_len, room, k_out, v_out, g_out,
+        page_table.stride(0), page_table.stride(1), k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1),
+        g_out.stride(0), g_out.stride(1), threshold, HKV=Hkv, D=D, PAGE=P, BLOCK_C=block)
 
 
 # --- dual-cache decode attention --------------------------------------------------------------
@@ -561,11 +654,11 @@ def _decode_schedule(RLEN, GLEN, BH, BLOCK_N: tl.constexpr, BH_PAD: tl.constexpr
 
 
 @triton.jit
-def _decode_split_kernel(Q, RK, RV, RLEN, GK, GV, GLEN, PART_O, PART_LSE,
-                         stride_qb, stride_qh, stride_rb, stride_rh, stride_rt, stride_gb, stride_gh, stride_gt,
+def _decode_split_kernel(Q, RK, RV, RLEN, PK, PV, TABLE, GLEN, PART_O, PART_LSE,
+                         stride_qb, stride_qh, stride_rb, stride_rh, stride_rt, stride_tb, stride_th,
                          qk_scale, BH,
                          HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BH_PAD: tl.constexpr,
+                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BH_PAD: tl.constexpr,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -596,14 +689,14 @@ def _decode_split_kernel(Q, RK, RV, RLEN, GK, GV, GLEN, PART_O, PART_LSE,
                 k = tl.load(ring_k + j[:, None] * stride_rt + d[None, :], mask=ok[:, None], other=0.0)
                 v = tl.load(ring_v + j[:, None] * stride_rt + d[None, :], mask=ok[:, None], other=0.0)
                 acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, ok[None, :], qk_scale, True, UPCAST, PRECISION)
-            glob_k = GK + b * stride_gb + h * stride_gh
-            glob_v = GV + b * stride_gb + h * stride_gh
+            table = TABLE + b * stride_tb + h * stride_th
             glen = tl.load(GLEN + bh).to(tl.int32)
             for tile in range(tl.maximum(lo, ring_tiles), hi):
                 j = (tile - ring_tiles) * BLOCK_N + offs_n
                 ok = j < glen
-                k = tl.load(glob_k + j[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
-                v = tl.load(glob_v + j[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
+                row = tl.load(table + j // PAGE, mask=ok, other=0) * PAGE + j % PAGE             # (BLOCK_N,) pool rows
+                k = tl.load(PK + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(PV + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
                 acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, ok[None, :], qk_scale, True, UPCAST, PRECISION)
             # Every tile holds at least one key, so l_i >= 1.
             part = (bh * n_programs + pid) * G + rows                                          # (G_PAD,)
@@ -645,26 +738,26 @@ def _decode_merge_kernel(PART_O, PART_LSE, RLEN, GLEN, OUT, stride_ob, stride_oh
 
 @triton_op("wgkv::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
-                     global_k: Tensor, global_v: Tensor, global_len: Tensor, scale: float) -> Tensor:
+                     pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
     """decode_attention_ref as split-K flash decoding: two launches of fixed grids, whatever the lengths.
 
-    The grid depends on shapes and the device only, so a CUDA graph replays it; lengths are read
-    by the kernels. Heads whose lengths differ by 100x cost the programs the same: work is cut
-    into equal runs of tiles across all heads, not into a fixed number of splits per head.
+    The grid depends on shapes and the device only, so a CUDA graph replays it; lengths and page
+    tables are read by the kernels. Heads whose lengths differ by 100x cost the programs the same:
+    work is cut into equal runs of tiles across all heads, not into a fixed number of splits per head.
     """
     tiles = DECODE_TILES if q.device.type == "cuda" else INTERPRETER_DECODE_TILES
-    return decode_attention_tiled(q, ring_k, ring_v, ring_len, global_k, global_v, global_len, scale, tiles)
+    return decode_attention_tiled(q, ring_k, ring_v, ring_len, pool_k, pool_v, page_table, global_len, scale, tiles)
 
 
-def decode_attention_tiled(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor, global_k: Tensor,
-                           global_v: Tensor, global_len: Tensor, scale: float, tiles: dict) -> Tensor:
+def decode_attention_tiled(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor, pool_k: Tensor,
+                           pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float, tiles: dict) -> Tensor:
     """The decode kernels with the given tiles (DECODE_TILES' keys)."""
-    q, ring_k, ring_v, global_k, global_v = (_rows(x) for x in (q, ring_k, ring_v, global_k, global_v))
+    q, ring_k, ring_v = (_rows(x) for x in (q, ring_k, ring_v))
     B, Hq, D = q.shape
     Hkv = ring_k.shape[1]
     G = Hq // Hkv
-    assert ring_k.stride() == ring_v.stride() and global_k.stride() == global_v.stride(), "the cache's k and v must share a layout"
-    assert global_len.is_contiguous()
+    assert ring_k.stride() == ring_v.stride(), "the ring's k and v must share a layout"
+    assert pool_k.is_contiguous() and pool_v.is_contiguous() and page_table.stride(-1) == 1 and global_len.is_contiguous()
     tiles = dict(tiles)
     n_programs = tiles.pop("programs_per_sm") * _multiprocessors(q.device)
     shape = dict(HKV=Hkv, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=tiles.pop("BLOCK_N"),
@@ -673,10 +766,10 @@ def decode_attention_tiled(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: 
     part_lse = torch.empty(B * Hkv, n_programs, G, dtype=torch.float32, device=q.device)    # (B*Hkv, P, G)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)                              # (B, Hq, D)
     _launch(_decode_split_kernel)[(n_programs,)](
-        q, ring_k, ring_v, ring_len, global_k, global_v, global_len, part_o, part_lse,
+        q, ring_k, ring_v, ring_len, pool_k, pool_v, page_table, global_len, part_o, part_lse,
         q.stride(0), q.stride(1), ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
-        global_k.stride(0), global_k.stride(1), global_k.stride(2), scale * LOG2E, B * Hkv,
-        **shape, **_dot_options(q), **tiles)
+        page_table.stride(0), page_table.stride(1), scale * LOG2E, B * Hkv,
+        PAGE=pool_k.shape[1], **shape, **_dot_options(q), **tiles)
     _launch(_decode_merge_kernel)[(B * Hkv,)](
         part_o, part_lse, ring_len, global_len, out, out.stride(0), out.stride(1), B * Hkv,
         **shape, N_PROGRAMS=n_programs)

@@ -238,11 +238,42 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype: torch.dtype) -> None:
+ADMISSION_SAMPLES = 8
+
+
+def measure_admission(distiller: "Distiller", samples: Tensor, rows: list[int], device: str) -> list[float]:
+    """Per layer, the share of tokens whose g > tau over the given training samples, in the student's pass as
+    training runs it: what the gate admits in training, which sizes the page pool by default (gate.py)."""
+    shares = []
+    distiller.wire(student=True)
+    with torch.no_grad():
+        for row in rows:
+            distiller.model.body(samples[row][None].to(device))
+            shares.append(torch.stack([(a.g > distiller.threshold).float().mean() for a in distiller.attns]).cpu())
+            for a in distiller.attns:
+                a.g = None
+    distiller.wire(student=False)
+    return [round(x, 4) for x in torch.stack(shares).mean(0).tolist()]
+
+
+def run_admission(run: Path, gates: nn.ModuleList, args: dict, device: str, distiller: "Distiller | None" = None) -> list[float]:
+    """measure_admission on the first ADMISSION_SAMPLES samples the run trained on (building the model if needed)."""
+    samples, _, n_prose = load_samples(run)
+    rows = [sample_row(i, n_prose, samples.shape[0] - n_prose, args.get("retrieval_mix", 0.0), args["seed"])
+            for i in range(min(ADMISSION_SAMPLES, args["steps"] * args["batch_size"]))]
+    if distiller is None:
+        model = Transformer.from_pretrained(args["checkpoint"], dtype=getattr(torch, args["dtype"]), device=device)
+        distiller = Distiller(model, gates.to(device), args["window"], args["threshold"])
+    return measure_admission(distiller, samples, rows, device)
+
+
+def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype: torch.dtype,
+                 admitted_per_layer: list[float]) -> None:
     """Write the gate file (gate.py's format) with what a reader needs to know of its training."""
     a = state["args"]
     metadata = {
         "window": a["window"], "threshold": a["threshold"], "lambda": a["lam"],
+        "admitted_per_layer": admitted_per_layer,
         "base_model": Path(a["checkpoint"]).name,
         "training": {"steps": state["step"], "of_steps": a["steps"], "seq_len": a["seq_len"], "batch_size": a["batch_size"],
                      "lr": a["lr"], "weight_decay": a["weight_decay"], "data": a["data"], "run": str(run),
@@ -274,11 +305,15 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
     """Train (or, with export, write a run's latest gates); None takes the default or the resumed run's value."""
     given = {k: v for k, v in locals().items() if k in TRAJECTORY and v is not None}
     run = Path(out if out is not None else f"runs/gate-{given.get('lam', TRAJECTORY['lam']):g}")
+    if threads:
+        torch.set_num_threads(threads)
     if export is not None:   # export a run's latest checkpoint, nothing else
         state = load_checkpoint(run)
         gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
         gates.load_state_dict(state["gates"])
-        export_gates(run, gates, state, Path(export), getattr(torch, export_dtype))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        admitted = run_admission(run, gates, TRAJECTORY | state["args"], device)
+        export_gates(run, gates, state, Path(export), getattr(torch, export_dtype), admitted)
         print(export)
         print(f"exported step {state['step']}/{state['args']['steps']} of {run} ({export_dtype})", file=sys.stderr)
         return
@@ -325,8 +360,6 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if batch_size % world:
         raise TrainError(f"--batch-size {batch_size} is not a multiple of the {world} processes")
-    if threads:
-        torch.set_num_threads(threads)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
 
     model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
@@ -334,10 +367,7 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         raise TrainError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_position_embeddings} tokens")
     if state is not None and (run / "samples.pt").exists():
         # The run's own tokenized samples: a resumed run trains on exactly what it started with.
-        saved = torch.load(run / "samples.pt", weights_only=True)
-        if isinstance(saved, Tensor):   # a prose-only run from before retrieval samples
-            saved = {"ids": saved, "answer_mask": torch.zeros(saved.shape, dtype=torch.bool), "prose": saved.shape[0]}
-        samples, answer_mask, n_prose = saved["ids"].long(), saved["answer_mask"], saved["prose"]     # (N, seq_len) x 2
+        samples, answer_mask, n_prose = load_samples(run)                                     # (N, seq_len) x 2
     else:
         tok = Tokenizer(checkpoint)
         docs = read_documents(data)
@@ -455,11 +485,20 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
                 raise SystemExit(130)
     if rank == 0:
         final = snapshot(last)
-        export_gates(run, gates, final, run / "gate.safetensors", torch.float32)
+        export_gates(run, gates, final, run / "gate.safetensors", torch.float32,
+                     run_admission(run, gates, args, device, distiller))
         say(f"done: {run}/gate.safetensors ({format_time(elapsed)} of training)")
         print(run / "gate.safetensors")
     if distributed:
         dist.destroy_process_group()
+
+
+def load_samples(run: Path) -> tuple[Tensor, Tensor, int]:
+    """The run's tokenized samples (N, seq_len), their answer mask (N, seq_len) and how many rows are prose."""
+    saved = torch.load(run / "samples.pt", weights_only=True)
+    if isinstance(saved, Tensor):   # a prose-only run from before retrieval samples
+        saved = {"ids": saved, "answer_mask": torch.zeros(saved.shape, dtype=torch.bool), "prose": saved.shape[0]}
+    return saved["ids"].long(), saved["answer_mask"], saved["prose"]
 
 
 def load_checkpoint(run: Path) -> dict:

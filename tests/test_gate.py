@@ -92,12 +92,15 @@ def test_metadata_round_trips_and_sets_the_defaults(tmp_path):
     assert metadata == {"window": 6, "threshold": 0.2, "lambda": 0.16, "base_model": "tiny", "training": json.dumps(training)}
     model = tiny_model()
     setup = gate.setup_write_gated(model, str(tmp_path / "g.safetensors"), batch_size=1, max_seq_len=20,
-                                   dtype=torch.float32, device="cpu")
+                                   dtype=torch.float32, device="cpu", page_size=1)
     assert (setup.window, setup.threshold, setup.capacity) == (6, 0.2, 14)
     assert model.layers[0].attention.cache.window == 6
     setup = gate.setup_write_gated(model, str(tmp_path / "g.safetensors"), batch_size=1, max_seq_len=20,
-                                   dtype=torch.float32, device="cpu", window=3, threshold=0.5, global_capacity=2)
+                                   dtype=torch.float32, device="cpu", window=3, threshold=0.5, global_capacity=2, page_size=1)
     assert (setup.window, setup.threshold, setup.capacity) == (3, 0.5, 2)
+    setup = gate.setup_write_gated(model, str(tmp_path / "g.safetensors"), batch_size=1, max_seq_len=20,
+                                   dtype=torch.float32, device="cpu", global_capacity=2, page_size=16)
+    assert setup.capacity == 16   # whole pages
 
 
 @pytest.mark.parametrize("model_kwargs, message, model_shape", [
@@ -185,8 +188,9 @@ def test_sink_and_constant_policies():
 
 def test_stats_count_tokens_and_bytes():
     model = tiny_model()
-    setup = gate.setup_write_gated(model, "sink:2", batch_size=1, max_seq_len=30, dtype=torch.float32, device="cpu", window=4)
-    assert setup.capacity == 2   # sink:N needs no more than N global slots
+    setup = gate.setup_write_gated(model, "sink:2", batch_size=1, max_seq_len=30, dtype=torch.float32, device="cpu",
+                                   window=4, page_size=1)
+    assert setup.capacity == 2 and setup.pool_pages == 2 * 2 * 2   # sink:N needs no more than N global slots
     model(torch.randint(0, 97, (1, 10)))
     for pos in range(10, 15):
         model(torch.randint(0, 97, (1, 1)), torch.tensor([pos]))
@@ -199,3 +203,37 @@ def test_stats_count_tokens_and_bytes():
     assert stats["dense_bytes"] == n_heads * 15 * per_token
     assert stats["capacity_drops"] == 0
     assert stats["bytes_allocated"] >= n_heads * (2 + 4) * per_token
+    assert (stats["pages_in_use"], stats["pool_pages"]) == (n_heads * 2, n_heads * 2)
+
+
+@pytest.mark.parametrize("spec, budget", [("300MiB", gate.Budget("bytes", 300 * 2**20)), ("2GB", gate.Budget("bytes", 2e9)),
+                                          ("512 kib", gate.Budget("bytes", 512 * 1024)), ("20000", gate.Budget("tokens", 20000)),
+                                          ("40%", gate.Budget("share", 40)), ("12.5%", gate.Budget("share", 12.5)),
+                                          ("Unlimited", gate.Budget("unlimited")), (None, None)])
+def test_budget_forms(spec, budget):
+    assert gate.parse_budget(spec) == budget
+
+
+@pytest.mark.parametrize("spec", ["", "abc", "0", "-5", "0MiB", "150%", "1.5", "10 pages", "5TiB"])
+def test_bad_budgets_say_what_is_expected(spec):
+    with pytest.raises(gate.GateError, match="--kv-budget"):
+        gate.parse_budget(spec)
+
+
+def test_pool_pages_from_each_budget():
+    shape = dict(n_layers=2, batch_size=1, n_kv_heads=2, head_dim=16, capacity=100, page_size=10, dense_tokens=110,
+                 element_size=4, admitted_per_layer=None)
+    full = 2 * 2 * 10                                     # layers x heads x pages of a whole capacity
+    per_page = 10 * (2 * 16 * 4 + 4)
+    assert gate.pool_pages(None, **shape)[0] == full        # no record of the gate's admission: the full need
+    assert gate.pool_pages(gate.Budget("unlimited"), **shape)[0] == full
+    assert gate.pool_pages(gate.Budget("tokens", 95), **shape)[0] == 10
+    assert gate.pool_pages(gate.Budget("bytes", 7 * per_page + 1), **shape)[0] == 7
+    dense = 2 * 2 * 110 * 2 * 16 * 4
+    assert gate.pool_pages(gate.Budget("share", 25), **shape)[0] == int(0.25 * dense // per_page)
+    assert gate.pool_pages(gate.Budget("tokens", 10**9), **shape)[0] == full   # a budget past the need buys nothing
+    # From the gate's admission in training: margin x rate x capacity per layer, plus a page per head.
+    shape["admitted_per_layer"] = [0.1, 0.5]
+    pages, how = gate.pool_pages(None, **shape)
+    expected = sum(-(-round(min(1.0, gate.BUDGET_MARGIN * r) * 100 * 2) // 10) + 2 for r in (0.1, 0.5))
+    assert pages == expected < full and "admission in training" in how

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gate
-from cache import DenseCache, WriteGatedCache, resolve_backend
+from cache import DenseCache, PagePool, WriteGatedCache, resolve_backend
 from model import LlamaConfig, Transformer
 
 
@@ -63,21 +63,27 @@ def oracle_logits(model: Transformer, tokens: torch.Tensor, mask_of) -> torch.Te
     return model(tokens)
 
 
-def setup_learned(model, gates, window, max_seq_len, batch_size=2, capacity=None):
+def setup_learned(model, gates, window, max_seq_len, batch_size=2, capacity=None, page_size=16):
+    """Every layer's cache on one pool with room for every head's whole capacity."""
     gate.install(model, gates)
     c = model.config
+    capacity = capacity or max(max_seq_len - window, 1)
+    pool = PagePool(c.n_layers * batch_size * c.n_kv_heads * -(-capacity // page_size), page_size, c.head_dim,
+                    torch.float32)
     model.setup_caches(lambda i: WriteGatedCache(batch_size, c.n_kv_heads, c.head_dim, window, gate.DEFAULT_THRESHOLD,
-                                                 capacity or max(max_seq_len - window, 1), torch.float32))
+                                                 capacity, torch.float32, pool=pool))
 
 
 @pytest.mark.parametrize("n_kv_heads", [2, 4], ids=["gqa", "mha"])
 @pytest.mark.parametrize("window", [1, 3, 8, 64])
 @pytest.mark.parametrize("prompt_len", [5, 20])
-def test_matches_visibility_oracle(n_kv_heads, window, prompt_len):
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_matches_visibility_oracle(n_kv_heads, window, prompt_len, page_size):
+    """Prefill, then decode across page boundaries, batch rows that admit different amounts, one shared pool."""
     model = tiny_model(n_kv_heads)
     gates = random_gates(model)
     steps = 40
-    setup_learned(model, gates, window, prompt_len + steps)
+    setup_learned(model, gates, window, prompt_len + steps, page_size=page_size)
     prompt = torch.randint(0, 97, (2, prompt_len), generator=torch.Generator().manual_seed(1))
     tokens, logits = generate(model, prompt, steps)
     stats = gate.admission_stats(model)
@@ -140,7 +146,7 @@ def run_capacity(cache, T0, steps, seed):
     """Feed random keys and gates; after prefill and after every decode step, the store must hold exactly
     the C highest-g tokens among the admitted ones that left the ring."""
     B, H, W, C = *cache.global_len.shape, cache.window, cache.capacity
-    D = cache.global_k.shape[-1]
+    D = cache.ring_k.shape[-1]
     torch.manual_seed(seed)
     k = torch.randn(B, H, T0 + steps, D)
     g = torch.rand(B, H, T0 + steps)
@@ -148,6 +154,7 @@ def run_capacity(cache, T0, steps, seed):
 
     def check(n_tokens):
         left = max(n_tokens - W, 0)
+        stored_k, _, stored_g = cache.store_contents()
         for b in range(B):
             for h in range(H):
                 gl = g[b, h, :left]
@@ -155,11 +162,10 @@ def run_capacity(cache, T0, steps, seed):
                 best = admitted[gl[admitted].argsort(descending=True)[:C]]
                 n = int(cache.global_len[b, h])
                 assert n == len(best)
-                stored = cache.global_k[b, h, :n]
                 # Every stored row is one of the best tokens' keys, and all of them are there.
-                match = (stored[:, None, :] == k[b, h, best][None, :, :]).all(-1)   # (n, len(best))
+                match = (stored_k[b, h, :n][:, None, :] == k[b, h, best][None, :, :]).all(-1)   # (n, len(best))
                 assert match.any(1).all() and match.any(0).all()
-                torch.testing.assert_close(cache.global_g[b, h, :n].sort().values, g[b, h, best].sort().values)
+                torch.testing.assert_close(stored_g[b, h, :n].sort().values, g[b, h, best].sort().values)
 
     cache(q[:, :, :T0], k[:, :, :T0], k[:, :, :T0], g[:, :, :T0], torch.arange(T0))
     check(T0)
@@ -168,8 +174,10 @@ def run_capacity(cache, T0, steps, seed):
         check(p + 1)
 
 
-def test_capacity_keeps_highest_g():
-    cache = WriteGatedCache(2, 2, 8, window=3, threshold=0.3, capacity=4, dtype=torch.float32)
+@pytest.mark.parametrize("page_size", [1, 3])
+def test_capacity_keeps_highest_g(page_size):
+    cache = WriteGatedCache(2, 2, 8, window=3, threshold=0.3, capacity=4, dtype=torch.float32, page_size=page_size)
+    assert cache.capacity == (4 if page_size == 1 else 6)   # whole pages
     run_capacity(cache, T0=20, steps=25, seed=0)
     drops = cache.counts()["capacity_drops"]
     assert (drops > 0).all()
@@ -177,17 +185,85 @@ def test_capacity_keeps_highest_g():
     assert torch.equal(cache.n_admitted, cache.global_len + drops)
 
 
-def test_capacity_fills_during_decode():
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_capacity_fills_during_decode(page_size):
     # A short prompt: the store starts nearly empty and fills, then evicts, during decode.
-    cache = WriteGatedCache(2, 2, 8, window=2, threshold=0.3, capacity=5, dtype=torch.float32)
-    run_capacity(cache, T0=4, steps=30, seed=1)
+    cache = WriteGatedCache(2, 2, 8, window=2, threshold=0.3, capacity=5 if page_size == 1 else 16,
+                            dtype=torch.float32, page_size=page_size)
+    run_capacity(cache, T0=4, steps=30 if page_size == 1 else 45, seed=1)
+
+
+def pool_oracle(gs: list[torch.Tensor], T0: int, window: int, threshold: float, page_size: int, n_pages: int,
+                max_pages: int) -> dict:
+    """The stores a pool of n_pages should leave, by the plain rule applied token by token, layers in order
+    and in each the heads in (batch, head) order: in prefill a head takes the pages its admitted tokens need
+    while pages are left and keeps its highest-g tokens that fit; in decode a head whose last page is full
+    takes a page if any is left, else the new token replaces the head's lowest-g entry if it is higher.
+    gs: one (B, H, T) tensor of g per layer. Returns the stored g's per (layer, batch, head), sorted."""
+    B, H, T = gs[0].shape
+    free = n_pages
+    stores, pages = {}, {}
+    heads = [(i, b, h) for i in range(len(gs)) for b in range(B) for h in range(H)]
+    for i, b, h in heads:
+        admitted = [float(x) for x in gs[i][b, h, :max(T0 - window, 0)] if x > threshold]
+        got = min(-(-len(admitted) // page_size), max_pages, free)
+        free -= got
+        pages[i, b, h] = got
+        stores[i, b, h] = sorted(admitted, reverse=True)[:got * page_size]
+    for leaving in range(max(T0 - window, 0), T - window):   # the decode step at position p promotes p - W
+        for i, b, h in heads:
+            x, store = float(gs[i][b, h, leaving]), stores[i, b, h]
+            if x <= threshold:
+                continue
+            if len(store) == pages[i, b, h] * page_size and pages[i, b, h] < max_pages and free > 0:
+                pages[i, b, h] += 1
+                free -= 1
+            if len(store) < pages[i, b, h] * page_size:
+                store.append(x)
+            elif store and x > min(store):
+                store.remove(min(store))
+                store.append(x)
+    return {key: sorted(s) for key, s in stores.items()}
+
+
+@pytest.mark.parametrize("page_size, n_pages", [(1, 9), (3, 4), (16, 1), (4, 0)])
+def test_shared_pool_runs_out_as_the_rule_says(page_size, n_pages):
+    """Two layers' caches on one small pool: pages go to heads in order while they last, a head without room
+    keeps its highest-g tokens; an empty pool (0 pages) stores nothing and still attends to the ring."""
+    B, H, D, W, T0, steps = 2, 2, 8, 3, 14, 30
+    pool = PagePool(n_pages, page_size, D, torch.float32)
+    caches = [WriteGatedCache(B, H, D, W, 0.3, 12, torch.float32, pool=pool) for _ in range(2)]
+    torch.manual_seed(page_size)
+    T = T0 + steps
+    gs = [torch.rand(B, H, T) for _ in caches]
+    q, k = torch.randn(B, 2 * H, T, D), torch.randn(B, H, T, D)
+    for cache, g in zip(caches, gs):          # layer by layer, as the model's prefill runs
+        cache(q[:, :, :T0], k[:, :, :T0], k[:, :, :T0], g[:, :, :T0], torch.arange(T0))
+    for p in range(T0, T):
+        for cache, g in zip(caches, gs):
+            cache(q[:, :, p:p + 1], k[:, :, p:p + 1], k[:, :, p:p + 1], g[:, :, p:p + 1], torch.tensor([p]))
+    expected = pool_oracle(gs, T0, W, 0.3, page_size, n_pages, -(-12 // page_size))
+    for i, cache in enumerate(caches):
+        _, _, stored_g = cache.store_contents()
+        for b in range(B):
+            for h in range(H):
+                n = int(cache.global_len[b, h])
+                assert sorted(stored_g[b, h, :n].tolist()) == pytest.approx(expected[i, b, h])
+    assert sum(int(c.n_capacity_drops.sum()) for c in caches) > 0    # the pool did run out
+    assert int(pool.n_free) == max(n_pages - sum(-(-int(c.global_len[b, h]) // page_size) for c in caches
+                                                 for b in range(B) for h in range(H)), 0)
+    # A new prompt gives every page back.
+    for cache in caches:
+        cache.reset()
+    assert int(pool.n_free) == n_pages and sorted(pool.free_pages[:n_pages].tolist()) == list(range(n_pages))
 
 
 def test_decode_compiles_fullgraph_once_per_block_and_matches_eager():
     from torch._dynamo.utils import counters
     model = tiny_model(2, n_layers=6)
     gates = random_gates(model)
-    setup_learned(model, gates, window=3, max_seq_len=16)
+    # Pages of 4: both cache sizes below have page tables of more than one page (a size of 1 is specialised).
+    setup_learned(model, gates, window=3, max_seq_len=16, page_size=4)
     prompt = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(6))
 
     stored = lambda: sum(int(layer.attention.cache.global_len.sum()) for layer in model.layers)
@@ -216,7 +292,7 @@ def test_decode_compiles_fullgraph_once_per_block_and_matches_eager():
     mm = counters["aten_mm_info"]
     assert mm and max(mm.values()) == 2 and mm["aten.mm_2_64_64"] == 2, dict(mm)
     # A cache of another size (another --max-seq-len) runs on the same graph.
-    setup_learned(model, gates, window=3, max_seq_len=40)
+    setup_learned(model, gates, window=3, max_seq_len=40, page_size=4)
     eager = run(model)
     torch.compiler.set_stance("fail_on_recompile")
     try:

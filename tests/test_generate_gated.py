@@ -60,8 +60,24 @@ def test_gate_file_and_policies_report_admission(tiny, gate_file, capsys):
     assert "window 8, threshold 0.2" in stats
     _, stats = run_main(capsys, tiny, gate="none", window=4, attn_backend="torch")
     assert "admitted 0.0% of tokens" in stats
-    _, stats = run_main(capsys, tiny, gate="sink:3", window=4, global_capacity=2, attn_backend="torch")
-    assert "global capacity 2 tokens per head" in stats and "capacity rule" in stats
+    _, stats = run_main(capsys, tiny, gate="sink:3", window=4, global_capacity=2, page_size=1, attn_backend="torch")
+    assert "global capacity 2 tokens per head" in stats
+    assert "lost to the capacity or the budget: 4 " in stats    # one sink token of each of 2 x 2 heads
+
+
+def test_kv_budget_sizes_the_pool(tiny, gate_file, capsys):
+    """The pool's size follows --kv-budget; a budget below the need loses admitted tokens and says so, an
+    unlimited one gives the tokens of the default, and allocation is reported against the dense cache's."""
+    default, stats = run_main(capsys, tiny, gate=str(gate_file), attn_backend="torch")
+    assert "(the full need (the gate file records no admission rate))" in stats and " vs dense " in stats
+    unlimited, stats = run_main(capsys, tiny, gate=str(gate_file), kv_budget="unlimited", attn_backend="torch")
+    assert unlimited == default and "lost to the capacity or the budget: 0 " in stats
+    _, stats = run_main(capsys, tiny, gate="full", window=4, kv_budget="12", page_size=4, attn_backend="torch")
+    assert "pool 3 pages of 4 tokens (--kv-budget 12)" in stats and "pool pages in use 3 of 3" in stats
+    lost = int(stats.split("lost to the capacity or the budget: ")[1].split()[0])
+    assert lost > 0
+    _, stats = run_main(capsys, tiny, gate="full", window=4, kv_budget="10%", attn_backend="torch")
+    assert "(--kv-budget 10%)" in stats
 
 
 def test_compiled_gated_decode_gives_the_eager_tokens(tiny, gate_file, capsys):
@@ -83,6 +99,14 @@ def test_triton_backend_gives_the_torch_tokens(tiny, gate_file):
     assert torch_run.returncode == 0 and triton_run.returncode == 0, triton_run.stderr[-2000:]
     assert "attention backend triton" in triton_run.stderr
     assert len(torch_run.stdout) > 5 and triton_run.stdout == torch_run.stdout
+
+
+@pytest.mark.parametrize("budget", ["lots", "0", "200%", "2.5"])
+def test_bad_kv_budget_one_line_exit_2(tiny, budget):
+    p = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny), "--gate", "full",
+                        "--kv-budget", budget, "--max-new-tokens", "2"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--kv-budget" in p.stderr
 
 
 def test_bad_gate_input_one_line_exit_2(tiny, tmp_path):

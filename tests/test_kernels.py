@@ -103,82 +103,129 @@ def test_gated_prefill_matches_the_visibility_rule(prefill):
     assert_close(out, ref, torch.float32)
 
 
-# (G, D, dtype, ring capacity W, ring_len, global lengths per (batch, head)); capacity C = 48.
+def paged_store(lengths, capacity, page_size, D, dtype, spare_pages=0, seed=0):
+    """A pool holding random K/V/g for the given store lengths (B, Hkv) under shuffled page tables, with
+    spare_pages free pages besides: (pool_k, pool_v, pool_g, free_pages, n_free, page_table, global_len)."""
+    g = torch.Generator().manual_seed(seed)
+    global_len = torch.tensor(lengths, device=DEVICE)                                        # (B, Hkv)
+    B, Hkv = global_len.shape
+    M = -(-capacity // page_size)
+    held = (global_len + page_size - 1) // page_size
+    N = int(held.sum()) + spare_pages
+    order = torch.randperm(N, generator=g).to(DEVICE)
+    page_table = torch.full((B, Hkv, M), N, dtype=torch.int64, device=DEVICE)
+    taken = 0
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(held[b, h])
+            page_table[b, h, :n] = order[taken:taken + n]
+            taken += n
+    free_pages = torch.cat((order[taken:], torch.full((taken + 1,), N, device=DEVICE)))      # (N + 1,)
+    n_free = torch.tensor([spare_pages], device=DEVICE)
+    pool_k, pool_v = randn(N + 1, page_size, D, dtype=dtype), randn(N + 1, page_size, D, dtype=dtype)
+    pool_g = torch.rand(N + 1, page_size, generator=g).to(DEVICE) * 0.4 + 0.6
+    return [pool_k, pool_v, pool_g, free_pages, n_free, page_table, global_len]
+
+
+def assert_same_state(got, want):
+    """Exactly equal stores, except the scratch page (the last of the pool), which only the reference writes."""
+    for i, (x, y) in enumerate(zip(got, want)):
+        x, y = (x[:-1], y[:-1]) if i < 3 else (x, y)
+        torch.testing.assert_close(x, y, atol=0, rtol=0, equal_nan=True)
+
+
+# (G, D, dtype, ring capacity W, ring_len, global lengths per (batch, head), page size); capacity C = 48.
 DECODE_CASES = [
-    (1, 64, torch.float32, 16, 16, [[0, 48]]),
-    (3, 64, torch.bfloat16, 20, 7, [[48, 1]]),
-    (4, 128, torch.float16, 8, 0, [[13, 0], [30, 47]]),   # empty ring
-    (8, 128, torch.bfloat16, 16, 3, [[0, 0]]),            # global stores empty
-    (4, 64, torch.float32, 16, 0, [[0, 5]]),              # one head sees no key at all: output 0
-    (4, 128, torch.bfloat16, 16, 16, [[1, 100]]),         # 100x imbalance (capacity raised below)
+    (1, 64, torch.float32, 16, 16, [[0, 48]], 16),
+    (3, 64, torch.bfloat16, 20, 7, [[48, 1]], 3),
+    (4, 128, torch.float16, 8, 0, [[13, 0], [30, 47]], 1),   # empty ring
+    (8, 128, torch.bfloat16, 16, 3, [[0, 0]], 16),           # global stores empty
+    (4, 64, torch.float32, 16, 0, [[0, 5]], 4),              # one head sees no key at all: output 0
+    (4, 128, torch.bfloat16, 16, 16, [[1, 100]], 16),        # 100x imbalance (capacity raised below)
 ]
 
 
-@pytest.mark.parametrize("G, D, dtype, W, ring_len, lengths", DECODE_CASES)
-def test_decode_attention(G, D, dtype, W, ring_len, lengths):
+@pytest.mark.parametrize("G, D, dtype, W, ring_len, lengths, page_size", DECODE_CASES)
+def test_decode_attention(G, D, dtype, W, ring_len, lengths, page_size):
     torch.manual_seed(G + D + W)
-    global_len = torch.tensor(lengths, device=DEVICE)                                        # (B, Hkv)
+    C = max(48, max(max(row) for row in lengths))
+    store = paged_store(lengths, C, page_size, D, dtype, spare_pages=2)
+    pool_k, pool_v, _, _, _, page_table, global_len = store
     B, Hkv = global_len.shape
-    C = max(48, int(global_len.max()))
     q = randn(B, Hkv * G, D, dtype=dtype)
     ring_k, ring_v = randn(B, Hkv, W, D, dtype=dtype), randn(B, Hkv, W, D, dtype=dtype)
-    global_k, global_v = randn(B, Hkv, C, D, dtype=dtype), randn(B, Hkv, C, D, dtype=dtype)
     ring_len = torch.tensor(ring_len, device=DEVICE)
-    args = (q, ring_k, ring_v, ring_len, global_k, global_v, global_len, D ** -0.5)
+    args = (q, ring_k, ring_v, ring_len, pool_k, pool_v, page_table, global_len, D ** -0.5)
     with poisoned_allocations():
         out = kernels.decode_attention(*args)
     ref = kernels.decode_attention_ref(*args)
     assert out.shape == ref.shape and out.dtype == dtype
     assert_close(out, ref, dtype)
+    # The paged reference is plain attention over each head's ring and stored tokens.
+    keys, values = kernels.gather_store(pool_k, page_table, page_table.shape[-1]), kernels.gather_store(pool_v, page_table, page_table.shape[-1])
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(global_len[b, h])
+            k = torch.cat((ring_k[b, h, :int(ring_len)], keys[b, h, :n])).float()
+            v = torch.cat((ring_v[b, h, :int(ring_len)], values[b, h, :n])).float()
+            qh = q[b, h * G:(h + 1) * G].float()
+            want = torch.softmax(qh @ k.T * D ** -0.5, -1) @ v if len(k) else torch.zeros_like(qh)
+            assert_close(ref[b, h * G:(h + 1) * G], want, dtype)
 
 
-@pytest.mark.parametrize("T, C, dtype", [(40, 64, torch.bfloat16), (40, 40, torch.float32), (50, 6, torch.float16)])
-def test_store_admitted(T, C, dtype):
-    """C >= T keeps every admitted token in order; C < T keeps the C highest g (some heads overflow)."""
+# (T, capacity, page size, lengths already stored, spare pages): fits; overflows the capacity; the pool runs
+# out part-way through the heads; appends to stores that hold tokens already.
+STORE_CASES = [(40, 64, 16, [[0, 0], [0, 0]], 12), (40, 40, 1, [[0, 0], [0, 0]], 160), (50, 6, 4, [[0, 0], [0, 0]], 8),
+               (45, 48, 3, [[0, 0], [0, 0]], 13), (30, 48, 5, [[7, 0], [10, 3]], 9)]
+
+
+@pytest.mark.parametrize("T, C, page_size, lengths, spare", STORE_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_store_admitted(T, C, page_size, lengths, spare, dtype):
+    """Where the room suffices every admitted token is kept in order; else the highest g that fit."""
     torch.manual_seed(T + C)
     B, Hkv, D, W = 2, 2, 64, 4
     k, v = randn(B, Hkv, T, D, dtype=dtype), randn(B, T, Hkv, D, dtype=dtype).transpose(1, 2)   # two layouts
     g = torch.rand(B, Hkv, T, device=DEVICE)
     g[1, 1] = 0.05                                       # a head that admits nothing
     idx, count = kernels.compact_admitted_ref(g, TAU, W)
-    stores = []
-    for op in (kernels.store_admitted, kernels.store_admitted_ref):
-        store = (torch.full((B, Hkv, C, D), float("nan"), device=DEVICE, dtype=dtype),
-                 torch.full((B, Hkv, C, D), float("nan"), device=DEVICE, dtype=dtype),
-                 torch.full((B, Hkv, C), float("nan"), device=DEVICE),
-                 torch.full((B, Hkv), -1, device=DEVICE, dtype=torch.int64))
-        with poisoned_allocations():
-            op(*store, k, v, g, idx, count)
-        stores.append(store)
-    (gk, gv, gg, glen), (rk, rv, rg, rlen) = stores
-    assert torch.equal(glen, rlen)
-    assert int(glen.max()) == min(C, int(count.max())) and int(glen.min()) == 0
+    state = paged_store(lengths, C, page_size, D, dtype, spare_pages=spare)
+    state[0][:] = float("nan")                           # rows the store does not write stay NaN
+    ref_state = [x.clone() for x in state]
+    with poisoned_allocations():
+        kernels.store_admitted(*state, k, v, g, idx, count)
+    kernels.store_admitted_ref(*ref_state, k, v, g, idx, count)
+    assert_same_state(state, ref_state)
+    glen, before = state[6], torch.tensor(lengths, device=DEVICE)
+    assert int((glen - before).max()) > 0 and torch.equal(glen[1, 1], before[1, 1])
+    # Each head's new tokens: all its admitted ones, or as many as it had room for, the highest g first.
+    stored_k = kernels.gather_store(state[0], state[5], state[5].shape[-1])
     for b in range(B):
         for h in range(Hkv):
-            n = int(glen[b, h])
-            for got, want in ((gk, rk), (gv, rv), (gg, rg)):
-                assert torch.equal(got[b, h, :n], want[b, h, :n])
-                assert got[b, h, n:].isnan().all()          # slots past the length are not touched
+            n0, n = int(before[b, h]), int(glen[b, h])
+            admitted = idx[b, h, :int(count[b, h])]
+            chosen = admitted if n - n0 == len(admitted) else admitted[g[b, h, admitted].argsort(descending=True)[:n - n0]]
+            assert torch.equal(stored_k[b, h, n0:n], k[b, h, chosen.sort().values if n - n0 == len(admitted) else chosen])
 
 
 def test_promote():
-    """Ring-exit tokens over several steps: heads filling up, full heads replacing their lowest g."""
+    """Ring-exit tokens over several steps: heads filling pages and taking new ones until the pool runs out,
+    heads without room replacing their lowest g."""
     torch.manual_seed(0)
-    B, Hkv, C, D = 2, 3, 20, 128
-    global_len = torch.tensor([[0, 19, 20], [20, 5, 20]], device=DEVICE)                     # (B, Hkv)
-    global_g = torch.rand(B, Hkv, C, device=DEVICE) * 0.4 + 0.6
-    global_g[1, 2, 7] = global_g[1, 2, 13] = 0.55             # a tie for the lowest: the first slot goes
-    state = [randn(B, Hkv, C, D, dtype=torch.bfloat16), randn(B, Hkv, C, D, dtype=torch.bfloat16), global_g, global_len]
+    B, Hkv, C, D, P = 2, 3, 20, 128, 4
+    state = paged_store([[0, 19, 20], [20, 5, 8]], C, P, D, torch.bfloat16, spare_pages=2)
+    pool_g, page_table = state[2], state[5]
+    lowest = kernels.pool_rows(page_table, torch.tensor([7, 13]).expand(B, Hkv, 2), P)[1, 0]
+    pool_g.view(-1)[lowest] = 0.55                       # a tie for the lowest: the first slot goes
     ref_state = [x.clone() for x in state]
-    for step in range(4):
+    for step in range(6):
         k_out, v_out = randn(B, Hkv, D, dtype=torch.bfloat16), randn(Hkv, B, D, dtype=torch.bfloat16).transpose(0, 1)
         # Gates: an empty ring slot (-1), below tau, admitted but below a full store's lowest, and high.
         g_out = torch.tensor([[-1.0, 0.2, 0.51], [0.7, 0.95, 0.9]], device=DEVICE).roll(step, dims=1)
         kernels.promote(*state, k_out, v_out, g_out, TAU)
         kernels.promote_ref(*ref_state, k_out, v_out, g_out, TAU)
-        for got, want in zip(state, ref_state):
-            assert torch.equal(got, want)
-    assert int(state[3][0, 1]) == 20 and int(state[3][0, 0]) > 0
+        assert_same_state(state, ref_state)
+    assert int(state[4]) == 0 and int(state[6][0, 1]) == 20 and int(state[6][0, 0]) > 0
 
 
 @pytest.mark.parametrize("capacity", [None, 3])
@@ -215,16 +262,17 @@ HOPPER_BUILDS = [
      kernels.PREFILL_TILES["num_warps"], kernels.PREFILL_TILES["num_stages"]),
     ("_gated_prefill_kernel", dict(HKV=8, G=4, D=128, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32x3", **PREFILL_FP32),
      kernels.PREFILL_TILES_FP32["num_warps"], kernels.PREFILL_TILES_FP32["num_stages"]),
-    ("_store_kernel", dict(HKV=8, D=128, BLOCK_S=64), 4, 1),
-    ("_promote_kernel", dict(HKV=8, D=128, BLOCK_C=1024), 4, 1),
-    ("_decode_split_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BH_PAD=8, UPCAST=False, PRECISION="tf32", **DECODE),
+    ("_store_kernel", dict(HKV=8, D=128, PAGE=16, BLOCK_S=64), 4, 1),
+    ("_promote_kernel", dict(HKV=8, D=128, PAGE=16, BLOCK_C=1024), 4, 1),
+    ("_decode_split_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, PAGE=16, BH_PAD=8, UPCAST=False, PRECISION="tf32", **DECODE),
      kernels.DECODE_TILES["num_warps"], kernels.DECODE_TILES["num_stages"]),
-    ("_decode_split_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BH_PAD=8, UPCAST=False, PRECISION="tf32x3", **DECODE),
+    ("_decode_split_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, PAGE=16, BH_PAD=8, UPCAST=False, PRECISION="tf32x3", **DECODE),
      kernels.DECODE_TILES["num_warps"], kernels.DECODE_TILES["num_stages"]),
     ("_decode_merge_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BH_PAD=8, **DECODE), 4, 1),
 ]
-POINTER_TYPES = {"IDX": "*i64", "COUNT": "*i64", "RLEN": "*i64", "GLEN": "*i64", "KEEP": "*i64", "G": "*fp32",
-                 "GG": "*fp32", "GSRC": "*fp32", "GO": "*fp32", "PART_O": "*fp32", "PART_LSE": "*fp32"}
+POINTER_TYPES = {"IDX": "*i64", "COUNT": "*i64", "RLEN": "*i64", "GLEN": "*i64", "KEEP": "*i64", "NKEEP": "*i64",
+                 "TABLE": "*i64", "ROOM": "*i8", "G": "*fp32", "PG": "*fp32", "GSRC": "*fp32", "GO": "*fp32",
+                 "PART_O": "*fp32", "PART_LSE": "*fp32"}
 
 
 def compile_for_hopper():

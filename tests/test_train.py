@@ -230,8 +230,11 @@ def test_export_writes_a_16_bit_gate_file(tiny, tmp_path):
     assert {t.dtype for t in load_file(target).values()} == {torch.float16}
     gates, meta = load_gates(target)
     assert meta["lambda"] == 0.05 and meta["threshold"] == 0.1 and json.loads(meta["training"])["steps"] == 2
-    full, _ = load_gates(out / "gate.safetensors")
+    full, full_meta = load_gates(out / "gate.safetensors")
     torch.testing.assert_close(gates[1].w1, full[1].w1, rtol=1e-3, atol=1e-4)
+    # The admission per layer, measured on the run's training samples, sizes the page pool by default.
+    admitted = meta["admitted_per_layer"]
+    assert len(admitted) == 2 and all(0 <= a <= 1 for a in admitted) and admitted == full_meta["admitted_per_layer"]
 
 
 @pytest.mark.parametrize("problem", ["missing data", "empty data", "too long", "existing run", "nothing to resume",
