@@ -6,14 +6,16 @@
 
 1. Correctness of each Triton kernel against its PyTorch reference (kernels.py) at Llama-3.1-8B
    attention shapes (Hq 32, Hkv 8, D 128, bf16), plus the decode ops compiled into a CUDA graph.
-2. Decode attention over ring + global store (20% of the keys admitted, lengths ragged per head):
-   achieved GB/s against the measured copy bandwidth, and dense SDPA decode over all keys.
+2. Decode attention over ring + paged global store (20% of the keys admitted, lengths ragged per head,
+   pages of 16 under shuffled page tables): achieved GB/s against the measured copy bandwidth, and
+   dense SDPA decode over all keys.
 3. Gated prefill attention (25% admitted, W 256): TFLOP/s on the key tiles it computes, and time
    against dense causal flash attention.
 4. End to end, the Llama-3.1-8B configuration with random weights (bf16, batch 1): prefill seconds,
    decode ms/token with the decode step compiled into a CUDA graph, dense cache against the
-   write-gated cache with policy random:0.25, peak memory; the decode floor is the bytes a token
-   must read (weights, plus the keys and values its attention reads) at the copy bandwidth.
+   write-gated cache with policy random:0.25 (its stores one pool of pages), peak memory; the decode
+   floor is the bytes a token must read (weights, plus the keys and values its attention reads) at the
+   copy bandwidth.
 Sections run in that order and each catches its own failure, so one broken part still leaves
 the others' numbers; end-to-end contexts whose predicted time would overrun --budget-s are skipped.
 Progress goes to stderr.
@@ -46,6 +48,7 @@ class Sizes:
     Hkv: int
     D: int
     window: int
+    page: int                   # tokens per page of the global store's pool
     check_T: int                # correctness: prompt length, global capacity of the decode check
     check_C: int
     decode_keys: list           # decode attention: keys per head before admission
@@ -56,9 +59,10 @@ class Sizes:
     decode_steps: int
 
 
-GPU = Sizes("cuda", 32, 8, 128, WINDOW, 4 * K, 32 * K, [32 * K, 128 * K, 400 * K], 8, [32 * K, 128 * K],
+GPU = Sizes("cuda", 32, 8, 128, WINDOW, 16, 4 * K, 32 * K, [32 * K, 128 * K, 400 * K], 8, [32 * K, 128 * K],
             LLAMA_8B, [32 * K, 128 * K, 400 * K], 32)
-DRY = Sizes("cpu", 8, 2, 16, 8, 40, 48, [64, 160], 2, [48, 72], TINY, [24, 40], 1)
+# Pages of 4 in the dry run, so that its tiny stores still span several pages each.
+DRY = Sizes("cpu", 8, 2, 16, 8, 4, 40, 48, [64, 160], 2, [48, 72], TINY, [24, 40], 1)
 
 
 def log(*args):
@@ -135,6 +139,29 @@ def random_gates(B, Hkv, T, fraction, device):
     return torch.where(torch.rand(B, Hkv, T, device=device) < fraction, 0.9, 0.01)             # (B, Hkv, T)
 
 
+def paged_store(lengths, capacity, page, D, spare_pages, device, dtype=torch.bfloat16):
+    """A paged global store holding random K/V/g (g in [0.5, 1)) for the store lengths (B, Hkv), in the
+    kernels' argument order: [pool_k, pool_v, pool_g, free_pages, n_free, page_table, global_len].
+    The pool has exactly the pages the heads hold plus spare_pages free ones, all in a random order, so
+    that the kernels follow page tables that are nothing like contiguous, as in a cache that has run a while."""
+    B, Hkv = lengths.shape
+    held = (lengths + page - 1) // page                                                        # (B, Hkv) pages
+    N, taken = int(held.sum()) + spare_pages, int(held.sum())
+    order = torch.cat((torch.randperm(N, device=device), torch.tensor([N], device=device)))   # (N + 1,) scratch last
+    first = held.flatten().cumsum(0).view_as(held) - held                                      # (B, Hkv) into order
+    col = torch.arange(-(-capacity // page), device=device)                                    # (M,)
+    page_table = torch.where(col < held[..., None], order[(first[..., None] + col).clamp(max=N)], N)   # (B, Hkv, M)
+    free_pages = torch.cat((order[taken:N], torch.full((taken + 1,), N, device=device)))       # (N + 1,)
+    pool_k, pool_v = (torch.randn(N + 1, page, D, device=device, dtype=dtype) for _ in range(2))   # (N + 1, P, D)
+    pool_g = torch.rand(N + 1, page, device=device) * 0.5 + 0.5                                # (N + 1, P)
+    return [pool_k, pool_v, pool_g, free_pages, torch.tensor([spare_pages], device=device), page_table, lengths.clone()]
+
+
+def same_store(got, want):
+    """Equal paged stores but for the scratch page (the pool's last), which only the references write."""
+    return all(torch.equal(x[:-1], y[:-1]) if i < 3 else torch.equal(x, y) for i, (x, y) in enumerate(zip(got, want)))
+
+
 # --- 1. correctness -------------------------------------------------------------------------
 
 def check_kernels(s: Sizes):
@@ -154,40 +181,46 @@ def check_kernels(s: Sizes):
     err = rel_err(out, kernels.gated_prefill_attention_ref(q, k, v, idx, count, W, D ** -0.5))
     rows.append(("gated_prefill_attention", f"T {T}, W {W}", f"rel err {err:.1e}" + ("" if err < 2e-2 else " FAIL"), ""))
 
-    for C in (2 * T, T // 8):   # everything fits / the store overflows and keeps the highest g
-        stores = []
-        for op in (kernels.store_admitted, kernels.store_admitted_ref):
-            store = (torch.zeros(1, Hkv, C, D, device=dev, dtype=dt), torch.zeros(1, Hkv, C, D, device=dev, dtype=dt),
-                     torch.zeros(1, Hkv, C, device=dev), torch.zeros(1, Hkv, device=dev, dtype=torch.int64))
-            op(*store, k, v, g, idx, count)
-            stores.append(store)
-        (gk, gv, gg, glen), (rk, rv, rg, rlen) = stores
-        kept = (torch.arange(C, device=dev) < glen[..., None])                                  # (1, Hkv, C)
-        ok = torch.equal(glen, rlen) and all(torch.equal(a[kept], b[kept]) for a, b in ((gk, rk), (gv, rv), (gg, rg)))
-        rows.append(("store_admitted", f"T {T}, C {C}", "exact" if ok else "FAIL", ""))
+    P, empty = s.page, torch.zeros(1, Hkv, dtype=torch.int64, device=dev)
+    need = (count + P - 1) // P                                                                # (1, Hkv) pages for all
+    # Everything fits / a head's capacity overflows and it keeps its highest g / the pool runs out part-way
+    # through the heads, which then keep their highest g in what they got.
+    for C, spare, case in ((2 * T, int(need.sum()), "fits"), (T // 8, int(need.sum()), "over capacity"),
+                           (2 * T, int(need.sum()) // 2, "pool for half")):
+        store = paged_store(empty, C, P, D, spare, dev)
+        ref_store = [x.clone() for x in store]
+        kernels.store_admitted(*store, k, v, g, idx, count)
+        kernels.store_admitted_ref(*ref_store, k, v, g, idx, count)
+        ok = same_store(store, ref_store)
+        rows.append(("store_admitted", f"T {T}, C {-(-C // P) * P}, P {P}, {case}", "exact" if ok else "FAIL", ""))
 
     C = s.check_C
-    lengths = torch.tensor([C, C // 100, 0, C // 3, 1, C // 2, C // 10, C - 1], device=dev)[:Hkv]
+    # Full, partial, empty, one key; C // 2 (and 0) end on a page edge: an admitted token there needs a new page.
+    lengths = torch.tensor([C, C // 100, 0, C // 3, 1, C // 2, C // 10, C - 1], device=dev)[None, :Hkv]  # (1, Hkv)
     qd = torch.randn(1, s.Hq, D, device=dev, dtype=dt)
     ring_k, ring_v = (torch.randn(1, Hkv, W, D, device=dev, dtype=dt) for _ in range(2))
-    glob_k, glob_v = (torch.randn(1, Hkv, C, D, device=dev, dtype=dt) for _ in range(2))
+    # One spare page: the first head at a page edge takes it, the next finds the pool empty.
+    state = paged_store(lengths, C, P, D, 1, dev)
+    pool_k, pool_v, page_table = state[0], state[1], state[5]
     for ring_len in (W, W // 3):
-        args = (qd, ring_k, ring_v, torch.tensor(ring_len, device=dev), glob_k, glob_v, lengths[None], D ** -0.5)
+        args = (qd, ring_k, ring_v, torch.tensor(ring_len, device=dev), pool_k, pool_v, page_table, lengths, D ** -0.5)
         err = rel_err(kernels.decode_attention(*args), kernels.decode_attention_ref(*args))
-        rows.append(("decode_attention", f"C {fmt_keys(C)}, ring {ring_len}, lengths 0..C",
+        rows.append(("decode_attention", f"C {fmt_keys(C)}, P {P}, ring {ring_len}, lengths 0..C",
                      f"rel err {err:.1e}" + ("" if err < 2e-2 else " FAIL"), ""))
 
-    glob_g = torch.rand(1, Hkv, C, device=dev) * 0.5 + 0.5
-    state = [glob_k, glob_v, glob_g, lengths[None].clone()]
     ref_state = [x.clone() for x in state]
-    k_out, v_out = (torch.randn(1, Hkv, D, device=dev, dtype=dt) for _ in range(2))
-    g_out = torch.tensor([0.9, 0.6, 0.05, 0.7, -1.0, 0.99, 0.3, 0.8], device=dev)[None, :Hkv]
-    kernels.promote(*state, k_out, v_out, g_out, TAU)
-    kernels.promote_ref(*ref_state, k_out, v_out, g_out, TAU)
-    ok = all(torch.equal(a, b) for a, b in zip(state, ref_state))
-    rows.append(("promote", f"C {fmt_keys(C)}, full and partial heads", "exact" if ok else "FAIL", ""))
+    ok = True
+    for step in range(4):   # the gates move across the heads: each meets admission, rejection, an empty slot
+        k_out, v_out = (torch.randn(1, Hkv, D, device=dev, dtype=dt) for _ in range(2))
+        g_out = torch.tensor([0.9, 0.6, 0.05, 0.7, -1.0, 0.99, 0.3, 0.8], device=dev).roll(step)[None, :Hkv]
+        kernels.promote(*state, k_out, v_out, g_out, TAU)
+        kernels.promote_ref(*ref_state, k_out, v_out, g_out, TAU)
+        ok = ok and same_store(state, ref_state)
+    rows.append(("promote", f"C {fmt_keys(C)}, P {P}, 4 steps: full, partial, new-page and out-of-pool heads",
+                 "exact" if ok else "FAIL", ""))
 
     if dev == "cuda":   # the decode ops compiled into a CUDA graph on buffers, as the cache uses them
+        state = paged_store(lengths, C, P, D, 2 * Hkv, dev)   # pages to grant inside the graph
         eager, graphed = DecodeOps(state, D ** -0.5), DecodeOps(state, D ** -0.5)
         compiled = torch.compile(graphed, fullgraph=True, mode="reduce-overhead")
         skips_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
@@ -203,41 +236,45 @@ def check_kernels(s: Sizes):
             errs.append(rel_err(out, ref) if same else math.inf)
         skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips_before
         ok = max(errs) < 1e-3 and skips == 0
-        rows.append(("promote + decode_attention compiled, CUDA graph", f"C {fmt_keys(C)}, 4 steps",
+        rows.append(("promote + decode_attention compiled, CUDA graph", f"C {fmt_keys(C)}, P {P}, 4 steps",
                      f"rel err {max(errs):.1e}" + ("" if ok else " FAIL"),
                      f"compile {time.perf_counter() - start:.0f} s, CUDA graph skips {skips}"))
     return rows
 
 
+STORE = ("pool_k", "pool_v", "pool_g", "free_pages", "n_free", "page_table", "global_len")
+
+
 class DecodeOps(torch.nn.Module):
-    """A cache's decode-time use of the kernels: promote into buffers, then attend over them."""
+    """A cache's decode-time use of the kernels: promote into the paged store's buffers, then attend over them."""
 
     def __init__(self, state, scale):
         super().__init__()
-        for name, x in zip(("global_k", "global_v", "global_g", "global_len"), state):
+        for name, x in zip(STORE, state):
             self.register_buffer(name, x.clone())
         self.scale = scale
 
     def forward(self, k_out, v_out, g_out, q, ring_k, ring_v, ring_len):
-        kernels.promote(self.global_k, self.global_v, self.global_g, self.global_len, k_out, v_out, g_out, TAU)
-        return kernels.decode_attention(q, ring_k, ring_v, ring_len, self.global_k, self.global_v, self.global_len,
-                                        self.scale)
+        kernels.promote(*(getattr(self, name) for name in STORE), k_out, v_out, g_out, TAU)
+        return kernels.decode_attention(q, ring_k, ring_v, ring_len, self.pool_k, self.pool_v, self.page_table,
+                                        self.global_len, self.scale)
 
 
 # --- 2. decode attention --------------------------------------------------------------------
 
 def decode_layers(s: Sizes, n):
     """Decode inputs for s.decode_layers layers at n keys per head before admission: ragged lengths
-    averaging 20% of n, 100x apart from the shortest head to the longest; a full ring."""
+    averaging 20% of n, 100x apart from the shortest head to the longest, each layer's store a pool of
+    just the pages its heads hold under shuffled page tables; a full ring."""
     dev, dt, D, Hkv, W = s.device, torch.bfloat16, s.D, s.Hkv, s.window
     shares = torch.tensor([0.005, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5])[:Hkv]
     lengths = (shares * 0.2 / shares.mean() * n).long().to(dev)[None]                          # (1, Hkv)
-    C = int(lengths.max())
-    layers = [(torch.randn(1, s.Hq, D, device=dev, dtype=dt),
-               torch.randn(1, Hkv, W, D, device=dev, dtype=dt), torch.randn(1, Hkv, W, D, device=dev, dtype=dt),
-               torch.tensor(W, device=dev),
-               torch.randn(1, Hkv, C, D, device=dev, dtype=dt), torch.randn(1, Hkv, C, D, device=dev, dtype=dt),
-               lengths, D ** -0.5) for _ in range(s.decode_layers)]
+    layers = []
+    for _ in range(s.decode_layers):
+        pool_k, pool_v, _, _, _, page_table, global_len = paged_store(lengths, int(lengths.max()), s.page, D, 0, dev)
+        layers.append((torch.randn(1, s.Hq, D, device=dev, dtype=dt),
+                       torch.randn(1, Hkv, W, D, device=dev, dtype=dt), torch.randn(1, Hkv, W, D, device=dev, dtype=dt),
+                       torch.tensor(W, device=dev), pool_k, pool_v, page_table, global_len, D ** -0.5))
     keys = int(lengths.sum()) + Hkv * W
     return layers, keys, keys * 2 * D * 2                                                      # bytes of K and V read
 
@@ -352,10 +389,10 @@ def fmt_tiles(tiles):
 # --- 4. end to end --------------------------------------------------------------------------
 
 def bench_end_to_end(s: Sizes, bandwidth, deadline):
-    """Gated first, on one set of caches whose store holds 30% of the longest context: one compiled step
-    serves every context, since a gated step reads only the keys held, whatever the capacity. Then dense
-    at each context (a cache and a compiled step each). The longest context comes last, if the budget
-    allows. Peak memory is the process's, weights and caches included."""
+    """Gated first, on one set of caches whose heads each hold up to 30% of the longest context, in one pool
+    with pages for all of them: one compiled step serves every context, since a gated step reads only the
+    keys held, whatever the capacity. Then dense at each context (a cache and a compiled step each). The
+    longest context comes last, if the budget allows. Peak memory is the process's, weights and caches included."""
     import gate
     from model import LlamaConfig, Transformer
     dev = s.device
@@ -416,9 +453,12 @@ def setup_and_run(model, config, s: Sizes, n, kind, weight_bytes, bandwidth, lon
     elif model.layers[0].attention.gate is None:   # the gated caches, made once
         model.setup_caches(lambda i: None)
         release(dev, forget_compiled=True)
+        # An unlimited budget: every head's full capacity in the pool, so no head runs out of pages and
+        # the gated decode times what the policy admits, not what a budget lets in.
         gate.setup_write_gated(model, "random:0.25", batch_size=1, max_seq_len=longest + s.decode_steps + 4,
                                dtype=torch.bfloat16, device=dev, window=s.window, threshold=TAU,
-                               global_capacity=math.ceil(0.3 * longest), backend="triton")
+                               global_capacity=math.ceil(0.3 * longest), kv_budget="unlimited", page_size=s.page,
+                               backend="triton")
     else:
         release(dev)   # the same caches and compiled step as the last gated context
     return run_end_to_end(model, config, s, n, kind, weight_bytes, bandwidth)
@@ -464,7 +504,8 @@ def run_end_to_end(model, config, s: Sizes, n, kind, weight_bytes, bandwidth):
     if kind == "dense":   # a dense step reads its whole buffer, masked
         read = allocated
         held = sum(2 * c.k_cache[:, :, :n].numel() * c.k_cache.element_size() for c in caches)
-    else:
+    else:   # the layers share one pool, counted once; a step reads the tokens held (global_len) and the ring
+        allocated += caches[0].pool.bytes_allocated()
         held = read = sum(int(c.global_len.sum() + c.ring_g.shape[-1] * c.global_len.numel()) * c.bytes_per_token()
                           for c in caches)
     floor_ms = (weight_bytes + read) / bandwidth * 1e3
@@ -515,7 +556,8 @@ def main(dry_run: bool = False, sweep: bool = False, budget_s: float = 330.0) ->
     print(f"\n{card}, torch {torch.__version__}, triton {triton.__version__}, copy bandwidth {bandwidth / 1e9:.1f} GB/s"
           f" (read + write){', DRY RUN: tiny shapes, timings meaningless' if dry_run else ''}")
     print(table(f"Correctness (bf16, Hq {s.Hq}, Hkv {s.Hkv}, D {s.D})", ["kernel", "shape", "result", "note"], checks))
-    print(table(f"Decode attention, 20% of the keys admitted, ring {s.window} (one layer, batch 1)",
+    print(table(f"Decode attention, 20% of the keys admitted, ring {s.window}, shuffled pages of {s.page} "
+                "(one layer, batch 1)",
                 ["keys", "read", "time", "achieved", "of copy bw", "dense SDPA, all keys"], decode))
     print(table(f"Gated prefill attention, 25% admitted, W {s.window}",
                 ["T", "admitted", "gated", "TFLOP/s on computed tiles", "dense flash", "dense TFLOP/s", "speed-up"], prefill))
@@ -523,7 +565,8 @@ def main(dry_run: bool = False, sweep: bool = False, budget_s: float = 330.0) ->
         print(table("Tile sweep (the first row of each kernel is the default; rel err: output against the default's)",
                     ["kernel", "size", "tiles", "time", "rate", "rel err"], sweep))
     print(table(f"End to end, random weights ({s.model['n_layers']} layers, bf16, batch 1); gated = random:0.25, "
-                f"store for 30% of {fmt_keys(max(s.contexts))}; floor = weights + KV read at the copy bandwidth",
+                f"a pool of {s.page}-token pages for 30% of {fmt_keys(max(s.contexts))} per head; "
+                "floor = weights + KV read at the copy bandwidth",
                 ["context", "cache", "prefill", "decode / token", "of floor", "cache allocated", "KV held",
                  "peak memory", "note"], e2e))
 
