@@ -131,7 +131,7 @@ class WriteGatedCache(nn.Module):
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, threshold: float,
                  capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
-                 pool: PagePool | None = None, page_size: int = 16):
+                 pool: PagePool | None = None, page_size: int = 16, observe: int = 0, n_heads: int = 0):
         super().__init__()
         self.window, self.threshold = window, threshold
         self.backend = resolve_backend(backend, device)
@@ -158,6 +158,13 @@ class WriteGatedCache(nn.Module):
         buffer("n_left", (B, H), torch.int64)
         buffer("n_admitted", (B, H), torch.int64)
         buffer("n_capacity_drops", (B, H), torch.int64)
+        buffer("n_evicted", (B, H), torch.int64)
+        # SnapKV eviction (evict) scores the store by the attention of the last `observe` queries: they are
+        # kept in a ring of their own, with their positions (-1: empty).
+        self.observe = observe
+        if observe:
+            buffer("recent_q", (B, n_heads, observe, D), dtype)
+            buffer("recent_pos", (observe,), torch.int64, -1)
         dynamic_sizes((self.page_table, 2))
 
     @property
@@ -175,8 +182,10 @@ class WriteGatedCache(nn.Module):
         kernels.release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len,
                               self.pool.page_size)
         self.ring_g.fill_(-1.0)
-        for name in ("n_left", "n_admitted", "n_capacity_drops"):
+        for name in ("n_left", "n_admitted", "n_capacity_drops", "n_evicted"):
             getattr(self, name).zero_()
+        if self.observe:
+            self.recent_pos.fill_(-1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
         if q.shape[2] > 1:
@@ -194,6 +203,10 @@ class WriteGatedCache(nn.Module):
         self.ring_k.index_copy_(2, slots, k[:, :, recent])
         self.ring_v.index_copy_(2, slots, v[:, :, recent])
         self.ring_g.index_copy_(2, slots, g[:, :, recent].float())
+        if self.observe:
+            last = slice(max(T - self.observe, 0), T)
+            self.recent_q.index_copy_(2, input_pos[last] % self.observe, q[:, :, last])
+            self.recent_pos.index_copy_(0, input_pos[last] % self.observe, input_pos[last])
         self.n_left.fill_(max(T - W, 0))
         self.n_admitted.copy_(count)
         self.n_capacity_drops.copy_(count - self.global_len)
@@ -217,10 +230,51 @@ class WriteGatedCache(nn.Module):
         self.ring_k[:, :, slot] = k
         self.ring_v[:, :, slot] = v
         self.ring_g[:, :, slot] = g.float()
+        if self.observe:
+            self.recent_q[:, :, input_pos % self.observe] = q
+            self.recent_pos[input_pos % self.observe] = input_pos
         ring_len = (input_pos[0] + 1).clamp(max=self.window)                                   # ()
         y = self.ops.decode_attention(q[:, :, 0], self.ring_k, self.ring_v, ring_len,
                                       self.pool.k, self.pool.v, self.page_table, self.global_len, self.scale)  # (B, Hq, D)
         return y[:, :, None]
+
+    def snapkv_scores(self, pooling: int) -> Tensor:
+        """SnapKV's importance of every store slot (B, Hkv, C): the attention the observed queries pay it,
+        each query's softmax taken over the ring and the store, summed over the queries and the KV head's
+        query heads, then max-pooled over `pooling` neighbouring slots. Empty slots score 0."""
+        B, H, W, D = self.ring_k.shape
+        k_store = self.store_contents()[0]                                                     # (B, Hkv, C, D)
+        C = k_store.shape[2]
+        Hq, O = self.recent_q.shape[1], self.observe
+        q = self.recent_q.float().view(B, H, (Hq // H) * O, D)                                # (B, Hkv, G*O, D)
+        keys = torch.cat((self.ring_k, k_store), dim=2).float()                                # (B, Hkv, W + C, D)
+        stored = torch.arange(C, device=q.device) < self.global_len[..., None]                 # (B, Hkv, C)
+        visible = torch.cat((self.ring_g >= 0, stored), dim=-1)                                # (B, Hkv, W + C)
+        logits = (q @ keys.transpose(-1, -2) * self.scale).masked_fill(~visible[:, :, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)                                  # (B, Hkv, G*O, W + C)
+        observed = (self.recent_pos >= 0).repeat(Hq // H)                                      # (G*O,)
+        score = (probs[..., W:] * observed[:, None]).sum(2).masked_fill(~stored, 0.0)           # (B, Hkv, C)
+        return torch.nn.functional.max_pool1d(score, pooling, stride=1, padding=pooling // 2)[..., :C].masked_fill(~stored, 0.0)
+
+    def evict(self, share: float, pooling: int) -> None:
+        """SnapKV on the store: each head gives up the ceil(share x length) stored tokens with the lowest
+        snapkv_scores, the survivors move up in their order and the pages left empty go back to the pool."""
+        P, N = self.pool.page_size, self.pool.n_pages
+        score = self.snapkv_scores(pooling)                                                    # (B, Hkv, C)
+        C = score.shape[-1]
+        slots = torch.arange(C, device=score.device)
+        stored = slots < self.global_len[..., None]                                            # (B, Hkv, C)
+        keep = self.global_len - torch.ceil(share * self.global_len.double()).long()            # (B, Hkv)
+        rank = score.masked_fill(~stored, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+        kept = torch.zeros_like(stored).scatter_(2, rank, slots < keep[..., None])              # (B, Hkv, C) slot survives
+        order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices                # survivors first, in order
+        src = kernels.pool_rows(self.page_table, order, P)                                     # (B, Hkv, C)
+        dst = torch.where(slots < keep[..., None], kernels.pool_rows(self.page_table, slots.expand_as(order), P), N * P)
+        for rows in (self.pool.k.view(-1, self.pool.k.shape[-1]), self.pool.v.view(-1, self.pool.v.shape[-1]),
+                     self.pool.g.view(-1)):
+            rows[dst.flatten()] = rows[src.flatten()]
+        self.n_evicted.add_(self.global_len - keep)
+        kernels.release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, P, keep)
 
     def store_contents(self) -> tuple[Tensor, Tensor, Tensor]:
         """The global store as contiguous tensors, for tests and inspection: k, v (B, Hkv, C, D) and g
@@ -236,6 +290,7 @@ class WriteGatedCache(nn.Module):
             "held": self.global_len + in_ring,
             "admitted": self.n_admitted + (self.ring_g > self.threshold).sum(-1),
             "capacity_drops": self.n_capacity_drops,
+            "evicted": self.n_evicted,
         }
 
     def bytes_allocated(self) -> int:
@@ -245,3 +300,29 @@ class WriteGatedCache(nn.Module):
     def bytes_per_token(self) -> int:
         """K and V of one token of one (batch, KV head)."""
         return 2 * self.ring_k.shape[-1] * self.ring_k.element_size()
+
+
+class SnapKVEviction:
+    """--evict snapkv, the paper's composition with admission: when the pool runs low, every head of every
+    layer gives up the share of its stored tokens that its recent queries attended to least (SnapKV), and
+    the emptied pages go back to the pool. Checked from the host once every `every` decode steps, never per
+    token: the low-water mark is the pages all heads could take in that many steps, so no head meets a full
+    pool between two checks unless the pool was short already (then a head without room keeps its highest g)."""
+
+    def __init__(self, caches: list[WriteGatedCache], every: int = 32, share: float = 0.1, pooling: int = 7):
+        if every < 1 or not 0 < share <= 1 or pooling < 1 or pooling % 2 == 0:
+            raise ValueError(f"snapkv eviction needs every >= 1, 0 < share <= 1 and an odd pooling, not "
+                             f"{every}, {share}, {pooling}")
+        if not all(c.observe for c in caches):
+            raise ValueError("snapkv eviction needs caches that keep their recent queries (observe > 0)")
+        self.caches, self.every, self.share, self.pooling = caches, every, share, pooling
+        heads = sum(c.global_len.numel() for c in caches)
+        self.low_water = heads * pages_for(every, caches[0].pool.page_size)
+        self.passes = 0
+
+    def after_step(self, step: int) -> None:
+        """Call after decode step `step` (1, 2, ...): one host read of the free count every `every` steps."""
+        if step % self.every == 0 and int(self.caches[0].pool.n_free) < self.low_water:
+            for cache in self.caches:
+                cache.evict(self.share, self.pooling)
+            self.passes += 1

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cache import PagePool, WriteGatedCache, pages_for, resolve_backend
+from cache import PagePool, SnapKVEviction, WriteGatedCache, pages_for, resolve_backend
 from model import CheckpointError, RMSNorm, Transformer
 
 GATE_NORM_EPS = 1e-6
@@ -299,6 +299,8 @@ def install(model: Transformer, gates: list[nn.Module] | None) -> None:
 # for its partly filled last page. A gate without that record gets the full need.
 BUDGET_MARGIN = 1.5
 DEFAULT_PAGE_SIZE = 16
+EVICTION = ("lowest-g", "snapkv")
+SNAPKV_OBSERVE = 32    # SnapKV's observation window: the recent queries that score the stored tokens
 
 
 @dataclass(frozen=True)
@@ -376,21 +378,27 @@ class GatedSetup:
     pool_pages: int           # pages of the shared pool
     page_size: int
     budget: str               # how the pool was sized
+    evict: str                # what makes room when the pool runs low: lowest-g or snapkv
+    evictor: SnapKVEviction | None = None   # for snapkv: call its after_step from the decode loop
     metadata: dict = field(default_factory=dict)
 
 
 def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq_len: int, dtype: torch.dtype,
                       device: torch.device | str, window: int | None = None, threshold: float | None = None,
                       global_capacity: int | None = None, kv_budget: str | None = None,
-                      page_size: int = DEFAULT_PAGE_SIZE, backend: str = "auto", seed: int = 0) -> GatedSetup:
+                      page_size: int = DEFAULT_PAGE_SIZE, evict: str = "lowest-g", backend: str = "auto",
+                      seed: int = 0) -> GatedSetup:
     """Install gates and a WriteGatedCache in every layer, their stores drawing on one PagePool.
 
     gate: the --gate spec (PATH | full | none | random:P | sink:N). window and threshold default to the
     gate file's metadata, else W = 256, tau = 0.1; the capacity per head defaults to what max_seq_len
     needs (the built-in policies that admit less get less); kv_budget (parse_budget's forms) sizes the
-    pool, by default from the gate file's recorded admission. Bad input raises GateError (one line); an
-    unavailable backend raises ValueError (one line).
+    pool, by default from the gate file's recorded admission. evict: lowest-g (a head without room keeps
+    its highest-g tokens) or snapkv (also SnapKVEviction passes when the pool runs low). Bad input raises
+    GateError (one line); an unavailable backend raises ValueError (one line).
     """
+    if evict not in EVICTION:
+        raise GateError(f"--evict {evict!r}: expected one of {', '.join(EVICTION)}")
     policy = parse_policy(gate)
     budget = parse_budget(kv_budget)
     gates, metadata = make_gates(policy, model, seed)
@@ -419,9 +427,13 @@ def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq
     pool = PagePool(n_pages, page_size, c.head_dim, dtype, device)
     # A window longer than the sequence sees the same keys as one of max_seq_len slots: allocate no more.
     ring = min(window, max_seq_len)
+    observe = SNAPKV_OBSERVE if evict == "snapkv" else 0
     model.setup_caches(lambda i: WriteGatedCache(batch_size, c.n_kv_heads, c.head_dim, ring, threshold,
-                                                 capacity, dtype, device, backend, pool=pool))
-    return GatedSetup(str(policy), window, threshold, capacity, backend, max_seq_len, n_pages, page_size, how, metadata)
+                                                 capacity, dtype, device, backend, pool=pool, observe=observe,
+                                                 n_heads=c.n_heads))
+    evictor = SnapKVEviction([layer.attention.cache for layer in model.layers]) if evict == "snapkv" else None
+    return GatedSetup(str(policy), window, threshold, capacity, backend, max_seq_len, n_pages, page_size, how, evict,
+                      evictor, metadata)
 
 
 def admission_stats(model: Transformer) -> dict:
@@ -446,11 +458,13 @@ def admission_stats(model: Transformer) -> dict:
         "pages_in_use": sum(p.n_pages for p in pools) - int(sum(p.n_free for p in pools)),
         "pool_pages": sum(p.n_pages for p in pools),
         "capacity_drops": sum(counts["capacity_drops"]),
+        "evicted": sum(counts["evicted"]),
     }
 
 
-def format_stats(stats: dict, dense_allocated: int | None = None) -> str:
-    """The statistics as lines for stderr; dense_allocated: what a dense cache of the same --max-seq-len allocates."""
+def format_stats(stats: dict, dense_allocated: int | None = None, eviction_passes: int | None = None) -> str:
+    """The statistics as lines for stderr; dense_allocated: what a dense cache of the same --max-seq-len allocates;
+    eviction_passes: SnapKV passes run (None: no SnapKV eviction)."""
     per_layer = " ".join(f"{f:.2f}" for f in stats["admitted_fraction_per_layer"])
     dense = (f" vs dense {dense_allocated / 2**20:.2f} MiB ({stats['bytes_allocated'] / max(dense_allocated, 1):.1%})"
              if dense_allocated else "")
@@ -459,7 +473,9 @@ def format_stats(stats: dict, dense_allocated: int | None = None) -> str:
             f"({stats['bytes_in_use'] / max(stats['dense_bytes'], 1):.1%}); allocated {stats['bytes_allocated'] / 2**20:.2f} MiB"
             f"{dense}; pool pages in use {stats['pages_in_use']} of {stats['pool_pages']}\n"
             f"admitted tokens lost to the capacity or the budget: {stats['capacity_drops']} "
-            f"(a head without room keeps its highest-g tokens)")
+            f"(a head without room keeps its highest-g tokens)"
+            + (f"\nsnapkv eviction: {stats['evicted']} tokens evicted in {eviction_passes} passes"
+               if eviction_passes is not None else ""))
 
 
 def main(file: str) -> None:

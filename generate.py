@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from cache import DenseCache
+from cache import DenseCache, SnapKVEviction
 from gate import admission_stats, format_stats, install, setup_write_gated
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
@@ -46,15 +46,16 @@ def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
 
 def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate: str | None = None,
-                 **gated) -> int:
-    """Give every layer a fresh K/V cache for max_seq_len positions; returns its bytes in all.
-    gate None: the dense cache; else a --gate spec, and `gated` holds setup_write_gated's options
-    (window, threshold, global_capacity, kv_budget, page_size, backend)."""
+                 **gated) -> tuple[int, SnapKVEviction | None]:
+    """Give every layer a fresh K/V cache for max_seq_len positions; returns its bytes in all, and the
+    eviction to run between decode steps (None but for --evict snapkv). gate None: the dense cache; else a
+    --gate spec, and `gated` holds setup_write_gated's options (window, threshold, global_capacity,
+    kv_budget, page_size, evict, backend)."""
     c, w = model.config, model.output.weight
     if gate is None:
         install(model, None)
         model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
-        return sum(layer.attention.cache.bytes_allocated() for layer in model.layers)
+        return sum(layer.attention.cache.bytes_allocated() for layer in model.layers), None
     try:
         setup = setup_write_gated(model, gate, batch_size=batch_size, max_seq_len=max_seq_len,
                                   dtype=w.dtype, device=w.device, **gated)
@@ -64,8 +65,8 @@ def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate
     allocated = sum(cache.bytes_allocated() for cache in caches) + caches[0].pool.bytes_allocated()
     print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
           f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
-          f"tokens ({setup.budget}), attention backend {setup.backend}", file=sys.stderr)
-    return allocated
+          f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}", file=sys.stderr)
+    return allocated, setup.evictor
 
 
 def dense_bytes(model: Transformer, max_seq_len: int, batch_size: int = 1) -> int:
@@ -125,11 +126,12 @@ class Timings:
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=frozenset(), on_token=None,
-             prefill_step=prefill, decode_step=decode_one_token) -> tuple[list[int], Timings]:
+             prefill_step=prefill, decode_step=decode_one_token, evictor=None) -> tuple[list[int], Timings]:
     """New tokens after the prompt, until a stop token (not returned) or max_new_tokens. The caches must
     hold len(prompt_ids) + max_new_tokens - 1 positions; a prefill starts them afresh, so they can be reused.
     on_token(id) is called as each token is known, so the caller can stream. prefill_step and decode_step
-    are prefill and decode_one_token or their compiled versions."""
+    are prefill and decode_one_token or their compiled versions; evictor, a cache.SnapKVEviction, runs
+    between decode steps."""
     device = model.tok_embeddings.weight.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)   # so the prefill's time is its own
@@ -149,6 +151,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
         token = decode_step(model, token, input_pos, temperature, top_k, top_p).clone()          # (1, 1)
         input_pos += 1
         steps += 1
+        if evictor is not None:
+            evictor.after_step(steps)
         next_id = int(token)
     return new, Timings(len(prompt_ids), prefill_s, steps, time.perf_counter() - start)
 
@@ -164,7 +168,7 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
          top_p: float = 1.0, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
          max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
          threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
-         page_size: int = 16, attn_backend: str = "auto") -> None:
+         page_size: int = 16, evict: str = "lowest-g", attn_backend: str = "auto") -> None:
     if device not in ("cpu", "cuda"):
         raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
     if device == "cuda" and not torch.cuda.is_available():
@@ -198,9 +202,9 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
     if T + max_new_tokens > max_seq_len:
         max_new_tokens = max_seq_len - T
         print(f"--max-seq-len {max_seq_len} leaves room for {max_new_tokens} new tokens", file=sys.stderr)
-    kv_bytes = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
-                            global_capacity=global_capacity, kv_budget=kv_budget, page_size=page_size,
-                            backend=attn_backend)
+    kv_bytes, evictor = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
+                                     global_capacity=global_capacity, kv_budget=kv_budget, page_size=page_size,
+                                     evict=evict, backend=attn_backend)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
     decode_step = decode_one_token
@@ -215,7 +219,7 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
     if seed is not None:   # after the warm-up, so that --compile draws the same samples as eager
         torch.manual_seed(seed)
     stream = StreamDecoder(tokenizer)
-    new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, decode_step=decode_step,
+    new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, decode_step=decode_step, evictor=evictor,
                       on_token=lambda i: print(stream.push(i), end="", flush=True), **sampling)
     print(stream.flush(), flush=True)
 
@@ -224,7 +228,8 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
           f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(model.output.weight.device)}",
           file=sys.stderr)
     if gate is not None:
-        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len)), file=sys.stderr)
+        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len),
+                           evictor.passes if evictor is not None else None), file=sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -261,6 +266,10 @@ if __name__ == "__main__":
                         "tokens (20000), a share of the dense cache (40%%) or unlimited (default: from the admission "
                         "the gate file recorded in training, else unlimited)")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per page of the pool (default: 16)")
+    parser.add_argument("--evict", default="lowest-g", choices=["lowest-g", "snapkv"],
+                        help="when the pool runs low: lowest-g, a head without room keeps its highest-g tokens; "
+                        "snapkv, also evict the 10%% of each head's tokens its recent queries read least, "
+                        "checked every 32 steps (default: lowest-g)")
     parser.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"],
                         help="gated attention: PyTorch reference or Triton kernels (auto: triton on CUDA)")
     try:

@@ -170,18 +170,22 @@ def grant_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, held: Te
     return got
 
 
-def release_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int) -> None:
-    """Give every page the heads hold back to the free stack and empty their stores, on the device."""
+def release_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int,
+                  keep: Tensor | None = None) -> None:
+    """Shorten each head's store to its first keep (B, Hkv) tokens (default: none) and give the pages it no
+    longer needs back to the free stack, on the device."""
     N, M = free_pages.shape[0] - 1, page_table.shape[-1]
-    held = (global_len + page_size - 1) // page_size                                        # (B, Hkv)
-    before = (held.flatten().cumsum(0) - held.flatten()).view_as(held)                      # (B, Hkv)
-    col = torch.arange(M, device=held.device)
-    dest = torch.where(col < held[..., None], n_free + before[..., None] + col, N)          # (B, Hkv, M); the rest to scratch
+    keep = torch.zeros_like(global_len) if keep is None else keep
+    kept = (keep + page_size - 1) // page_size                                              # (B, Hkv) pages still needed
+    freed = (global_len + page_size - 1) // page_size - kept                                # (B, Hkv) pages given back
+    before = (freed.flatten().cumsum(0) - freed.flatten()).view_as(freed)                   # (B, Hkv)
+    col = torch.arange(M, device=keep.device) - kept[..., None]                             # (B, Hkv, M) rank among the freed
+    dest = torch.where((col >= 0) & (col < freed[..., None]), n_free + before[..., None] + col, N)   # the rest to scratch
     free_pages.scatter_(0, dest.flatten(), page_table.flatten())
     free_pages[N] = N
-    n_free.add_(held.sum())
-    page_table.fill_(N)
-    global_len.zero_()
+    n_free.add_(freed.sum())
+    page_table.masked_fill_(col >= 0, N)
+    global_len.copy_(keep)
 
 
 def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,

@@ -1,4 +1,6 @@
 """WriteGatedCache against the SPEC oracle: dense attention under the visibility mask built from the g's."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -311,3 +313,54 @@ def test_backend_names():
 def test_missing_triton_backend_says_so():
     with pytest.raises(ValueError, match="Triton kernels are not available"):
         WriteGatedCache(1, 1, 4, window=2, threshold=0.1, capacity=2, dtype=torch.float32, backend="triton")
+
+
+def test_snapkv_eviction_matches_a_plain_reference():
+    """Scores from the observed queries' softmax over ring + store, max-pooled over neighbouring slots; each
+    head drops ceil(share x length) lowest (ties: the later slot goes), survivors keep their order, and the
+    pages left empty return to the pool."""
+    from cache import SnapKVEviction
+    B, H, G, D, W, O, P = 2, 2, 2, 8, 3, 4, 3
+    pool = PagePool(40, P, D, torch.float32)
+    cache = WriteGatedCache(B, H, D, W, 0.3, 30, torch.float32, pool=pool, observe=O, n_heads=G * H)
+    torch.manual_seed(7)
+    T0, steps = 20, 6
+    T = T0 + steps
+    q, k, g = torch.randn(B, G * H, T, D), torch.randn(B, H, T, D), torch.rand(B, H, T)
+    cache(q[:, :, :T0], k[:, :, :T0], k[:, :, :T0], g[:, :, :T0], torch.arange(T0))
+    for p in range(T0, T):
+        cache(q[:, :, p:p + 1], k[:, :, p:p + 1], k[:, :, p:p + 1], g[:, :, p:p + 1], torch.tensor([p]))
+    stored_k, _, stored_g = cache.store_contents()
+    lengths = cache.global_len.clone()
+    free_before = int(pool.n_free)
+    share, pooling = 0.25, 3
+    expected, freed = {}, 0
+    for b in range(B):
+        for h in range(H):
+            n = int(lengths[b, h])
+            ring = k[b, h, T - W:T]                                   # the ring holds the last W positions
+            score = torch.zeros(n)
+            for qh in range(h * G, (h + 1) * G):
+                for pos in range(T - O, T):                           # the last O queries
+                    logits = torch.cat((ring, stored_k[b, h, :n])) @ q[b, qh, pos] * D ** -0.5
+                    score += torch.softmax(logits, 0)[W:]
+            pooled = torch.tensor([score[max(s - 1, 0):s + 2].max() for s in range(n)])
+            n_keep = n - math.ceil(share * n)
+            ranked = sorted(range(n), key=lambda s: (-float(pooled[s]), s))
+            survivors = sorted(ranked[:n_keep])
+            expected[b, h] = stored_g[b, h, survivors].tolist()
+            freed += -(-n // P) - -(-n_keep // P)
+    evictor = SnapKVEviction([cache], every=2, share=share, pooling=pooling)
+    evictor.low_water = 10**6                                         # run the pass whatever the pool holds
+    evictor.after_step(1)                                             # not a step it checks on
+    assert evictor.passes == 0 and torch.equal(cache.global_len, lengths)
+    evictor.after_step(2)
+    assert evictor.passes == 1
+    _, _, after_g = cache.store_contents()
+    for (b, h), want in expected.items():
+        assert after_g[b, h, :int(cache.global_len[b, h])].tolist() == want
+    assert torch.equal(cache.n_evicted, lengths - cache.global_len) and int(cache.n_evicted.sum()) > 0
+    assert int(pool.n_free) == free_before + freed
+    # The freed pages are not in any head's table, and the tables' pages are distinct.
+    held = [int(p) for b in range(B) for h in range(H) for p in cache.page_table[b, h, :-(-int(cache.global_len[b, h]) // P)]]
+    assert len(set(held)) == len(held) and not set(held) & set(pool.free_pages[:int(pool.n_free)].tolist())

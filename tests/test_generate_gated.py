@@ -101,6 +101,15 @@ def test_triton_backend_gives_the_torch_tokens(tiny, gate_file):
     assert len(torch_run.stdout) > 5 and triton_run.stdout == torch_run.stdout
 
 
+def test_snapkv_eviction_runs_when_the_pool_runs_low(tiny, capsys):
+    generate.main(checkpoint=str(tiny), prompt=PROMPT, max_new_tokens=70, gate="full", window=4, kv_budget="24",
+                  page_size=4, evict="snapkv", attn_backend="torch")
+    out = capsys.readouterr()
+    assert len(out.out) > 20 and "evict snapkv" in out.err
+    evicted, passes = out.err.split("snapkv eviction: ")[1].split(" tokens evicted in ")
+    assert int(evicted) > 0 and int(passes.split()[0]) == 2   # checked at steps 32 and 64, the pool low both times
+
+
 @pytest.mark.parametrize("budget", ["lots", "0", "200%", "2.5"])
 def test_bad_kv_budget_one_line_exit_2(tiny, budget):
     p = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny), "--gate", "full",
