@@ -13,6 +13,10 @@ shows (a torch sum over 512 MiB), the time a decode step needs at least when it 
 --compile-time adds, for each compiled system, the seconds its decode step takes to compile in a fresh
 process with an empty Inductor cache (cold), again in a second process on that cache (warm), and for a
 second cache size in the first process (what another --max-seq-len costs).
+--memory C [C ...] instead runs whole `generate.py` processes at each context C (a prompt of about
+C - 32 tokens, 16 new tokens, --max-seq-len C), the dense cache against the write-gated one with its
+default budget (--gate, default the embedded model's gate), and reports each process's peak RSS and
+the KV bytes its cache allocated: the memory a user gets back.
 """
 import argparse
 import copy
@@ -150,10 +154,50 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
+def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None, threads: int) -> None:
+    """--memory: peak RSS and allocated KV bytes of whole generate.py processes, dense against gated."""
+    from convert_gguf import ensure_default_checkpoint
+    tokenizer = generate.load(checkpoint or ensure_default_checkpoint())[1]
+    script = str(Path(__file__).resolve().with_name("generate.py"))
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    caches = {"dense": ["--gate", "dense"], "gated": ["--gate", gate] if gate else []}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in contexts:
+            prompt = Path(tmp) / f"prompt-{c}.txt"
+            prompt.write_text(tokenizer.decode(prompt_ids(tokenizer, c - 32)))
+            for name, flags in caches.items():
+                cmd = [sys.executable, script, "--prompt-file", str(prompt), "--no-chat", "--max-new-tokens", "16",
+                       "--max-seq-len", str(c), *flags] + (["--checkpoint", checkpoint] if checkpoint else [])
+                t0 = time.perf_counter()
+                result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if result.returncode:
+                    raise RuntimeError(f"generate.py at {c} ({name}) failed: {result.stderr.strip().splitlines()[-1:]}")
+                err = result.stderr
+                rss = float(err.split("peak memory: ")[1].split(" GiB")[0])
+                kv = int(err.split("KV cache: ")[1].split(" bytes")[0].replace(",", ""))
+                rows[c, name] = (rss, kv)
+                log(f"memory @ {c} {name}: peak {rss:.2f} GiB RSS, KV allocated {kv / 2**20:.1f} MiB "
+                    f"({time.perf_counter() - t0:.0f} s)")
+    print(f"{checkpoint or 'embedded SmolLM2-135M-Instruct'} | float32 | generate.py processes, 16 new tokens | "
+          f"gated: --gate {gate or 'the default'}, default budget\n")
+    print("| context | cache | peak RSS GiB | KV allocated MiB | KV allocated / dense |")
+    print("|---|---|---|---|---|")
+    for c in contexts:
+        for name in caches:
+            rss, kv = rows[c, name]
+            print(f"| {c} | {name} | {rss:.2f} | {kv / 2**20:.1f} | {kv / rows[c, 'dense'][1]:.1%} |")
+
+
 def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
-         systems=("transformers", "eager", "compiled"), threads=0, gate="random:0.2", compile_time=False) -> None:
+         systems=("transformers", "eager", "compiled"), threads=0, gate=None, compile_time=False,
+         memory=None) -> None:
     if threads:
         torch.set_num_threads(threads)
+    if memory:
+        process_memory(checkpoint, memory, gate, threads)
+        return
+    gate = gate or "random:0.2"
     if checkpoint is None:
         from convert_gguf import ensure_default_checkpoint
         checkpoint = ensure_default_checkpoint()
@@ -238,7 +282,10 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per cell")
     parser.add_argument("--systems", nargs="+", default=["transformers", "eager", "compiled"],
                         choices=["transformers", "eager", "compiled", "gated", "gated-compiled"])
-    parser.add_argument("--gate", default="random:0.2", help="the --gate spec of the gated systems")
+    parser.add_argument("--gate", help="the --gate spec of the gated systems (default: random:0.2; for --memory "
+                        "the embedded model's gate)")
+    parser.add_argument("--memory", type=int, nargs="+", metavar="C",
+                        help="instead: peak memory of generate.py processes at these contexts, dense and gated")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--compile-time", action="store_true",
                         help="also time each compiled system's compilation: cold, warm, and a second cache size")
@@ -249,7 +296,8 @@ if __name__ == "__main__":
         if child:
             from convert_gguf import ensure_default_checkpoint
             torch.set_num_threads(args["threads"] or torch.get_num_threads())
-            compile_child(args["checkpoint"] or ensure_default_checkpoint(), child, args["gate"], args["contexts"])
+            compile_child(args["checkpoint"] or ensure_default_checkpoint(), child, args["gate"] or "random:0.2",
+                          args["contexts"])
         else:
             main(**args)
     except CheckpointError as e:
