@@ -228,6 +228,15 @@ def test_promote():
     assert int(state[4]) == 0 and int(state[6][0, 1]) == 20 and int(state[6][0, 0]) > 0
 
 
+def test_paged_sweep_a_few_dozen_cases():
+    """scripts/sweep_paged.py's random cases (the README's run has 1,000 per kernel), a dozen per kernel."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import sweep_paged
+    mismatches = []
+    results = sweep_paged.sweep(12, seed=1, report=lambda name, case: mismatches.append((name, case)))
+    assert not mismatches and {name: n for name, (n, _, _) in results.items()} == dict.fromkeys(sweep_paged.CASES, 12)
+
+
 @pytest.mark.parametrize("capacity", [None, 3])
 def test_generate_triton_matches_torch_backend(capacity):
     """Greedy generation through the write-gated cache gives the same tokens on both backends (the
