@@ -46,6 +46,7 @@ def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scal
         # layout question Inductor's bmm asks, which it cannot answer of a data-dependent size).
         shortest = min(2, k.shape[2])
         filled = lengths.max().clamp(min=shortest).item()
+        torch._check(filled >= 1)
         torch._check(filled >= shortest)
         torch._check(filled <= k.shape[2])
         k, v = k[:, :, :filled], v[:, :, :filled]
@@ -203,6 +204,7 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
         # At least two when the store has two, so that compiled code knows the gathered keys are not one row.
         shortest = min(2, M * P)
         S = global_len.max().clamp(min=shortest).item()
+        torch._check(S >= 1)
         torch._check(S >= shortest)
         torch._check(S <= M * P)
     rows = pool_rows(page_table, torch.arange(S, device=q.device).expand(B, Hkv, S), P)     # (B, Hkv, S)

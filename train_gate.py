@@ -267,6 +267,35 @@ def run_admission(run: Path, gates: nn.ModuleList, args: dict, device: str, dist
     return measure_admission(distiller, samples, rows, device)
 
 
+def record_admission(path: str, checkpoint: str | None, data: str | None, seq_len: int | None, device: str | None) -> list[float]:
+    """Measure a gate file's admission per layer on the training split (measure_admission on the first
+    ADMISSION_SAMPLES samples of a seed-0 run's order, at the sequence length it was trained at unless
+    given) and write it into the file's metadata, for gate files exported before the record existed."""
+    gates, metadata = load_gates(path)
+    if checkpoint is None:
+        from convert_gguf import ensure_default_checkpoint
+        checkpoint = str(ensure_default_checkpoint())
+    training = json.loads(metadata.get("training", "{}"))
+    seq_len = seq_len or training.get("seq_len") or TRAJECTORY["seq_len"]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = Transformer.from_pretrained(checkpoint, dtype=torch.float32, device=device)
+    check_fits(gates, model, path)
+    tok = Tokenizer(checkpoint)
+    docs = read_documents(data or TRAJECTORY["data"])
+    ids = [e.ids for e in tok.backend.encode_batch([text for _, text in docs], add_special_tokens=False)]
+    samples = make_samples(ids, chat_prefix(tok), seq_len)                                    # (N, seq_len)
+    rows = [sample_index(i, samples.shape[0], 0) for i in range(min(ADMISSION_SAMPLES, samples.shape[0]))]
+    window, threshold = metadata.get("window", TRAJECTORY["window"]), metadata.get("threshold", TRAJECTORY["threshold"])
+    gates = nn.ModuleList(gates).to(device)
+    admitted = measure_admission(Distiller(model, gates, window, threshold), samples, rows, device)
+    from safetensors.torch import load_file
+    dtype = next(iter(load_file(path).values())).dtype                                        # keep the file's precision
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    save_gates(tmp, list(gates), metadata | {"admitted_per_layer": admitted}, dtype=dtype)
+    os.replace(tmp, path)
+    return admitted
+
+
 def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype: torch.dtype,
                  admitted_per_layer: list[float]) -> None:
     """Write the gate file (gate.py's format) with what a reader needs to know of its training."""
@@ -535,8 +564,16 @@ def machine(device: str, world: int) -> str:
     return f"{world} x {name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def main(**kwargs) -> None:
+def main(record_admission_file: str | None = None, **kwargs) -> None:
     try:
+        if record_admission_file is not None:
+            if kwargs["threads"]:
+                torch.set_num_threads(kwargs["threads"])
+            admitted = record_admission(record_admission_file, kwargs["checkpoint"], kwargs["data"], kwargs["seq_len"],
+                                        kwargs["device"])
+            print(record_admission_file)
+            print(f"admitted per layer: {' '.join(f'{a:.2f}' for a in admitted)}", file=sys.stderr)
+            return
         train(**kwargs)
     except (TrainError, DataError, CheckpointError) as e:
         print(f"train_gate.py: {e}", file=sys.stderr)
@@ -577,6 +614,9 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: 0, torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--export", help="write OUT's latest checkpoint as a gate file at this path and exit")
+    p.add_argument("--record-admission", dest="record_admission_file", metavar="GATE_FILE",
+                   help="measure a gate file's admission per layer on --data (the training split) and write it into "
+                   "the file's metadata, which sizes generate.py's default --kv-budget; then exit")
     p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="precision of the exported gate file (default: float16)")
     main(**vars(p.parse_args()))

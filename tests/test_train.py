@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import train_gate
 from data import chat_prefix, make_samples, read_documents
-from gate import load_gates
+from gate import load_gates, save_gates
 from model import Transformer
 from tokenizer import Tokenizer as ChatTokenizer
 
@@ -428,3 +428,21 @@ def test_sigkill_resumes_from_the_last_checkpoint_on_the_uninterrupted_trajector
         assert a["loss"] == b["loss"] and a["answer"] == b["answer"] and a["admitted"] == b["admitted"], a["step"]
     assert all(torch.equal(a, b) for a, b in zip(load_file(tmp_path / "whole" / "gate.safetensors").values(),
                                                  load_file(out / "gate.safetensors").values()))
+
+
+def test_record_admission_adds_the_record_to_an_older_gate_file(tiny, tmp_path):
+    """A gate file exported before the record existed gets admitted_per_layer, measured on the training split
+    as an export measures it; its gates and other metadata are untouched."""
+    model_dir, docs_dir = tiny
+    out = tmp_path / "run"
+    train_gate.train(**run_args(model_dir, docs_dir, out, steps=2))
+    gates, meta = load_gates(out / "gate.safetensors")
+    old = tmp_path / "old.safetensors"
+    save_gates(old, gates, {k: v for k, v in meta.items() if k != "admitted_per_layer"}, dtype=torch.float16)
+    before = load_file(old)
+    train_gate.record_admission(str(old), str(model_dir), str(docs_dir), None, "cpu")
+    after_gates, after_meta = load_gates(old)
+    assert len(after_meta["admitted_per_layer"]) == 2 and all(0 <= a <= 1 for a in after_meta["admitted_per_layer"])
+    assert {k: v for k, v in after_meta.items() if k != "admitted_per_layer"} == \
+        {k: v for k, v in meta.items() if k != "admitted_per_layer"}
+    assert all(torch.equal(before[k], t) for k, t in load_file(old).items())
