@@ -277,10 +277,10 @@ class SnapKVCache(WriteGatedCache):
                  observe: int = 32, pooling: int = 7):
         # Pages of one token: the store holds exactly C, the budget matched to the gate's.
         super().__init__(batch_size, n_kv_heads, head_dim, window, 0.0, capacity, dtype, device, backend, page_size=1)
-        self.observe, self.pooling = observe, pooling
+        self.snapkv_window, self.pooling = observe, pooling
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
-        score = snapkv_scores(q, k, self.scale, self.observe, self.pooling).clamp_min(torch.finfo(torch.float32).tiny)
+        score = snapkv_scores(q, k, self.scale, self.snapkv_window, self.pooling).clamp_min(torch.finfo(torch.float32).tiny)
         self.prompt_g = score                                                                   # (B, Hkv, T)
         return super().prefill(q, k, v, score, input_pos)
 
@@ -302,7 +302,7 @@ def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int
         model.setup_caches(lambda i: DenseCache(1, H, seq_len, D, dtype, device))
     elif policy.kind in ("gate", "builtin"):
         setup_write_gated(model, policy.spec, batch_size=1, max_seq_len=seq_len, dtype=dtype, device=device,
-                          window=window, kv_budget="unlimited", backend=backend)
+                          window=window, backend=backend)
         install(model, [Recorder(layer.attention.gate) for layer in model.layers])
     elif policy.kind == "random":
         # A fresh generator: the same gate decisions give the same shuffle in every table.
@@ -392,19 +392,24 @@ def totals(m: dict[str, Tensor]) -> dict[str, float]:
 
 def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
     """Token counts summed over layers and KV heads, read once after a sequence: tokens older than the
-    window (left), those of them still held (kept), all held (held) and all seen; bytes per token."""
+    window (left), those of them still held (kept), all held (held) and all seen; bytes per token; the
+    bytes the caches allocated (rings, page tables and pools, each pool once); admitted tokens lost to a
+    head without room (lost)."""
     c = model.config
     caches = [layer.attention.cache for layer in model.layers]
     if isinstance(caches[0], DenseCache):
         heads = c.n_layers * c.n_kv_heads
         left = heads * max(seen - window, 0)
         return {"left": left, "kept": left, "held": heads * seen, "seen": heads * seen,
-                "bytes_per_token": caches[0].bytes_per_token()}
+                "bytes_per_token": caches[0].bytes_per_token(), "lost": 0,
+                "allocated": sum(cache.bytes_allocated() for cache in caches)}
     total = lambda tensors: int(torch.stack([t.sum() for t in tensors]).sum())
     counts = [cache.counts() for cache in caches]
+    pools = {id(cache.pool): cache.pool for cache in caches}.values()
     return {"left": total(cache.n_left for cache in caches), "kept": total(cache.global_len for cache in caches),
             "held": total(n["held"] for n in counts), "seen": total(n["seen"] for n in counts),
-            "bytes_per_token": caches[0].bytes_per_token()}
+            "bytes_per_token": caches[0].bytes_per_token(), "lost": total(n["capacity_drops"] for n in counts),
+            "allocated": sum(cache.bytes_allocated() for cache in caches) + sum(p.bytes_allocated() for p in pools)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +533,10 @@ def summarize(records: list[dict], policies: list[str], metrics: bool) -> list[d
             row = {"length": L, "policy": policy, "sequences": len(rs),
                    "admitted": total("kept") / max(total("left"), 1),
                    "kv_held": total("held") / total("seen"),
-                   "kv_bytes": total("held") * rs[0]["bytes_per_token"] / len(rs)}
+                   "kv_bytes": total("held") * rs[0]["bytes_per_token"] / len(rs),
+                   # Runs from before the pool have neither count.
+                   "allocated": total("allocated") / len(rs) if all("allocated" in r for r in rs) else None,
+                   "lost": total("lost") if all("lost" in r for r in rs) else None}
             if metrics:
                 n = total("predictions")
                 row |= {"ppl": math.exp(total("nll_sum") / n), "kl": total("kl_sum") / n,
@@ -558,14 +566,16 @@ def markdown(header: list[str], lines: list[list[str]]) -> str:
 
 
 def memory_cells(row: dict) -> list[str]:
+    allocated, lost = row.get("allocated"), row.get("lost")
     return [str(row["length"]), row["policy"], f"{row['admitted']:.1%}", f"{row['kv_held']:.1%}",
-            f"{row['kv_bytes'] / 2**20:.1f}"]
+            f"{row['kv_bytes'] / 2**20:.1f}", "-" if allocated is None else f"{allocated / 2**20:.1f}",
+            "-" if lost is None else str(lost)]
 
 
 def report(result: dict) -> str:
     """The markdown on stdout: one table per task with its protocol, then the runs' footer."""
     window, decode_tokens = result["grid"]["window"], result["grid"]["decode_tokens"]
-    head = ["L", "policy", "admitted", "KV held", "KV MiB"]
+    head = ["L", "policy", "admitted", "KV held", "KV MiB", "alloc MiB", "lost"]
     parts = []
     if result["perplexity"]:
         parts += [f"### Held-out perplexity and agreement with dense (one prefill per policy; scored: predictions "
@@ -598,7 +608,9 @@ def report(result: dict) -> str:
     joined = lambda key: ", ".join(dict.fromkeys(r[key] for r in runs))
     commands = "; ".join(f"`{r['command']}` ({r['wall_s']:.0f} s)" for r in runs)
     parts.append(f"admitted: share of the tokens that left the window which the cache still holds; KV held: K/V bytes "
-                 f"held at the end of each sequence against a dense cache of the same tokens (KV MiB: per sequence). "
+                 f"held at the end of each sequence against a dense cache of the same tokens (KV MiB: per sequence); alloc "
+                 f"MiB: what the caches allocated per sequence (rings, page tables and the page pool at its default "
+                 f"budget); lost: admitted tokens a head without room in its budget dropped, over all sequences. "
                  f"Model {runs[0]['model']}, W = {window}, {runs[0]['dtype']} on {joined('machine')}, {joined('date')}, "
                  f"{sum(r['wall_s'] for r in runs):.0f} s in {len(runs)} run{'s' * (len(runs) > 1)}: {commands}")
     return "\n\n".join(parts)
@@ -610,7 +622,8 @@ def policy_family(name: str, gates: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    """Quality against the share of the KV cache held, one panel per task: perplexity relative to dense at the
+    """Quality against the KV memory allocated as a share of the dense cache's (runs from before the pool: the
+    share held), one panel per task: perplexity relative to dense at the
     same length (the documents differ per length, so raw perplexities do not compare across lengths), passkey
     accuracy as it is. Colour: the policy's family; marker: the length; a line joins a family's points at one
     length, so each gate family traces its trade-off curve beside the matched baselines."""
@@ -640,12 +653,14 @@ def plot(result: dict, path: str) -> None:
             if not retrieval and dense is None:
                 continue                       # nothing to be relative to
             value = (lambda r: r["accuracy"]) if retrieval else (lambda r: r["ppl"] / dense["ppl"])
+            allocated = dense is not None and all(r.get("allocated") for r in rows)
+            memory = (lambda r: r["allocated"] / dense["allocated"]) if allocated else (lambda r: r["kv_held"])
             for family in families:
-                points = sorted((r["kv_held"], value(r)) for r in rows
+                points = sorted((memory(r), value(r)) for r in rows
                                 if policy_family(r["policy"], result["gates"]) == family)
                 if points:
                     ax.plot(*zip(*points), color=colors[family], marker=markers[L], linewidth=0.8, alpha=0.85)
-        ax.set_xlabel("KV cache held (share of dense)")
+        ax.set_xlabel("KV cache allocated (share of dense; held, for runs before the pool)")
         ax.set_ylabel(label)
         ax.set_xscale("log")
         if task in ("passkey", "multikey"):
