@@ -107,10 +107,6 @@ class PagePool(nn.Module):
     def bytes_allocated(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def bytes_per_page(self) -> int:
-        """K, V and g of one page, the unit a budget buys."""
-        return (2 * self.k[0].numel() * self.k.element_size()) + self.g[0].numel() * self.g.element_size()
-
 
 def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
