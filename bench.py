@@ -52,8 +52,8 @@ class Ours:
     One set of caches (and gates) per context, reused, so the compiled step sees the same buffers
     again instead of recompiling."""
 
-    def __init__(self, model, compiled: bool, gate: str | None = None):
-        self.model, self.gate, self.caches = model, gate, {}
+    def __init__(self, model, compiled: bool, gate: str | None = None, kv_budget: str | None = None):
+        self.model, self.gate, self.kv_budget, self.caches = model, gate, kv_budget, {}
         # Automatic dynamic shapes: the second prompt length of the warm-up makes the length symbolic. (dynamic=True
         # would make the weights' sizes symbolic too, which the blocks' nested_compile_region does not take.)
         self.prefill_step = torch.compile(generate.prefill, fullgraph=True) \
@@ -62,7 +62,8 @@ class Ours:
 
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> Timings:
         if max_seq_len not in self.caches:
-            generate.setup_caches(self.model, max_seq_len, gate=self.gate, backend="torch")
+            gated = dict(kv_budget=self.kv_budget, backend="torch") if self.gate is not None else {}
+            generate.setup_caches(self.model, max_seq_len, gate=self.gate, **gated)
             self.caches[max_seq_len] = ([layer.attention.cache for layer in self.model.layers],
                                         [layer.attention.gate for layer in self.model.layers])
         caches, gates = self.caches[max_seq_len]
@@ -154,13 +155,15 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None, threads: int) -> None:
+def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None, kv_budget: str | None,
+                   threads: int) -> None:
     """--memory: peak RSS and allocated KV bytes of whole generate.py processes, dense against gated."""
     from convert_gguf import ensure_default_checkpoint
     tokenizer = generate.load(checkpoint or ensure_default_checkpoint())[1]
     script = str(Path(__file__).resolve().with_name("generate.py"))
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-    caches = {"dense": ["--gate", "dense"], "gated": ["--gate", gate] if gate else []}
+    caches = {"dense": ["--gate", "dense"],
+              "gated": (["--gate", gate] if gate else []) + (["--kv-budget", kv_budget] if kv_budget else [])}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for c in contexts:
@@ -180,7 +183,7 @@ def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None
                 log(f"memory @ {c} {name}: peak {rss:.2f} GiB RSS, KV allocated {kv / 2**20:.1f} MiB "
                     f"({time.perf_counter() - t0:.0f} s)")
     print(f"{checkpoint or 'embedded SmolLM2-135M-Instruct'} | float32 | generate.py processes, 16 new tokens | "
-          f"gated: --gate {gate or 'the default'}, default budget\n")
+          f"gated: --gate {gate or 'the default'}, --kv-budget {kv_budget or 'the default'}\n")
     print("| context | cache | peak RSS GiB | KV allocated MiB | KV allocated / dense |")
     print("|---|---|---|---|---|")
     for c in contexts:
@@ -190,12 +193,12 @@ def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None
 
 
 def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
-         systems=("transformers", "eager", "compiled"), threads=0, gate=None, compile_time=False,
+         systems=("transformers", "eager", "compiled"), threads=0, gate=None, kv_budget=None, compile_time=False,
          memory=None) -> None:
     if threads:
         torch.set_num_threads(threads)
     if memory:
-        process_memory(checkpoint, memory, gate, threads)
+        process_memory(checkpoint, memory, gate, kv_budget, threads)
         return
     gate = gate or "random:0.2"
     if checkpoint is None:
@@ -217,8 +220,8 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
     makers = {"transformers": lambda: Transformers(checkpoint),
               "eager": lambda: Ours(copy.deepcopy(model), compiled=False),
               "compiled": lambda: Ours(copy.deepcopy(model), compiled=True),
-              "gated": lambda: Ours(copy.deepcopy(model), False, gate),
-              "gated-compiled": lambda: Ours(copy.deepcopy(model), True, gate)}
+              "gated": lambda: Ours(copy.deepcopy(model), False, gate, kv_budget),
+              "gated-compiled": lambda: Ours(copy.deepcopy(model), True, gate, kv_budget)}
     runners = {}
     for name in systems:
         runners[name], t0 = makers[name](), time.perf_counter()
@@ -284,6 +287,7 @@ if __name__ == "__main__":
                         choices=["transformers", "eager", "compiled", "gated", "gated-compiled"])
     parser.add_argument("--gate", help="the --gate spec of the gated systems (default: random:0.2; for --memory "
                         "the embedded model's gate)")
+    parser.add_argument("--kv-budget", help="the gated systems' page pool, as generate.py's --kv-budget (default: its default)")
     parser.add_argument("--memory", type=int, nargs="+", metavar="C",
                         help="instead: peak memory of generate.py processes at these contexts, dense and gated")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
