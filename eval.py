@@ -51,9 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from cache import DenseCache, WriteGatedCache, resolve_backend
+from cache import DenseCache, PagePool, WriteGatedCache, pages_for, resolve_backend
 from data import DataError, chat_prefix, make_samples, read_documents
-from gate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, install, load_gates, setup_write_gated
+from gate import (DEFAULT_PAGE_SIZE, DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, install, load_gates,
+                  setup_write_gated)
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -307,9 +308,14 @@ def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int
     elif policy.kind == "random":
         # A fresh generator: the same gate decisions give the same shuffle in every table.
         generator = torch.Generator().manual_seed(seed)
-        install(model, [Recorder(TableGate(shuffled(a, window, generator))) for a in recorded[policy.spec]])
-        model.setup_caches(lambda i: WriteGatedCache(1, H, D, window, DEFAULT_THRESHOLD, seq_len - window,
-                                                     dtype, device, backend))
+        tables = [shuffled(a, window, generator) for a in recorded[policy.spec]]                 # per layer (Hkv, S)
+        install(model, [Recorder(TableGate(t)) for t in tables])
+        # A pool of exactly the pages its store needs: the gate's bytes, allocated as tightly as they can be.
+        old = max(seq_len - window, 0)
+        pool = PagePool(sum(pages_for(int(n), DEFAULT_PAGE_SIZE) for t in tables for n in t[:, :old].sum(-1)),
+                        DEFAULT_PAGE_SIZE, D, dtype, device)
+        model.setup_caches(lambda i: WriteGatedCache(1, H, D, window, DEFAULT_THRESHOLD, max(old, 1),
+                                                     dtype, device, backend, pool=pool))
     else:
         capacity = [matched_capacity(a, window) for a in recorded[policy.spec]]
         install(model, [ConstantGate(0.0) for _ in model.layers])
@@ -609,8 +615,9 @@ def report(result: dict) -> str:
     commands = "; ".join(f"`{r['command']}` ({r['wall_s']:.0f} s)" for r in runs)
     parts.append(f"admitted: share of the tokens that left the window which the cache still holds; KV held: K/V bytes "
                  f"held at the end of each sequence against a dense cache of the same tokens (KV MiB: per sequence); alloc "
-                 f"MiB: what the caches allocated per sequence (rings, page tables and the page pool at its default "
-                 f"budget); lost: admitted tokens a head without room in its budget dropped, over all sequences. "
+                 f"MiB: what the caches allocated per sequence (rings, page tables and the page pool: a gate's default "
+                 f"budget, random's exact need); lost: admitted tokens a head without room dropped, over all "
+                 f"sequences (for snapkv, which scores every token, its evictions). "
                  f"Model {runs[0]['model']}, W = {window}, {runs[0]['dtype']} on {joined('machine')}, {joined('date')}, "
                  f"{sum(r['wall_s'] for r in runs):.0f} s in {len(runs)} run{'s' * (len(runs) > 1)}: {commands}")
     return "\n\n".join(parts)

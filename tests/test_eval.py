@@ -78,6 +78,12 @@ def test_quick_runs_every_policy_and_task(quick):
         for r in result[table]:
             assert 0.0 <= r["admitted"] <= 1.0 and 0.0 < r["kv_held"] <= 1.0
             assert f"| {r['policy']} | {r['admitted']:.1%} |" in proc.stdout
+        rows = {r["policy"]: r for r in result[table]}
+        # The memory axis is what was allocated: random's pool is exactly the pages its store needs (nothing
+        # lost, and no more than the gate's pool at its default budget).
+        assert rows["dense"]["allocated"] > 0
+        assert rows["random ~ tiny-0.5"]["lost"] == rows["tiny-0.5"]["lost"] == 0
+        assert rows["random ~ tiny-0.5"]["allocated"] <= rows["tiny-0.5"]["allocated"]
     rows = {r["policy"]: r for r in result["perplexity"]}
     assert 0.0 < rows["tiny-0.5"]["admitted"] < 1.0
     assert rows["dense"]["admitted"] == 1.0 and rows["none"]["admitted"] == 0.0
