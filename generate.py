@@ -26,7 +26,7 @@ from tokenizer import StreamDecoder, Tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_PROMPT = "What is the capital of France?"
 # The embedded model runs with its trained gate unless --gate says otherwise (dense: the dense cache).
-DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-0.16.safetensors"
+DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-0.64.safetensors"
 
 
 class BadInput(ValueError):
