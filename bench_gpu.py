@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
+from cache import allocated_bytes
 
 K, TAU, WINDOW = 1024, 0.1, 256
 LLAMA_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
@@ -500,12 +501,11 @@ def run_end_to_end(model, config, s: Sizes, n, kind, weight_bytes, bandwidth):
     sync(dev)
     ms = (time.perf_counter() - start) / s.decode_steps * 1e3
     caches = [layer.attention.cache for layer in model.layers]
-    allocated = sum(c.bytes_allocated() for c in caches)
+    allocated = allocated_bytes(caches)
     if kind == "dense":   # a dense step reads its whole buffer, masked
         read = allocated
         held = sum(2 * c.k_cache[:, :, :n].numel() * c.k_cache.element_size() for c in caches)
-    else:   # the layers share one pool, counted once; a step reads the tokens held (global_len) and the ring
-        allocated += caches[0].pool.bytes_allocated()
+    else:   # a step reads the tokens held (global_len) and the ring
         held = read = sum(int(c.global_len.sum() + c.ring_g.shape[-1] * c.global_len.numel()) * c.bytes_per_token()
                           for c in caches)
     floor_ms = (weight_bytes + read) / bandwidth * 1e3

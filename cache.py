@@ -298,6 +298,12 @@ class WriteGatedCache(nn.Module):
         return 2 * self.ring_k.shape[-1] * self.ring_k.element_size()
 
 
+def allocated_bytes(caches: list[nn.Module]) -> int:
+    """What a model's caches allocate: each layer's own buffers, and every page pool they draw on once."""
+    pools = {id(c.pool): c.pool for c in caches if isinstance(c, WriteGatedCache)}
+    return sum(c.bytes_allocated() for c in caches) + sum(p.bytes_allocated() for p in pools.values())
+
+
 class SnapKVEviction:
     """--evict snapkv, the paper's composition with admission: when the pool runs low, every head of every
     layer gives up the share of its stored tokens that its recent queries attended to least (SnapKV), and

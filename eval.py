@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from cache import DenseCache, PagePool, WriteGatedCache, pages_for, resolve_backend
+from cache import DenseCache, PagePool, WriteGatedCache, allocated_bytes, pages_for, resolve_backend
 from data import DataError, chat_prefix, make_samples, read_documents
 from gate import (DEFAULT_PAGE_SIZE, DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, install, load_gates,
                   setup_write_gated)
@@ -408,14 +408,13 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
         left = heads * max(seen - window, 0)
         return {"left": left, "kept": left, "held": heads * seen, "seen": heads * seen,
                 "bytes_per_token": caches[0].bytes_per_token(), "lost": 0,
-                "allocated": sum(cache.bytes_allocated() for cache in caches)}
+                "allocated": allocated_bytes(caches)}
     total = lambda tensors: int(torch.stack([t.sum() for t in tensors]).sum())
     counts = [cache.counts() for cache in caches]
-    pools = {id(cache.pool): cache.pool for cache in caches}.values()
     return {"left": total(cache.n_left for cache in caches), "kept": total(cache.global_len for cache in caches),
             "held": total(n["held"] for n in counts), "seen": total(n["seen"] for n in counts),
             "bytes_per_token": caches[0].bytes_per_token(), "lost": total(n["capacity_drops"] for n in counts),
-            "allocated": sum(cache.bytes_allocated() for cache in caches) + sum(p.bytes_allocated() for p in pools)}
+            "allocated": allocated_bytes(caches)}
 
 
 # ---------------------------------------------------------------------------------------------

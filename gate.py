@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cache import PagePool, SnapKVEviction, WriteGatedCache, pages_for, resolve_backend
+from cache import PagePool, SnapKVEviction, WriteGatedCache, allocated_bytes, pages_for, resolve_backend
 from model import CheckpointError, RMSNorm, Transformer
 
 GATE_NORM_EPS = 1e-6
@@ -299,7 +299,7 @@ def install(model: Transformer, gates: list[nn.Module] | None) -> None:
 # for its partly filled last page. A gate without that record gets the full need.
 BUDGET_MARGIN = 1.5
 DEFAULT_PAGE_SIZE = 16
-EVICTION = ("lowest-g", "snapkv")
+EVICTION = ("lowest-g", "snapkv")   # --evict, the first the default
 SNAPKV_OBSERVE = 32    # SnapKV's observation window: the recent queries that score the stored tokens
 
 
@@ -386,7 +386,7 @@ class GatedSetup:
 def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq_len: int, dtype: torch.dtype,
                       device: torch.device | str, window: int | None = None, threshold: float | None = None,
                       global_capacity: int | None = None, kv_budget: str | None = None,
-                      page_size: int = DEFAULT_PAGE_SIZE, evict: str = "lowest-g", backend: str = "auto",
+                      page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], backend: str = "auto",
                       seed: int = 0) -> GatedSetup:
     """Install gates and a WriteGatedCache in every layer, their stores drawing on one PagePool.
 
@@ -445,14 +445,14 @@ def admission_stats(model: Transformer) -> dict:
     capacity_drops: admitted tokens that a head without room (its capacity or the pool spent) threw away.
     """
     caches = [layer.attention.cache for layer in model.layers]
-    pools = list({id(c.pool): c.pool for c in caches}.values())
+    pools = list({id(c.pool): c.pool for c in caches}.values())                                # for the page counts
     counts = {k: torch.stack([c.counts()[k].sum() for c in caches]).tolist() for k in caches[0].counts()}
     per_token = caches[0].bytes_per_token()
     admitted, seen = counts["admitted"], counts["seen"]
     return {
         "admitted_fraction": sum(admitted) / max(sum(seen), 1),
         "admitted_fraction_per_layer": [a / max(s, 1) for a, s in zip(admitted, seen)],
-        "bytes_allocated": sum(c.bytes_allocated() for c in caches) + sum(p.bytes_allocated() for p in pools),
+        "bytes_allocated": allocated_bytes(caches),
         "bytes_in_use": sum(counts["held"]) * per_token,
         "dense_bytes": sum(seen) * per_token,
         "pages_in_use": sum(p.n_pages for p in pools) - int(sum(p.n_free for p in pools)),

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from cache import DenseCache, SnapKVEviction
-from gate import admission_stats, format_stats, install, setup_write_gated
+from cache import DenseCache, SnapKVEviction, allocated_bytes
+from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, format_stats, install, setup_write_gated
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -55,14 +55,13 @@ def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate
     if gate is None:
         install(model, None)
         model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
-        return sum(layer.attention.cache.bytes_allocated() for layer in model.layers), None
+        return allocated_bytes([layer.attention.cache for layer in model.layers]), None
     try:
         setup = setup_write_gated(model, gate, batch_size=batch_size, max_seq_len=max_seq_len,
                                   dtype=w.dtype, device=w.device, **gated)
     except ValueError as e:   # a bad spec or budget, a gate that does not fit, an unavailable backend
         raise BadInput(str(e)) from None
-    caches = [layer.attention.cache for layer in model.layers]
-    allocated = sum(cache.bytes_allocated() for cache in caches) + caches[0].pool.bytes_allocated()
+    allocated = allocated_bytes([layer.attention.cache for layer in model.layers])
     print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
           f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
           f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}", file=sys.stderr)
@@ -168,7 +167,7 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
          top_p: float = 1.0, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
          max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
          threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
-         page_size: int = 16, evict: str = "lowest-g", attn_backend: str = "auto") -> None:
+         page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], attn_backend: str = "auto") -> None:
     if device not in ("cpu", "cuda"):
         raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
     if device == "cuda" and not torch.cuda.is_available():
@@ -265,8 +264,9 @@ if __name__ == "__main__":
     parser.add_argument("--kv-budget", help="size of the page pool that every layer's store draws on: bytes (300MiB), "
                         "tokens (20000), a share of the dense cache (40%%) or unlimited (default: from the admission "
                         "the gate file recorded in training, else unlimited)")
-    parser.add_argument("--page-size", type=int, default=16, help="tokens per page of the pool (default: 16)")
-    parser.add_argument("--evict", default="lowest-g", choices=["lowest-g", "snapkv"],
+    parser.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE,
+                        help=f"tokens per page of the pool (default: {DEFAULT_PAGE_SIZE})")
+    parser.add_argument("--evict", default=EVICTION[0], choices=EVICTION,
                         help="when the pool runs low: lowest-g, a head without room keeps its highest-g tokens; "
                         "snapkv, also evict the 10%% of each head's tokens its recent queries read least, "
                         "checked every 32 steps (default: lowest-g)")

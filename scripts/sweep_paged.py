@@ -40,9 +40,9 @@ def draw_lengths(rng: random.Random, B: int, H: int, capacity: int, page: int) -
 
 
 def paged_store(gen: torch.Generator, lengths: list[list[int]], capacity: int, page: int, D: int,
-                dtype: torch.dtype, spare: int) -> list[torch.Tensor]:
-    """Random K/V/g in a pool holding exactly these lengths (B, Hkv) under shuffled tables, plus `spare`
-    free pages: [pool_k, pool_v, pool_g, free_pages, n_free, page_table, global_len]."""
+                dtype: torch.dtype, spare: int, g_floor: float = 0.5) -> list[torch.Tensor]:
+    """Random K/V, and g in [g_floor, 1), in a pool holding exactly these lengths (B, Hkv) under shuffled
+    tables, plus `spare` free pages: [pool_k, pool_v, pool_g, free_pages, n_free, page_table, global_len]."""
     global_len = torch.tensor(lengths)                                                         # (B, Hkv)
     B, H = global_len.shape
     held = (global_len + page - 1) // page
@@ -59,7 +59,7 @@ def paged_store(gen: torch.Generator, lengths: list[list[int]], capacity: int, p
     free_pages = torch.cat((order[taken:], torch.full((taken + 1,), N)))                       # (N + 1,)
     pool_k = torch.randn(N + 1, page, D, generator=gen).to(dtype)
     pool_v = torch.randn(N + 1, page, D, generator=gen).to(dtype)
-    pool_g = torch.rand(N + 1, page, generator=gen) * 0.5 + 0.5
+    pool_g = torch.rand(N + 1, page, generator=gen) * (1 - g_floor) + g_floor
     return [pool_k, pool_v, pool_g, free_pages, torch.tensor([spare]), page_table, global_len]
 
 

@@ -22,6 +22,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}   # atol = rtol; outputs are O(1)
 TAU = 0.5
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import sweep_paged  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -104,27 +106,11 @@ def test_gated_prefill_matches_the_visibility_rule(prefill):
 
 
 def paged_store(lengths, capacity, page_size, D, dtype, spare_pages=0, seed=0):
-    """A pool holding random K/V/g for the given store lengths (B, Hkv) under shuffled page tables, with
-    spare_pages free pages besides: (pool_k, pool_v, pool_g, free_pages, n_free, page_table, global_len)."""
-    g = torch.Generator().manual_seed(seed)
-    global_len = torch.tensor(lengths, device=DEVICE)                                        # (B, Hkv)
-    B, Hkv = global_len.shape
-    M = -(-capacity // page_size)
-    held = (global_len + page_size - 1) // page_size
-    N = int(held.sum()) + spare_pages
-    order = torch.randperm(N, generator=g).to(DEVICE)
-    page_table = torch.full((B, Hkv, M), N, dtype=torch.int64, device=DEVICE)
-    taken = 0
-    for b in range(B):
-        for h in range(Hkv):
-            n = int(held[b, h])
-            page_table[b, h, :n] = order[taken:taken + n]
-            taken += n
-    free_pages = torch.cat((order[taken:], torch.full((taken + 1,), N, device=DEVICE)))      # (N + 1,)
-    n_free = torch.tensor([spare_pages], device=DEVICE)
-    pool_k, pool_v = randn(N + 1, page_size, D, dtype=dtype), randn(N + 1, page_size, D, dtype=dtype)
-    pool_g = torch.rand(N + 1, page_size, generator=g).to(DEVICE) * 0.4 + 0.6
-    return [pool_k, pool_v, pool_g, free_pages, n_free, page_table, global_len]
+    """scripts/sweep_paged.py's paged state (shuffled page tables, spare_pages free pages) on DEVICE, its
+    gates in [0.6, 1) so that a test can plant the lowest one."""
+    state = sweep_paged.paged_store(torch.Generator().manual_seed(seed), lengths, capacity, page_size, D, dtype,
+                                    spare_pages, g_floor=0.6)
+    return [x.to(DEVICE) for x in state]
 
 
 def assert_same_state(got, want):
@@ -230,8 +216,6 @@ def test_promote():
 
 def test_paged_sweep_a_few_dozen_cases():
     """scripts/sweep_paged.py's random cases (the README's run has 1,000 per kernel), a dozen per kernel."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import sweep_paged
     mismatches = []
     results = sweep_paged.sweep(12, seed=1, report=lambda name, case: mismatches.append((name, case)))
     assert not mismatches and {name: n for name, (n, _, _) in results.items()} == dict.fromkeys(sweep_paged.CASES, 12)
