@@ -267,6 +267,13 @@ def run_admission(run: Path, gates: nn.ModuleList, args: dict, device: str, dist
     return measure_admission(distiller, samples, rows, device)
 
 
+def tokenized_documents(checkpoint: str, data: str) -> tuple[Tokenizer, list, list[list[int]]]:
+    """The checkpoint's tokenizer, the documents under data ((name, text) pairs) and their token ids."""
+    tok = Tokenizer(checkpoint)
+    docs = read_documents(data)
+    return tok, docs, [e.ids for e in tok.backend.encode_batch([text for _, text in docs], add_special_tokens=False)]
+
+
 def record_admission(path: str, checkpoint: str | None, data: str | None, seq_len: int | None, device: str | None) -> list[float]:
     """Measure a gate file's admission per layer on the training split (measure_admission on the first
     ADMISSION_SAMPLES samples of a seed-0 run's order, at the sequence length it was trained at unless
@@ -280,9 +287,7 @@ def record_admission(path: str, checkpoint: str | None, data: str | None, seq_le
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Transformer.from_pretrained(checkpoint, dtype=torch.float32, device=device)
     check_fits(gates, model, path)
-    tok = Tokenizer(checkpoint)
-    docs = read_documents(data or TRAJECTORY["data"])
-    ids = [e.ids for e in tok.backend.encode_batch([text for _, text in docs], add_special_tokens=False)]
+    tok, _, ids = tokenized_documents(checkpoint, data or TRAJECTORY["data"])
     samples = make_samples(ids, chat_prefix(tok), seq_len)                                    # (N, seq_len)
     rows = [sample_index(i, samples.shape[0], 0) for i in range(min(ADMISSION_SAMPLES, samples.shape[0]))]
     window, threshold = metadata.get("window", TRAJECTORY["window"]), metadata.get("threshold", TRAJECTORY["threshold"])
@@ -398,10 +403,8 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         # The run's own tokenized samples: a resumed run trains on exactly what it started with.
         samples, answer_mask, n_prose = load_samples(run)                                     # (N, seq_len) x 2
     else:
-        tok = Tokenizer(checkpoint)
-        docs = read_documents(data)
         t0 = time.time()
-        ids = [e.ids for e in tok.backend.encode_batch([text for _, text in docs], add_special_tokens=False)]
+        tok, docs, ids = tokenized_documents(checkpoint, data)
         samples = make_samples(ids, chat_prefix(tok), seq_len)                                # (N, seq_len)
         n_prose = samples.shape[0]
         answer_mask = torch.zeros(samples.shape, dtype=torch.bool)                            # (N, seq_len)
