@@ -12,6 +12,7 @@ import os
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter (the tests, and
@@ -189,6 +190,41 @@ def release_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global
     global_len.copy_(keep)
 
 
+def paged_attention_ref(q: Tensor, pool_k: Tensor, pool_v: Tensor, page_table: Tensor, lengths: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    """Decode attention over the first `lengths` tokens of each head's paged store, read in place.
+
+    q: (B, Hq, D); pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); lengths: (B, Hkv).
+    Returns o: (B, Hq, D) float32 and lse: (B, Hq) float32, as partial_attention_ref.
+    Neither product copies the pages out first: the scores are a product-sum over rows picked from the pool,
+    which Inductor fuses into one loop, and the weighted sum of V rows is an embedding bag (a gather-reduce
+    kernel). The weights are rounded to the store's dtype there, as the Triton kernel rounds them.
+    """
+    B, Hkv, M = page_table.shape
+    Hq, (P, D) = q.shape[1], pool_k.shape[1:]
+    G, S = Hq // Hkv, M * P
+    if q.device.type == "cpu" or not torch.compiler.is_compiling():
+        # Read only the slots in use (a host read, as partial_attention_ref's, and for the same reasons).
+        # At least two when the store has two, so that compiled code knows the keys are not one row.
+        shortest = min(2, S)
+        S = lengths.max().clamp(min=shortest).item()
+        torch._check(S >= 1)
+        torch._check(S >= shortest)
+        torch._check(S <= M * P)
+    rows = pool_rows(page_table, torch.arange(S, device=q.device).expand(B, Hkv, S), P)     # (B, Hkv, S)
+    k = pool_k.view(-1, D)[rows]                                                            # (B, Hkv, S, D) fused, not stored
+    qg = q.float().view(B, Hkv, G, 1, D)
+    scores = (qg * k[:, :, None].float()).sum(-1).mul_(scale)                               # (B, Hkv, G, S)
+    scores.masked_fill_(torch.arange(S, device=q.device) >= lengths[..., None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)                                     # (B, Hkv, G, 1)
+    # An empty store has lse = -inf; subtracting a finite floor instead keeps its weights at 0, not NaN.
+    weights = scores.sub_(lse.clamp(min=torch.finfo(torch.float32).min)).exp_()             # (B, Hkv, G, S)
+    bags = rows[:, :, None].expand(B, Hkv, G, S).reshape(B * Hq, S)                         # (B*Hq, S) V rows per query
+    o = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
+                        per_sample_weights=weights.reshape(B * Hq, S).to(pool_v.dtype))    # (B*Hq, D)
+    return o.view(B, Hq, D).float(), lse.view(B, Hq)
+
+
 def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
                          pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
     """One decode query over the ring (its first ring_len slots) and the paged global store (ragged).
@@ -196,20 +232,8 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
     q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (); pool_k, pool_v: (N + 1, P, D);
     page_table: (B, Hkv, M); global_len: (B, Hkv). Returns (B, Hq, D) in q's dtype.
     """
-    B, Hkv, M = page_table.shape
-    P, D = pool_k.shape[1:]
-    S = M * P
-    if q.device.type == "cpu" or not torch.compiler.is_compiling():
-        # Gather only the slots in use (a host read, as partial_attention_ref's, and for the same reasons).
-        # At least two when the store has two, so that compiled code knows the gathered keys are not one row.
-        shortest = min(2, M * P)
-        S = global_len.max().clamp(min=shortest).item()
-        torch._check(S >= 1)
-        torch._check(S >= shortest)
-        torch._check(S <= M * P)
-    rows = pool_rows(page_table, torch.arange(S, device=q.device).expand(B, Hkv, S), P)     # (B, Hkv, S)
     o_ring, lse_ring = partial_attention_ref(q, ring_k, ring_v, ring_len, scale)
-    o_glob, lse_glob = partial_attention_ref(q, pool_k.view(-1, D)[rows], pool_v.view(-1, D)[rows], global_len, scale)
+    o_glob, lse_glob = paged_attention_ref(q, pool_k, pool_v, page_table, global_len, scale)
     return merge_attention(o_ring, lse_ring, o_glob, lse_glob)[0].to(q.dtype)
 
 
