@@ -63,14 +63,14 @@ class Ours:
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> Timings:
         if max_seq_len not in self.caches:
             gated = dict(kv_budget=self.kv_budget, backend="torch") if self.gate is not None else {}
-            generate.setup_caches(self.model, max_seq_len, gate=self.gate, **gated)
+            _, evictor = generate.setup_caches(self.model, max_seq_len, gate=self.gate, **gated)
             self.caches[max_seq_len] = ([layer.attention.cache for layer in self.model.layers],
-                                        [layer.attention.gate for layer in self.model.layers])
-        caches, gates = self.caches[max_seq_len]
+                                        [layer.attention.gate for layer in self.model.layers], evictor)
+        caches, gates, evictor = self.caches[max_seq_len]
         self.model.setup_caches(caches.__getitem__)
         install(self.model, gates if self.gate is not None else None)
         new, timings = generate.generate(self.model, ids, new_tokens, prefill_step=self.prefill_step,
-                                         decode_step=self.decode_step)
+                                         decode_step=self.decode_step, evictor=evictor)
         assert len(new) == new_tokens
         # K/V bytes held at the end: ring + store when gated; every token written when dense.
         if self.gate is not None:

@@ -158,6 +158,7 @@ class WriteGatedCache(nn.Module):
         # SnapKV eviction (evict) scores the store by the attention of the last `observe` queries: they are
         # kept in a ring of their own, with their positions (-1: empty).
         self.observe = observe
+        self.eviction = None    # the Eviction serving this cache's pool, if any (it sets itself here)
         if observe:
             buffer("recent_q", (B, n_heads, observe, D), dtype)
             buffer("recent_pos", (observe,), torch.int64, -1)
@@ -193,7 +194,10 @@ class WriteGatedCache(nn.Module):
         T, W = q.shape[2], self.window
         self.reset()
         idx, count = self.ops.compact_admitted(g, self.threshold, W)                           # (B, Hkv, T), (B, Hkv)
-        self.ops.store_admitted(*self.store(), k, v, g, idx, count)
+        # Where an Eviction serves the pool and the admitted tokens do not fit, it makes room (or keeps fewer).
+        stored_idx, stored_count = (idx, count) if self.eviction is None else \
+            self.eviction.make_room(self, q, k, g, idx, count)
+        self.ops.store_admitted(*self.store(), k, v, g, stored_idx, stored_count)
         recent = slice(max(T - W, 0), T)
         slots = input_pos[recent] % W                                                           # (min(T, W),)
         self.ring_k.index_copy_(2, slots, k[:, :, recent])
@@ -252,17 +256,14 @@ class WriteGatedCache(nn.Module):
         score = (probs[..., W:] * observed[:, None]).sum(2).masked_fill(~stored, 0.0)           # (B, Hkv, C)
         return torch.nn.functional.max_pool1d(score, pooling, stride=1, padding=pooling // 2)[..., :C].masked_fill(~stored, 0.0)
 
-    def evict(self, share: float, pooling: int) -> None:
-        """SnapKV on the store: each head gives up the ceil(share x length) stored tokens with the lowest
-        snapkv_scores, the survivors move up in their order and the pages left empty go back to the pool."""
+    def drop(self, kept: Tensor) -> None:
+        """Keep only the stored tokens where kept (B, Hkv, C) is true: the survivors move up in their order,
+        the pages left empty go back to the pool, and the others count as evicted."""
         P, N = self.pool.page_size, self.pool.n_pages
-        score = self.snapkv_scores(pooling)                                                    # (B, Hkv, C)
-        C = score.shape[-1]
-        slots = torch.arange(C, device=score.device)
-        stored = slots < self.global_len[..., None]                                            # (B, Hkv, C)
-        keep = self.global_len - torch.ceil(share * self.global_len.double()).long()            # (B, Hkv)
-        rank = score.masked_fill(~stored, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-        kept = torch.zeros_like(stored).scatter_(2, rank, slots < keep[..., None])              # (B, Hkv, C) slot survives
+        C = kept.shape[-1]
+        slots = torch.arange(C, device=kept.device)
+        kept = kept & (slots < self.global_len[..., None])                                     # (B, Hkv, C)
+        keep = kept.sum(-1)                                                                    # (B, Hkv)
         order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices                # survivors first, in order
         src = kernels.pool_rows(self.page_table, order, P)                                     # (B, Hkv, C)
         dst = torch.where(slots < keep[..., None], kernels.pool_rows(self.page_table, slots.expand_as(order), P), N * P)
@@ -304,27 +305,136 @@ def allocated_bytes(caches: list[nn.Module]) -> int:
     return sum(c.bytes_allocated() for c in caches) + sum(p.bytes_allocated() for p in pools.values())
 
 
-class SnapKVEviction:
-    """--evict snapkv, the paper's composition with admission: when the pool runs low, every head of every
-    layer gives up the share of its stored tokens that its recent queries attended to least (SnapKV), and
-    the emptied pages go back to the pool. Checked from the host once every `every` decode steps, never per
-    token: the low-water mark is the pages all heads could take in that many steps, so no head meets a full
-    pool between two checks unless the pool was short already (then a head without room keeps its highest g)."""
+def prompt_snapkv_scores(q: Tensor, k: Tensor, scale: float, observe: int, pooling: int) -> Tensor:
+    """SnapKV's importance of every prompt token: the attention the last `observe` queries pay it (causal
+    softmax over the prompt), summed over those queries and the KV head's query heads, max-pooled over
+    `pooling` neighbours. q: (B, Hq, T, D); k: (B, Hkv, T, D) -> (B, Hkv, T) float32."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    n = min(observe, T)
+    qo = q[:, :, T - n:].float().view(B, Hkv, Hq // Hkv, n, D)                                 # (B, Hkv, G, n, D)
+    s = torch.einsum("bhgnd,bhtd->bhgnt", qo, k.float()) * scale                                # (B, Hkv, G, n, T)
+    pos = torch.arange(T, device=q.device)
+    causal = pos[None, :] <= pos[T - n:, None]                                                  # (n, T)
+    score = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=(2, 3))        # (B, Hkv, T)
+    return F.max_pool1d(score, pooling, stride=1, padding=pooling // 2)
 
-    def __init__(self, caches: list[WriteGatedCache], every: int = 32, share: float = 0.1, pooling: int = 7):
+
+def keep_highest(scores: list[Tensor], capacity: list[int], pages: int, page_size: int) -> list[Tensor]:
+    """Which tokens a pool of `pages` pages keeps when it keeps the highest-scored ones wherever they are.
+
+    scores: one (B, Hkv, S) tensor per store, -inf where there is no token; capacity: the tokens one head of
+    each store may hold. Taken in descending score (ties: earlier store, batch row, head, slot), every token
+    is kept that fits: in a page its head already opened, or in a new one while pages are left.
+    Returns one bool tensor per store, shaped as its scores. On the device, no host read.
+    """
+    device = scores[0].device
+    heads = [s.shape[0] * s.shape[1] for s in scores]
+    flat = torch.cat([s.flatten().float() for s in scores])                                    # (n,)
+    head = torch.cat([torch.arange(h, device=device).add(sum(heads[:i])).repeat_interleave(s.shape[-1])
+                      for i, (h, s) in enumerate(zip(heads, scores))])                         # (n,) global head id
+    cap = torch.cat([torch.full((h,), c, device=device) for h, c in zip(heads, capacity)])    # (heads,)
+    ranked, order = flat.sort(descending=True, stable=True)                                    # (n,)
+    owner = head[order]
+    by_head = owner.sort(stable=True).indices                                                  # sorted order, grouped by head
+    start = owner.bincount(minlength=len(cap)).cumsum(0) - owner.bincount(minlength=len(cap))  # (heads,)
+    rank = torch.empty_like(order)
+    rank[by_head] = torch.arange(order.numel(), device=device) - start[owner[by_head]]         # (n,) rank within its head
+    wanted = (ranked > float("-inf")) & (rank < cap[owner])
+    opens = wanted & (rank % page_size == 0)                                                   # needs a page of its own
+    used = opens.cumsum(0)                                                                     # pages taken up to here
+    opener = by_head[start[owner] + rank - rank % page_size]                                   # the token that opened its page
+    kept = torch.empty_like(wanted)
+    kept[order] = wanted & (used[opener] <= pages)
+    return [part.view_as(s) for part, s in zip(kept.split([h * s.shape[-1] for h, s in zip(heads, scores)]), scores)]
+
+
+class Eviction:
+    """--evict: what makes room in a model's page pool, shared by its layers' caches, when it runs short.
+
+    - lowest-g: the admitted tokens with the lowest g anywhere in the pool give up their slots (keep_highest
+      on g over every layer, batch row and head).
+    - snapkv, the paper's composition with admission: tokens are scored by the attention the recent queries
+      pay them (SnapKV, max-pooled); in decode every head gives up the `share` of its stored tokens scored
+      lowest, in prefill the lowest-scored anywhere in the pool give way, as lowest-g's do.
+    In a prefill (eager, host reads allowed) a layer whose admitted tokens do not fit makes room at once; its
+    own candidates compete, so a new token lower than everything held is the one not stored. In decode the
+    free count is read from the host once every `every` steps, never per token, and a pass runs when fewer
+    pages are left than all heads could take in that many steps (the low-water mark); between passes a head
+    without room keeps its highest-g tokens (WriteGatedCache).
+    """
+
+    def __init__(self, caches: list["WriteGatedCache"], policy: str = "lowest-g", every: int = 32,
+                 share: float = 0.1, pooling: int = 7):
+        if policy not in ("lowest-g", "snapkv"):
+            raise ValueError(f"eviction policy {policy!r}: expected lowest-g or snapkv")
         if every < 1 or not 0 < share <= 1 or pooling < 1 or pooling % 2 == 0:
-            raise ValueError(f"snapkv eviction needs every >= 1, 0 < share <= 1 and an odd pooling, not "
+            raise ValueError(f"eviction needs every >= 1, 0 < share <= 1 and an odd pooling, not "
                              f"{every}, {share}, {pooling}")
-        if not all(c.observe for c in caches):
+        if policy == "snapkv" and not all(c.observe for c in caches):
             raise ValueError("snapkv eviction needs caches that keep their recent queries (observe > 0)")
-        self.caches, self.every, self.share, self.pooling = caches, every, share, pooling
+        if len({id(c.pool) for c in caches}) != 1:
+            raise ValueError("an Eviction serves caches that share one page pool")
+        self.caches, self.policy, self.every, self.share, self.pooling = caches, policy, every, share, pooling
+        self.pool = caches[0].pool
         heads = sum(c.global_len.numel() for c in caches)
-        self.low_water = heads * pages_for(every, caches[0].pool.page_size)
+        self.low_water = heads * pages_for(every, self.pool.page_size)
         self.passes = 0
+        for cache in caches:
+            cache.eviction = self
+
+    def stored_scores(self, cache: "WriteGatedCache") -> Tensor:
+        """(B, Hkv, C) the policy's score of every stored token of one cache, -inf where the slot is empty."""
+        score = cache.snapkv_scores(self.pooling) if self.policy == "snapkv" else cache.store_contents()[2]
+        C = score.shape[-1]
+        return score.masked_fill(torch.arange(C, device=score.device) >= cache.global_len[..., None], float("-inf"))
+
+    def keep(self, scored: list[tuple["WriteGatedCache", Tensor]], pages: int) -> list[Tensor]:
+        """keep_highest over (cache, scores) pairs, each cache's capacity its heads' limit."""
+        return keep_highest([s for _, s in scored], [c.capacity for c, _ in scored], pages, self.pool.page_size)
 
     def after_step(self, step: int) -> None:
         """Call after decode step `step` (1, 2, ...): one host read of the free count every `every` steps."""
-        if step % self.every == 0 and int(self.caches[0].pool.n_free) < self.low_water:
+        if step % self.every or int(self.pool.n_free) >= self.low_water:
+            return
+        if self.policy == "snapkv":
             for cache in self.caches:
-                cache.evict(self.share, self.pooling)
-            self.passes += 1
+                score = self.stored_scores(cache)                                              # (B, Hkv, C)
+                keep = cache.global_len - torch.ceil(self.share * cache.global_len.double()).long()
+                rank = score.argsort(dim=-1, descending=True, stable=True)
+                slots = torch.arange(score.shape[-1], device=score.device)
+                cache.drop(torch.zeros_like(score, dtype=torch.bool).scatter_(2, rank, slots < keep[..., None]))
+        else:
+            # Until the low-water mark is free again, but never more than half the pool in one pass.
+            N = self.pool.n_pages
+            pages = max(N - self.low_water, N // 2)
+            for cache, kept in zip(self.caches, self.keep([(c, self.stored_scores(c)) for c in self.caches], pages)):
+                cache.drop(kept)
+        self.passes += 1
+
+    def make_room(self, cache: "WriteGatedCache", q: Tensor, k: Tensor, g: Tensor, idx: Tensor,
+                  count: Tensor) -> tuple[Tensor, Tensor]:
+        """Prefill of `cache` (its store just emptied): idx, count are its admitted prompt tokens. When their
+        pages are not free, the layers after it (still holding the previous sequence) give theirs back, then
+        the layers before it and these candidates compete for the whole pool by the policy's score. Returns
+        the admitted tokens to store (idx, count as compact_admitted gives them)."""
+        P = self.pool.page_size
+        need = int(((count.clamp(max=cache.capacity) + P - 1) // P).sum())
+        if need <= int(self.pool.n_free):
+            return idx, count
+        i = self.caches.index(cache)
+        for later in self.caches[i + 1:]:
+            later.reset()
+        if need <= int(self.pool.n_free):
+            return idx, count
+        T = g.shape[-1]
+        admitted = torch.arange(T, device=g.device) < count[..., None]                         # (B, Hkv, T) in idx order
+        candidates = torch.zeros_like(admitted).scatter_(2, idx, admitted)                     # (B, Hkv, T) by position
+        own = prompt_snapkv_scores(q, k, cache.scale, cache.observe, self.pooling) if self.policy == "snapkv" else g
+        scored = [(c, self.stored_scores(c)) for c in self.caches[:i]]
+        scored.append((cache, own.float().masked_fill(~candidates, float("-inf"))))
+        *kept_before, kept_own = self.keep(scored, self.pool.n_pages)
+        for c, kept in zip(self.caches[:i], kept_before):
+            c.drop(kept)
+        self.passes += 1
+        return cache.ops.compact_admitted(torch.where(kept_own, g, -1.0), cache.threshold, cache.window)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cache import PagePool, SnapKVEviction, WriteGatedCache, allocated_bytes, pages_for, resolve_backend
+from cache import Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, resolve_backend
 from model import CheckpointError, RMSNorm, Transformer
 
 GATE_NORM_EPS = 1e-6
@@ -379,7 +379,7 @@ class GatedSetup:
     page_size: int
     budget: str               # how the pool was sized
     evict: str                # what makes room when the pool runs low: lowest-g or snapkv
-    evictor: SnapKVEviction | None = None   # for snapkv: call its after_step from the decode loop
+    evictor: Eviction | None = None   # makes room in the pool; call its after_step from the decode loop
     metadata: dict = field(default_factory=dict)
 
 
@@ -393,8 +393,8 @@ def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq
     gate: the --gate spec (PATH | full | none | random:P | sink:N). window and threshold default to the
     gate file's metadata, else W = 256, tau = 0.1; the capacity per head defaults to what max_seq_len
     needs (the built-in policies that admit less get less); kv_budget (parse_budget's forms) sizes the
-    pool, by default from the gate file's recorded admission. evict: lowest-g (a head without room keeps
-    its highest-g tokens) or snapkv (also SnapKVEviction passes when the pool runs low). Bad input raises
+    pool, by default from the gate file's recorded admission. evict: lowest-g or snapkv, the Eviction that
+    makes room when the pool runs short (cache.Eviction). Bad input raises
     GateError (one line); an unavailable backend raises ValueError (one line).
     """
     if evict not in EVICTION:
@@ -431,7 +431,7 @@ def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq
     model.setup_caches(lambda i: WriteGatedCache(batch_size, c.n_kv_heads, c.head_dim, ring, threshold,
                                                  capacity, dtype, device, backend, pool=pool, observe=observe,
                                                  n_heads=c.n_heads))
-    evictor = SnapKVEviction([layer.attention.cache for layer in model.layers]) if evict == "snapkv" else None
+    evictor = Eviction([layer.attention.cache for layer in model.layers], evict)
     return GatedSetup(str(policy), window, threshold, capacity, backend, max_seq_len, n_pages, page_size, how, evict,
                       evictor, metadata)
 
@@ -462,20 +462,20 @@ def admission_stats(model: Transformer) -> dict:
     }
 
 
-def format_stats(stats: dict, dense_allocated: int | None = None, eviction_passes: int | None = None) -> str:
-    """The statistics as lines for stderr; dense_allocated: what a dense cache of the same --max-seq-len allocates;
-    eviction_passes: SnapKV passes run (None: no SnapKV eviction)."""
+def format_stats(stats: dict, dense_allocated: int | None = None, eviction: Eviction | None = None) -> str:
+    """The statistics as lines for stderr; dense_allocated: what a dense cache of the same --max-seq-len
+    allocates; eviction: the Eviction that served the pool, for its policy and passes."""
     per_layer = " ".join(f"{f:.2f}" for f in stats["admitted_fraction_per_layer"])
     dense = (f" vs dense {dense_allocated / 2**20:.2f} MiB ({stats['bytes_allocated'] / max(dense_allocated, 1):.1%})"
              if dense_allocated else "")
+    evicted = (f"{stats['evicted']} evicted later, by {eviction.passes} {eviction.policy} passes" if eviction else
+               f"{stats['evicted']} evicted later")
     return (f"admitted {stats['admitted_fraction']:.1%} of tokens (per layer: {per_layer})\n"
             f"KV bytes in use {stats['bytes_in_use'] / 2**20:.2f} MiB vs dense {stats['dense_bytes'] / 2**20:.2f} MiB "
             f"({stats['bytes_in_use'] / max(stats['dense_bytes'], 1):.1%}); allocated {stats['bytes_allocated'] / 2**20:.2f} MiB"
             f"{dense}; pool pages in use {stats['pages_in_use']} of {stats['pool_pages']}\n"
-            f"admitted tokens lost to the capacity or the budget: {stats['capacity_drops']} "
-            f"(a head without room keeps its highest-g tokens)"
-            + (f"\nsnapkv eviction: {stats['evicted']} tokens evicted in {eviction_passes} passes"
-               if eviction_passes is not None else ""))
+            f"admitted tokens lost to the capacity or the budget: {stats['capacity_drops'] + stats['evicted']} "
+            f"({stats['capacity_drops']} not stored: a head without room keeps its highest-g tokens; {evicted})")
 
 
 def main(file: str) -> None:

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from cache import DenseCache, SnapKVEviction, allocated_bytes
+from cache import DenseCache, Eviction, allocated_bytes
 from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, format_stats, install, setup_write_gated
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
@@ -46,9 +46,9 @@ def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
 
 def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate: str | None = None,
-                 **gated) -> tuple[int, SnapKVEviction | None]:
+                 **gated) -> tuple[int, Eviction | None]:
     """Give every layer a fresh K/V cache for max_seq_len positions; returns its bytes in all, and the
-    eviction to run between decode steps (None but for --evict snapkv). gate None: the dense cache; else a
+    Eviction to call between decode steps (None for the dense cache). gate None: the dense cache; else a
     --gate spec, and `gated` holds setup_write_gated's options (window, threshold, global_capacity,
     kv_budget, page_size, evict, backend)."""
     c, w = model.config, model.output.weight
@@ -129,7 +129,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
     """New tokens after the prompt, until a stop token (not returned) or max_new_tokens. The caches must
     hold len(prompt_ids) + max_new_tokens - 1 positions; a prefill starts them afresh, so they can be reused.
     on_token(id) is called as each token is known, so the caller can stream. prefill_step and decode_step
-    are prefill and decode_one_token or their compiled versions; evictor, a cache.SnapKVEviction, runs
+    are prefill and decode_one_token or their compiled versions; evictor, a cache.Eviction, runs
     between decode steps."""
     device = model.tok_embeddings.weight.device
     if device.type == "cuda":
@@ -227,8 +227,7 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
           f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(model.output.weight.device)}",
           file=sys.stderr)
     if gate is not None:
-        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len),
-                           evictor.passes if evictor is not None else None), file=sys.stderr)
+        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -267,9 +266,9 @@ if __name__ == "__main__":
     parser.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE,
                         help=f"tokens per page of the pool (default: {DEFAULT_PAGE_SIZE})")
     parser.add_argument("--evict", default=EVICTION[0], choices=EVICTION,
-                        help="when the pool runs low: lowest-g, a head without room keeps its highest-g tokens; "
-                        "snapkv, also evict the 10%% of each head's tokens its recent queries read least, "
-                        "checked every 32 steps (default: lowest-g)")
+                        help="what gives way when the pool runs short (in a prefill at once, in decode at checks "
+                        "every 32 steps): lowest-g, the tokens with the lowest g anywhere in the pool; snapkv, the "
+                        "10%% of each head's tokens its recent queries read least (default: lowest-g)")
     parser.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"],
                         help="gated attention: PyTorch reference or Triton kernels (auto: triton on CUDA)")
     try:

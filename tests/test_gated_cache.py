@@ -260,6 +260,94 @@ def test_shared_pool_runs_out_as_the_rule_says(page_size, n_pages):
     assert int(pool.n_free) == n_pages and sorted(pool.free_pages[:n_pages].tolist()) == list(range(n_pages))
 
 
+def keep_highest_by_hand(scores: list[torch.Tensor], capacity: list[int], pages: int, page_size: int) -> list[set]:
+    """cache.keep_highest's rule, token by token: in descending score (ties: store, row, head, slot) keep a
+    token if its head is under its capacity and has room in its last page, or opens a page while one is left."""
+    tokens = [(-float(s[b, h, t]), i, b, h, t) for i, s in enumerate(scores) for b in range(s.shape[0])
+              for h in range(s.shape[1]) for t in range(s.shape[2]) if s[b, h, t] > float("-inf")]
+    held, kept = {}, [set() for _ in scores]
+    for _, i, b, h, t in sorted(tokens):
+        n = held.get((i, b, h), 0)
+        if n >= capacity[i]:
+            continue
+        if n % page_size == 0:
+            if pages == 0:
+                continue
+            pages -= 1
+        held[i, b, h] = n + 1
+        kept[i].add((b, h, t))
+    return kept
+
+
+@pytest.mark.parametrize("page_size, pages", [(1, 7), (3, 5), (4, 0), (2, 100)])
+def test_keep_highest_follows_the_rule(page_size, pages):
+    from cache import keep_highest
+    gen = torch.Generator().manual_seed(page_size)
+    scores = [torch.rand(2, 3, 9, generator=gen).round(decimals=1) for _ in range(2)]   # ties on purpose
+    for s in scores:
+        s[torch.rand(s.shape, generator=gen) < 0.3] = float("-inf")                     # empty slots
+    capacity = [6, 9]
+    kept = keep_highest(scores, capacity, pages, page_size)
+    expected = keep_highest_by_hand(scores, capacity, pages, page_size)
+    for k, want in zip(kept, expected):
+        assert {tuple(x) for x in k.nonzero().tolist()} == want
+
+
+def test_lowest_g_eviction_is_pool_wide():
+    """With an Eviction on the pool, a layer whose admitted prompt tokens do not fit takes the slots of the
+    lowest-g tokens anywhere (earlier layers included) or leaves its own lowest out; in decode a pass every
+    `every` steps frees pages down to the low-water mark by the same rule. Survivors keep their order."""
+    from cache import Eviction
+    B, H, D, W, T0, P = 2, 2, 8, 3, 30, 2
+    pool = PagePool(20, P, D, torch.float32)
+    caches = [WriteGatedCache(B, H, D, W, 0.3, 40, torch.float32, pool=pool) for _ in range(3)]
+    evictor = Eviction(caches, "lowest-g", every=4)
+    torch.manual_seed(3)
+    gs = [torch.rand(B, H, T0 + 8) for _ in caches]
+    q, k = torch.randn(B, 2 * H, T0 + 8, D), torch.randn(B, H, T0 + 8, D)
+    stored_k = lambda c: c.store_contents()[0]
+    want: list[dict] = [dict() for _ in caches]      # (b, h) -> prompt positions held, per layer
+    for i, (cache, g) in enumerate(zip(caches, gs)):
+        scores = [torch.full((B, H, T0), float("-inf")) for _ in range(i + 1)]
+        for j in range(i + 1):
+            for (b, h), held in (want[j].items() if j < i else []):
+                scores[j][b, h, sorted(held)] = gs[j][b, h, sorted(held)]
+        own = gs[i][:, :, :T0].clone()
+        own[:, :, T0 - W:] = float("-inf")                                 # the ring's tokens are not candidates
+        own[own <= 0.3] = float("-inf")
+        scores[i] = own
+        kept = keep_highest_by_hand(scores, [c.capacity for c in caches[:i + 1]], pool.n_pages, P)
+        for j in range(i + 1):
+            want[j] = {(b, h): sorted(t for bb, hh, t in kept[j] if (bb, hh) == (b, h)) for b in range(B) for h in range(H)}
+        cache(q[:, :, :T0], k[:, :, :T0], k[:, :, :T0], g[:, :, :T0], torch.arange(T0))
+        for j in range(i + 1):
+            for (b, h), held in want[j].items():
+                n = int(caches[j].global_len[b, h])
+                assert torch.equal(stored_k(caches[j])[b, h, :n], k[b, h, held]), (i, j, b, h)
+    evicted = sum(int(c.n_evicted.sum()) for c in caches)
+    dropped = sum(int(c.n_capacity_drops.sum()) for c in caches)
+    assert evicted > 0 and dropped > 0                                    # both halves of the rule ran
+    assert int(pool.n_free) == pool.n_pages - sum(-(-int(n) // P) for c in caches for n in c.global_len.flatten())
+    # Decode: no pass before step `every`; at step 4 the pool is below the low-water mark and one pass runs.
+    before = [c.store_contents()[2].clone() for c in caches]
+    lengths = [c.global_len.clone() for c in caches]
+    passes = evictor.passes                                               # the prefills' (each that made room)
+    assert passes == 3
+    evictor.after_step(3)
+    assert evictor.passes == passes and all(torch.equal(c.global_len, n) for c, n in zip(caches, lengths))
+    assert int(pool.n_free) < evictor.low_water
+    evictor.after_step(4)
+    assert evictor.passes == passes + 1
+    scores = [torch.where(torch.arange(g.shape[-1]) < n[..., None], g, float("-inf")) for g, n in zip(before, lengths)]
+    kept = keep_highest_by_hand(scores, [c.capacity for c in caches], max(pool.n_pages - evictor.low_water,
+                                                                          pool.n_pages // 2), P)
+    for c, g, keep in zip(caches, before, kept):
+        for b in range(B):
+            for h in range(H):
+                slots = sorted(t for bb, hh, t in keep if (bb, hh) == (b, h))
+                assert c.store_contents()[2][b, h, :int(c.global_len[b, h])].tolist() == g[b, h, slots].tolist()
+
+
 def test_decode_compiles_fullgraph_once_per_block_and_matches_eager():
     from torch._dynamo.utils import counters
     model = tiny_model(2, n_layers=6)
@@ -319,7 +407,7 @@ def test_snapkv_eviction_matches_a_plain_reference():
     """Scores from the observed queries' softmax over ring + store, max-pooled over neighbouring slots; each
     head drops ceil(share x length) lowest (ties: the later slot goes), survivors keep their order, and the
     pages left empty return to the pool."""
-    from cache import SnapKVEviction
+    from cache import Eviction
     B, H, G, D, W, O, P = 2, 2, 2, 8, 3, 4, 3
     pool = PagePool(40, P, D, torch.float32)
     cache = WriteGatedCache(B, H, D, W, 0.3, 30, torch.float32, pool=pool, observe=O, n_heads=G * H)
@@ -350,7 +438,7 @@ def test_snapkv_eviction_matches_a_plain_reference():
             survivors = sorted(ranked[:n_keep])
             expected[b, h] = stored_g[b, h, survivors].tolist()
             freed += -(-n // P) - -(-n_keep // P)
-    evictor = SnapKVEviction([cache], every=2, share=share, pooling=pooling)
+    evictor = Eviction([cache], "snapkv", every=2, share=share, pooling=pooling)
     evictor.low_water = 10**6                                         # run the pass whatever the pool holds
     evictor.after_step(1)                                             # not a step it checks on
     assert evictor.passes == 0 and torch.equal(cache.global_len, lengths)
