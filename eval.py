@@ -10,7 +10,10 @@ Policies, each through the cache it runs with: `dense` (DenseCache); every gate 
 and each --gate (WriteGatedCache, no capacity limit); `random ~ G`: G's own admissions on the same
 sequence moved to random positions (per layer and KV head, among the tokens older than the window and
 among those inside it, separately), so it holds exactly G's KV bytes; `snapkv ~ G`: eviction at G's
-budget (SnapKVCache below); `none` (the window alone); `sink:N` (StreamingLLM).
+budget (SnapKVCache below); `none` (the window alone); `sink:N` (StreamingLLM). Then, per --budgets share of
+the dense cache, the compositions of the paper on a page pool of that size: `G + lowest-g @ X%` and `G +
+snapkv @ X%` (the gate with each eviction policy, cache.Eviction) and `snapkv alone @ X%` (every token
+admitted, SnapKV evicting); they run in the decode and retrieval tables.
 
 Protocols (the output states them too):
 - perplexity: one prefill of the whole document per policy. Prefill and decode obey the same visibility
@@ -51,10 +54,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from cache import DenseCache, PagePool, WriteGatedCache, allocated_bytes, pages_for, resolve_backend
+from cache import (DenseCache, Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, prompt_snapkv_scores,
+                   resolve_backend)
 from data import DataError, chat_prefix, make_samples, read_documents
 from gate import (DEFAULT_PAGE_SIZE, DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, install, load_gates,
-                  setup_write_gated)
+                  parse_budget, setup_write_gated)
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -62,8 +66,9 @@ from tokenizer import Tokenizer
 # one prompt per cell could not tell 8/10 from 10/10. Trial 0 is the prompt a one-trial grid asked, so earlier
 # pieces still merge. At 8k SmolLM2-135M misses the passkey even densely (README): those rows measure the model.
 FULL = dict(lengths=[2048, 4096, 8192], docs=2, decode_tokens=128, passkey_lengths=[2048, 4096, 8192],
-            depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2, keys=4)
-QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5], trials=1, keys=3)
+            depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2, keys=4, budgets=[15, 25, 40])
+QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5], trials=1, keys=3,
+             budgets=[])
 
 
 class EvalError(ValueError):
@@ -195,17 +200,28 @@ def passkey_correct(answer: str, key: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Policies that need more than a --gate spec: matched random admission and the eviction baseline
 
+def fingerprint(k: Tensor) -> Tensor:
+    """An exact integer digest of each key vector, (..., D) -> (...) int64: a store holds copies of prompt keys,
+    so equal digests say which prompt positions it holds (integer sums, so no rounding can differ)."""
+    raw = k.contiguous().view(torch.uint8).long()                                             # (..., D x bytes)
+    weights = torch.randint(1, 2**40, (raw.shape[-1],), generator=torch.Generator().manual_seed(0)).to(k.device)
+    return (raw * weights).sum(-1)
+
+
 class Recorder(nn.Module):
-    """A gate that keeps every g it hands out, so the baselines matched to it see its decisions."""
+    """A gate that keeps every g it hands out, so the baselines matched to it see its decisions, and the
+    fingerprints of the keys it was shown, so that prompt_store can tell which of them a store holds."""
 
     def __init__(self, gate: nn.Module):
         super().__init__()
         self.gate = gate
         self.calls: list[Tensor] = []
+        self.keys: list[Tensor] = []
 
     def forward(self, k_pre: Tensor, k_post: Tensor, input_pos: Tensor) -> Tensor:
         g = self.gate(k_pre, k_post, input_pos)                                                  # (B, Hkv, T)
         self.calls.append(g)
+        self.keys.append(fingerprint(k_post))                                                    # (B, Hkv, T)
         return g
 
     def admitted(self, threshold: float) -> Tensor:
@@ -244,24 +260,6 @@ def matched_capacity(admitted: Tensor, window: int) -> int:
     return max(1, round(old.mean().item()))
 
 
-def snapkv_scores(q: Tensor, k: Tensor, scale: float, observe: int, pool: int) -> Tensor:
-    """SnapKV's importance of every prompt token: the attention the last `observe` queries pay it, summed
-    over those queries and over the KV head's query heads, max-pooled over `pool` neighbours.
-
-    q: (B, Hq, T, D); k: (B, Hkv, T, D) -> (B, Hkv, T) float32.
-    """
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    n = min(observe, T)
-    qo = q[:, :, T - n:].float().view(B, Hkv, Hq // Hkv, n, D)                                 # (B, Hkv, G, n, D)
-    s = torch.einsum("bhgnd,bhtd->bhgnt", qo, k.float()) * scale                                # (B, Hkv, G, n, T)
-    pos = torch.arange(T, device=q.device)
-    causal = pos[None, :] <= pos[T - n:, None]                                                  # (n, T)
-    probs = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
-    score = probs.sum(dim=(2, 3))                                                               # (B, Hkv, T)
-    return F.max_pool1d(score, pool, stride=1, padding=pool // 2)
-
-
 class SnapKVCache(WriteGatedCache):
     """The eviction baseline: SnapKV's score in place of g, in the write-gated cache's own capacity rule.
 
@@ -281,30 +279,34 @@ class SnapKVCache(WriteGatedCache):
         self.snapkv_window, self.pooling = observe, pooling
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
-        score = snapkv_scores(q, k, self.scale, self.snapkv_window, self.pooling).clamp_min(torch.finfo(torch.float32).tiny)
-        self.prompt_g = score                                                                   # (B, Hkv, T)
+        score = prompt_snapkv_scores(q, k, self.scale, self.snapkv_window, self.pooling).clamp_min(torch.finfo(torch.float32).tiny)
         return super().prefill(q, k, v, score, input_pos)
 
 
 @dataclass
 class Policy:
     name: str
-    kind: str          # "dense", "gate" (a file), "builtin" (none, sink:N), "random" or "snapkv" (matched to a gate)
-    spec: str = ""     # the --gate spec (gate, builtin) or the matched gate's name (random, snapkv)
+    kind: str          # "dense", "gate" (a file), "builtin" (none, sink:N), "random" or "snapkv" (matched to a gate),
+                       # "budget" (a gate, or full, on a pool of a share of dense, with an eviction policy)
+    spec: str = ""     # the --gate spec (gate, builtin, budget) or the matched gate's name (random, snapkv)
+    budget: str | None = None   # the pool: --kv-budget's forms (gate: None is the gate's default; budget: "X%")
+    evict: str = "lowest-g"     # what makes room when the pool runs short (gate, budget)
 
 
 def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int, recorded: dict,
-                   dtype: torch.dtype, device: str, backend: str, seed: int) -> None:
-    """Gates and caches for one sequence of seq_len positions. recorded: {gate name: per layer (Hkv, S) admissions}."""
+                   dtype: torch.dtype, device: str, backend: str, seed: int) -> Eviction | None:
+    """Gates and caches for one sequence of seq_len positions; returns the Eviction to call between decode
+    steps, if the policy has one. recorded: {gate name: per layer (Hkv, S) admissions}."""
     c = model.config
     H, D = c.n_kv_heads, c.head_dim
     if policy.kind == "dense":
         install(model, None)
         model.setup_caches(lambda i: DenseCache(1, H, seq_len, D, dtype, device))
-    elif policy.kind in ("gate", "builtin"):
-        setup_write_gated(model, policy.spec, batch_size=1, max_seq_len=seq_len, dtype=dtype, device=device,
-                          window=window, backend=backend)
+    elif policy.kind in ("gate", "builtin", "budget"):
+        setup = setup_write_gated(model, policy.spec, batch_size=1, max_seq_len=seq_len, dtype=dtype, device=device,
+                                  window=window, backend=backend, kv_budget=policy.budget, evict=policy.evict)
         install(model, [Recorder(layer.attention.gate) for layer in model.layers])
+        return setup.evictor
     elif policy.kind == "random":
         # A fresh generator: the same gate decisions give the same shuffle in every table.
         generator = torch.Generator().manual_seed(seed)
@@ -318,8 +320,9 @@ def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int
                                                      dtype, device, backend, pool=pool))
     else:
         capacity = [matched_capacity(a, window) for a in recorded[policy.spec]]
-        install(model, [ConstantGate(0.0) for _ in model.layers])
+        install(model, [Recorder(ConstantGate(0.0)) for _ in model.layers])
         model.setup_caches(lambda i: SnapKVCache(1, H, D, window, capacity[i], dtype, device, backend))
+    return None
 
 
 def recording(model: Transformer) -> list[Tensor]:
@@ -329,20 +332,18 @@ def recording(model: Transformer) -> list[Tensor]:
 
 def prompt_store(model: Transformer, T: int) -> Tensor:
     """(L, Hkv, T) bool: the prompt positions the long-lived store of each layer and KV head holds after a
-    prefill of T tokens (every position, for the dense cache; for a capped store, the ones its capacity kept)."""
+    prefill of T tokens: every position for the dense cache; else the positions whose keys' fingerprints the
+    store holds (whatever its capacity, its pool's budget or an eviction kept)."""
     held = []
     for layer in model.layers:
         cache = layer.attention.cache
         if isinstance(cache, DenseCache):
             held.append(torch.ones(cache.k_cache.shape[1], T, dtype=torch.bool))
             continue
-        g = cache.prompt_g if isinstance(cache, SnapKVCache) else layer.attention.gate.calls[0]   # (1, Hkv, T)
-        idx, count = kernels.compact_admitted_ref(g, cache.threshold, cache.window)
-        room = torch.full_like(count, cache.capacity)                                          # an unlimited pool: the capacity
-        keep = kernels.kept_positions(g, idx, count, room)                                     # (1, Hkv, T)
-        valid = torch.arange(T, device=keep.device) < count.minimum(room)[..., None]           # (1, Hkv, T)
-        mask = torch.zeros_like(g, dtype=torch.bool).scatter_(2, keep, valid)
-        held.append(mask[0].cpu())
+        prompt = layer.attention.gate.keys[0][0]                                               # (Hkv, T)
+        stored = fingerprint(cache.store_contents()[0][0])                                     # (Hkv, C)
+        lengths = cache.global_len[0].tolist()
+        held.append(torch.stack([torch.isin(prompt[h], stored[h, :n]) for h, n in enumerate(lengths)]).cpu())
     return torch.stack(held)
 
 
@@ -354,24 +355,29 @@ def prefill_all(model: Transformer, ids: Tensor) -> Tensor:
     return model.body(ids[None])[0]
 
 
-def prefill_then_decode(model: Transformer, ids: Tensor, n: int) -> Tensor:
+def prefill_then_decode(model: Transformer, ids: Tensor, n: int, evictor: Eviction | None = None) -> Tensor:
     """Hidden states (n, dim) of queries L-n-1 .. L-2: prefill ids[:L-n], then feed ids[L-n:] one at a
-    time (the last one's output predicts past the sample, but its K/V and admission count in the stats)."""
+    time (the last one's output predicts past the sample, but its K/V and admission count in the stats).
+    evictor: the policy's Eviction, called after each decode step as generate.py calls it."""
     L = ids.shape[0]
     positions = torch.arange(L, device=ids.device)
     out = [model.body(ids[None, :L - n])[0, -1:]]
-    for p in range(L - n, L):
+    for step, p in enumerate(range(L - n, L), 1):
         out.append(model.body(ids[None, p:p + 1], positions[p:p + 1])[0])
+        if evictor is not None:
+            evictor.after_step(step)
     return torch.cat(out[:-1])
 
 
-def generate(model: Transformer, ids: Tensor, n_new: int) -> list[int]:
+def generate(model: Transformer, ids: Tensor, n_new: int, evictor: Eviction | None = None) -> list[int]:
     """Greedy: prefill ids (P,), then n_new tokens; P + n_new - 1 positions pass through the cache."""
     P = ids.shape[0]
     tokens = [model.output(model.body(ids[None])[0, -1]).argmax()]
-    for p in range(P, P + n_new - 1):
+    for step, p in enumerate(range(P, P + n_new - 1), 1):
         h = model.body(tokens[-1].view(1, 1), torch.tensor([p], device=ids.device))           # (1, 1, dim)
         tokens.append(model.output(h[0, -1]).argmax())
+        if evictor is not None:
+            evictor.after_step(step)
     return torch.stack(tokens).tolist()
 
 
@@ -399,8 +405,8 @@ def totals(m: dict[str, Tensor]) -> dict[str, float]:
 def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
     """Token counts summed over layers and KV heads, read once after a sequence: tokens older than the
     window (left), those of them still held (kept), all held (held) and all seen; bytes per token; the
-    bytes the caches allocated (rings, page tables and pools, each pool once); admitted tokens lost to a
-    head without room (lost)."""
+    bytes the caches allocated (rings, page tables and pools, each pool once); admitted tokens lost (lost): not
+    stored by a head without room, or evicted later."""
     c = model.config
     caches = [layer.attention.cache for layer in model.layers]
     if isinstance(caches[0], DenseCache):
@@ -413,20 +419,30 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
     counts = [cache.counts() for cache in caches]
     return {"left": total(cache.n_left for cache in caches), "kept": total(cache.global_len for cache in caches),
             "held": total(n["held"] for n in counts), "seen": total(n["seen"] for n in counts),
-            "bytes_per_token": caches[0].bytes_per_token(), "lost": total(n["capacity_drops"] for n in counts),
+            "bytes_per_token": caches[0].bytes_per_token(),
+            "lost": total(n["capacity_drops"] for n in counts) + total(n["evicted"] for n in counts),
             "allocated": allocated_bytes(caches)}
 
 
 # ---------------------------------------------------------------------------------------------
 # The grid
 
-def policy_list(gates: list[tuple[str, str]], sink: int) -> list[Policy]:
-    """dense, each gate with its matched baselines, none, sink:N (a gate runs before the rows matched to it)."""
+def policy_list(gates: list[tuple[str, str]], sink: int, kv_budget: str | None = None,
+                budgets: tuple[float, ...] = ()) -> list[Policy]:
+    """dense, each gate with its matched baselines, none, sink:N (a gate runs before the rows matched to it),
+    then per budget (a share of dense, in %) the compositions: each gate with lowest-g and with snapkv
+    eviction, and snapkv alone (every token admitted, SnapKV evicting). kv_budget: the plain gate rows' pool."""
     rows = [Policy("dense", "dense")]
     for name, path in gates:
-        rows += [Policy(name, "gate", path), Policy(f"random ~ {name}", "random", name),
+        rows += [Policy(name, "gate", path, kv_budget), Policy(f"random ~ {name}", "random", name),
                  Policy(f"snapkv ~ {name}", "snapkv", name)]
-    return rows + [Policy("none", "builtin", "none"), Policy(f"sink:{sink}", "builtin", f"sink:{sink}")]
+    rows += [Policy("none", "builtin", "none"), Policy(f"sink:{sink}", "builtin", f"sink:{sink}")]
+    for share in budgets:
+        for name, path in gates:
+            rows += [Policy(f"{name} + {evict} @ {share:g}%", "budget", path, f"{share:g}%", evict)
+                     for evict in ("lowest-g", "snapkv")]
+        rows.append(Policy(f"snapkv alone @ {share:g}%", "budget", "full", f"{share:g}%", "snapkv"))
+    return rows
 
 
 def say(msg: str) -> None:
@@ -435,16 +451,19 @@ def say(msg: str) -> None:
 
 def documents_task(model: Transformer, policies: list[Policy], samples: dict, window: int, decode_tokens: int,
                    setup) -> dict[str, list[dict]]:
-    """Perplexity and agreement by one prefill per uncapped policy, then the decode table for every policy.
+    """Perplexity and agreement by one prefill per policy that one prefill measures, then the decode table for
+    every policy. Neither an eviction baseline nor a budget row is in the first: a prompt's own queries read
+    every token it admitted, whatever the pool then keeps, so only decoding after the prefill shows the budget.
 
-    setup(policy, seq_len, recorded) installs a policy. Returns per-(policy, document) records of the
-    "perplexity" and "decode" tables, and "checks": one prefill against prefill + decode, per policy.
+    setup(policy, seq_len, recorded) installs a policy and returns its Eviction (or None). Returns
+    per-(policy, document) records of the "perplexity" and "decode" tables, and "checks": one prefill against
+    prefill + decode, per policy.
     """
     out = {"perplexity": [], "decode": [], "checks": []}
     for L, docs in samples.items():
         for i, (doc, ids) in enumerate(docs):
             recorded, one_prefill, ref = {}, {}, None
-            for policy in [p for p in policies if p.kind != "snapkv"]:
+            for policy in [p for p in policies if p.kind not in ("snapkv", "budget")]:
                 t0 = time.time()
                 setup(policy, L, recorded)
                 hidden = prefill_all(model, ids)                                                    # (L, dim)
@@ -462,8 +481,8 @@ def documents_task(model: Transformer, policies: list[Policy], samples: dict, wi
             n = decode_tokens
             for policy in policies:
                 t0 = time.time()
-                setup(policy, L, recorded)
-                hidden = prefill_then_decode(model, ids, n)                                         # (n, dim)
+                evictor = setup(policy, L, recorded)
+                hidden = prefill_then_decode(model, ids, n, evictor)                                # (n, dim)
                 m = compare(model, hidden, ref[L - n - 1:L - 1], ids[L - n:])
                 out["decode"].append({"length": L, "policy": policy.name, "doc": doc, **totals(m),
                                       **kv_stats(model, L, window)})
@@ -506,8 +525,8 @@ def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Policy], pas
                 recorded = {}
                 for policy in policies:
                     t0 = time.time()
-                    setup(policy, seen, recorded)
-                    answer = tok.decode(generate(model, ids, n_new))
+                    evictor = setup(policy, seen, recorded)
+                    answer = tok.decode(generate(model, ids, n_new, evictor))
                     if policy.kind == "gate":
                         recorded[policy.name] = recording(model)
                     held = prompt_store(model, L)                                                 # (layers, Hkv, L)
@@ -615,16 +634,17 @@ def report(result: dict) -> str:
     parts.append(f"admitted: share of the tokens that left the window which the cache still holds; KV held: K/V bytes "
                  f"held at the end of each sequence against a dense cache of the same tokens (KV MiB: per sequence); alloc "
                  f"MiB: what the caches allocated per sequence (rings, page tables and the page pool: a gate's default "
-                 f"budget, random's exact need); lost: admitted tokens a head without room dropped, over all "
-                 f"sequences (for snapkv, which scores every token, its evictions). "
+                 f"budget, random's exact need, or the row's @ budget); lost: admitted tokens not stored for want of "
+                 f"room or evicted later, over all sequences (for snapkv ~ G, which scores every token, its evictions). "
                  f"Model {runs[0]['model']}, W = {window}, {runs[0]['dtype']} on {joined('machine')}, {joined('date')}, "
                  f"{sum(r['wall_s'] for r in runs):.0f} s in {len(runs)} run{'s' * (len(runs) > 1)}: {commands}")
     return "\n\n".join(parts)
 
 
 def policy_family(name: str, gates: dict) -> str:
-    """The family a row's policy belongs to: dense, gate, random, snapkv, or the built-in's own name."""
-    return "gate" if name in gates else name.split(" ~ ")[0]
+    """The family a row's policy belongs to: dense, gate, random, snapkv, the built-in's own name, or for a
+    budget row its composition (G + lowest-g, G + snapkv, snapkv alone), whose budgets trace one curve."""
+    return "gate" if name in gates else name.split(" @ ")[0].split(" ~ ")[0]
 
 
 def plot(result: dict, path: str) -> None:
@@ -685,7 +705,8 @@ def plot(result: dict, path: str) -> None:
 def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quick: bool, lengths: list[int] | None,
         docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
         trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
-        threads: int, seed: int, out: str | None, plot_path: str | None) -> None:
+        threads: int, seed: int, out: str | None, plot_path: str | None, kv_budget: str | None = None,
+        budgets: list[float] | None = None) -> None:
     t_start = time.time()
     grid = QUICK if quick else FULL
     lengths = lengths if lengths is not None else grid["lengths"]
@@ -695,6 +716,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     depths = depths if depths is not None else grid["depths"]
     trials = trials if trials is not None else grid["trials"]
     keys = keys if keys is not None else grid["keys"]
+    budgets = budgets if budgets is not None else grid["budgets"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if threads:
         torch.set_num_threads(threads)
@@ -738,6 +760,9 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
                             f"= {window + decode_tokens + 1}")
     if any(not 0 <= d <= 1 for d in depths):
         raise EvalError(f"depths {depths} must lie in [0, 1]")
+    if any(not 0 < b <= 100 for b in budgets):
+        raise EvalError(f"--budgets {budgets}: each a share of the dense cache in (0, 100]")
+    parse_budget(kv_budget)   # a bad --kv-budget: GateError, one line
 
     documents = source_order(read_documents(data))
     samples = document_samples(tok, documents, lengths, docs, device) if lengths else {}
@@ -757,7 +782,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     else:
         passkey_lengths = []
 
-    policies = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink)
+    policies = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink, kv_budget, tuple(budgets))
     say(f"eval: {len(policies)} policies, perplexity at {lengths} x {docs} documents, decode {decode_tokens} tokens, "
         f"passkey (and {keys} keys) at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}")
     setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded,
@@ -775,14 +800,15 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
                 "checkpoint": checkpoint, "dtype": dtype, "machine": machine, "torch": torch.__version__,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_s": time.time() - t_start}
     grid = {"lengths": lengths, "docs": docs, "decode_tokens": decode_tokens, "passkey_lengths": passkey_lengths,
-            "depths": depths, "trials": trials, "keys": keys, "window": window, "sink": sink, "seed": seed}
+            "depths": depths, "trials": trials, "keys": keys, "window": window, "sink": sink, "seed": seed,
+            "kv_budget": kv_budget, "budgets": budgets}
     gates = {name: {"path": path, "metadata": metadata} for name, (path, metadata) in gate_meta.items()}
     emit(assemble([this_run], grid, gates, [p.name for p in policies], records), out, plot_path)
 
 
 TASKS = ("perplexity", "decode", "passkey", "multikey")
 # What every piece of a merged grid must share; the lengths and depths may differ.
-SHARED_RUN, SHARED_GRID = ("model", "dtype"), ("docs", "decode_tokens", "keys", "window", "sink", "seed")
+SHARED_RUN, SHARED_GRID = ("model", "dtype"), ("docs", "decode_tokens", "keys", "window", "sink", "seed", "kv_budget")
 
 
 def assemble(runs: list[dict], grid: dict, gates: dict, policies: list[str], records: dict) -> dict:
@@ -844,6 +870,7 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
     union = lambda key: sorted({x for piece in pieces for x in piece["grid"][key]})
     grid = {**first["grid"], "lengths": union("lengths"), "passkey_lengths": union("passkey_lengths"),
             "depths": union("depths"), "trials": max(piece["grid"]["trials"] for piece in pieces),
+            "budgets": sorted({b for piece in pieces for b in piece["grid"].get("budgets", [])}),
             "keys": next((piece["grid"]["keys"] for piece in pieces if piece["grid"].get("keys")), None)}
     policies = list(dict.fromkeys(p for piece in pieces for p in piece["policies"]))
     emit(assemble([r for piece in pieces for r in piece["runs"]], grid, first["gates"], policies, records),
@@ -852,7 +879,7 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
 
 # The options that define a grid to run; --merge takes the grid from its files and refuses them.
 GRID_OPTIONS = ("checkpoint", "gate", "quick", "lengths", "docs", "decode_tokens", "passkey_lengths", "depths",
-                "trials", "keys", "window")
+                "trials", "keys", "window", "kv_budget", "budgets")
 
 
 def main(merge_paths: list[str] | None, **kwargs) -> None:
@@ -884,6 +911,10 @@ if __name__ == "__main__":
     parser.add_argument("--trials", type=int, help="passkey prompts per (length, depth)")
     parser.add_argument("--keys", type=int, help="keys planted in each multi-key prompt, one asked for (0: skip the task)")
     parser.add_argument("--window", type=int, help="local window W for every policy (default: the first gate's, else 256)")
+    parser.add_argument("--kv-budget", help="the gate rows' page pool, as generate.py's --kv-budget (default: each gate's own)")
+    parser.add_argument("--budgets", type=float, nargs="*", metavar="PCT",
+                        help="budgets (%% of the dense cache) of the composition rows: each gate + lowest-g, each gate + "
+                             "snapkv, snapkv alone (default: 15 25 40; --quick: none)")
     parser.add_argument("--sink", type=int, default=4, help="sink tokens of the sink:N baseline (default 4)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -100,6 +100,34 @@ def test_quick_runs_every_policy_and_task(quick):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in proc.stderr
 
 
+def test_budget_rows_compose_the_gate_with_each_eviction(setup):
+    """--budgets 30: the gate with lowest-g and with snapkv eviction, and snapkv alone, on a pool of 30% of the
+    dense cache, in the decode and retrieval tables (not the one-prefill table, which cannot see a budget)."""
+    root, checkpoint = setup
+    out = root / "budgets.json"
+    proc = run_eval("--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
+                    "--gates-dir", str(root / "gates"), "--lengths", "160", "--decode-tokens", "16",
+                    "--passkey-lengths", "400", "--depths", "0.5", "--keys", "0", "--budgets", "30", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    budget_rows = ["tiny-0.5 + lowest-g @ 30%", "tiny-0.5 + snapkv @ 30%", "snapkv alone @ 30%"]
+    assert not set(budget_rows) & {r["policy"] for r in result["perplexity"]}
+    for table in ("decode", "passkey"):
+        rows = {r["policy"]: r for r in result[table]}
+        assert list(rows)[-3:] == budget_rows
+        for name in budget_rows:
+            # The pool is 30% of dense; with the rings and tables the caches allocate less than dense still.
+            assert rows[name]["allocated"] < rows["dense"]["allocated"]
+            assert rows[name]["lost"] > 0, (table, name)   # the budget is below what the gate admits
+        assert rows["tiny-0.5 + lowest-g @ 30%"]["kv_held"] < rows["tiny-0.5"]["kv_held"]
+    passkey = {r["policy"]: r for r in result["passkey"]}
+    for name in budget_rows:   # the store's own keys say what it held, whatever the eviction kept
+        assert 0.0 < passkey[name]["prompt_held"] < passkey["dense"]["prompt_held"]
+    assert [ev.policy_family(name, result["gates"]) for name in budget_rows] == \
+        ["tiny-0.5 + lowest-g", "tiny-0.5 + snapkv", "snapkv alone"]
+    assert "| tiny-0.5 + snapkv @ 30% |" in proc.stdout
+
+
 def test_plot_without_matplotlib_says_why_and_writes_nothing(quick, tmp_path, monkeypatch, capsys):
     _, result = quick
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # what an environment without it raises
@@ -256,7 +284,7 @@ def test_snapkv_prefill_is_dense_and_keeps_the_top_scores():
     y = cache(q, k, v, torch.zeros(B, Hkv, T), torch.arange(T))
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
-    score = ev.snapkv_scores(q, k, D ** -0.5, 6, 3)                                             # (B, Hkv, T)
+    score = ev.prompt_snapkv_scores(q, k, D ** -0.5, 6, 3)                                             # (B, Hkv, T)
     assert torch.equal(cache.global_len, torch.full((B, Hkv), C))
     stored_k = cache.store_contents()[0]
     for h in range(Hkv):   # max-pooling makes ties, so compare the kept scores, not the positions
