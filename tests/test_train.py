@@ -344,8 +344,10 @@ def test_answer_weighted_loss_is_its_definition_and_weight_0_is_the_old_loss(tin
     assert stats[5] == pytest.approx(sq[0, [20, 21, 22, 40]].mean().item(), rel=1e-6) and stats[5] > 0
     assert zero_stats[5] == stats[5] and old_stats[5] == 0
     expected_grads = grads(expected)
+    # Two float32 graphs of the same sum, reduced in different orders: on this project's CPU one gradient entry
+    # of 1.2e-4 differed by 1.8e-8 (1.5e-4 relative), so 1e-5 was tighter than float32 backprop holds.
     for a, b in zip(grads(weighted), expected_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
 
 
 def test_sample_rows_follow_the_mix_and_mix_0_is_the_prose_order():
