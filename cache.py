@@ -394,8 +394,15 @@ class Eviction:
         return keep_highest([s for _, s in scored], [c.capacity for c, _ in scored], pages, self.pool.page_size)
 
     def after_step(self, step: int) -> None:
-        """Call after decode step `step` (1, 2, ...): one host read of the free count every `every` steps."""
-        if step % self.every or int(self.pool.n_free) >= self.low_water:
+        """Call after decode step `step` (1, 2, ...): one host read every `every` steps, of the free count and
+        of the pages the stores could still take (their page tables' free entries): a pool that can give
+        every store all it may still take needs no pass, however low it runs."""
+        if step % self.every:
+            return
+        P = self.pool.page_size
+        claimable = sum((c.page_table.shape[-1] - (c.global_len + P - 1) // P).sum() for c in self.caches)
+        free, claimable = torch.stack((self.pool.n_free[0], claimable)).tolist()
+        if free >= min(self.low_water, claimable):
             return
         if self.policy == "snapkv":
             for cache in self.caches:
