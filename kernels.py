@@ -75,11 +75,12 @@ def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple
 
 
 def compact_admitted_ref(g: Tensor, threshold: float, window: int) -> tuple[Tensor, Tensor]:
-    """Positions of the prompt tokens that leave the window admitted, ascending, per (batch, KV head).
+    """Positions of the tokens of a sequence that leave the window admitted, ascending, per (batch, KV head).
 
     g: (B, Hkv, T). A token j < T - W with g_j > tau is admitted. Returns idx: (B, Hkv, T) int64 whose
     first count[b, h] entries are those positions (the rest is padding), and count: (B, Hkv) int64.
-    These are both the keys that gated prefill reads beyond the band and the tokens the global store keeps.
+    Over an append's keys (what the cache holds, then the new tokens) these are the keys gated prefill
+    attention reads beyond the band; over the ring's and the new tokens, those the global store takes.
     """
     T = g.shape[-1]
     admitted = (g > threshold) & (torch.arange(T, device=g.device) < T - window)           # (B, Hkv, T)
@@ -90,17 +91,19 @@ def compact_admitted_ref(g: Tensor, threshold: float, window: int) -> tuple[Tens
 
 def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, admitted_count: Tensor,
                                 window: int, scale: float, block: int = 128) -> Tensor:
-    """Causal prefill attention under the visibility rule, at cost T * (W + admitted), never T x T.
+    """Causal attention of the last Tq of Tk tokens under the visibility rule, at cost Tq * (W + admitted).
 
-    q: (B, Hq, T, D); k, v: (B, Hkv, T, D); admitted_idx, admitted_count from compact_admitted_ref.
-    Each block of queries reads the band of its last W keys, then the admitted keys at least W behind
-    its last query, with one fused attention call whose rows are the block's queries of all G heads
-    of a KV group (so K and V are never repeated per query head). Returns (B, Hq, T, D) in q's dtype.
+    q: (B, Hq, Tq, D), the queries of key positions Tk - Tq .. Tk - 1 (a prefill: Tq = Tk; a chunk appended
+    to a cache: the keys are what the cache holds in front of it, then the chunk); k, v: (B, Hkv, Tk, D);
+    admitted_idx, admitted_count from compact_admitted_ref over the Tk keys. Each block of queries reads the
+    band of its last W keys, then the admitted keys at least W behind its last query, with one fused
+    attention call whose rows are the block's queries of all G heads of a KV group (so K and V are never
+    repeated per query head). Returns (B, Hq, Tq, D) in q's dtype.
     """
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    qg = q.float().view(B, Hkv, G, T, D)                                                     # (B, Hkv, G, T, D)
+    B, Hq, Tq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G, offset = Hq // Hkv, T - Tq
+    qg = q.float().view(B, Hkv, G, Tq, D)                                                    # (B, Hkv, G, Tq, D)
     kf, vf = k.float(), v.float()                                                            # (B, Hkv, T, D)
     pos = torch.arange(T, device=q.device)
     # Admitted keys, compacted and padded to the largest count (host reads: prefill only).
@@ -111,26 +114,26 @@ def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: T
     v_adm = vf.gather(2, idx.clamp(max=T - 1)[..., None].expand(B, Hkv, A, D))               # (B, Hkv, A, D)
     # The admitted keys a block may see are a prefix of each head's sorted list: the far keys cost
     # T * admitted / 2 on average, as in causal attention.
-    starts = list(range(0, T, block))
-    block_ends = torch.tensor([min(s + block, T) - 1 for s in starts], device=q.device)     # (n_blocks,)
+    starts = list(range(0, Tq, block))
+    block_ends = torch.tensor([offset + min(s + block, Tq) - 1 for s in starts], device=q.device)   # (n_blocks,)
     reach = torch.searchsorted(idx, (block_ends - window).expand(B, Hkv, -1).contiguous(), right=True)
     reach = reach.amax(dim=(0, 1)).tolist() if A else [0] * len(starts)                     # far keys per block
-    out = torch.empty(B, Hkv, G, T, D, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, Hkv, G, Tq, D, dtype=torch.float32, device=q.device)
     for start, n_far in zip(starts, reach):
-        end = min(start + block, T)
-        lo = max(0, start - window + 1)
-        qpos, kpos = pos[start:end], pos[lo:end]
+        end = min(start + block, Tq)
+        lo = max(0, offset + start - window + 1)
+        qpos, kpos = pos[offset + start:offset + end], pos[lo:offset + end]
         band = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < window)  # (Tb, Sb)
         far = idx[:, :, None, :n_far] <= qpos[None, None, :, None] - window                  # (B, Hkv, Tb, n_far)
         visible = torch.cat((band.expand(B, Hkv, -1, -1), far), dim=-1)                      # (B, Hkv, Tb, S); never an empty row
-        keys = torch.cat((kf[:, :, lo:end], k_adm[:, :, :n_far]), dim=2)                     # (B, Hkv, S, D)
-        values = torch.cat((vf[:, :, lo:end], v_adm[:, :, :n_far]), dim=2)                   # (B, Hkv, S, D)
+        keys = torch.cat((kf[:, :, lo:offset + end], k_adm[:, :, :n_far]), dim=2)            # (B, Hkv, S, D)
+        values = torch.cat((vf[:, :, lo:offset + end], v_adm[:, :, :n_far]), dim=2)          # (B, Hkv, S, D)
         rows = G * (end - start)
         o = torch.nn.functional.scaled_dot_product_attention(
             qg[:, :, :, start:end].reshape(B, Hkv, rows, D), keys, values,
             attn_mask=visible[:, :, None].expand(-1, -1, G, -1, -1).reshape(B, Hkv, rows, -1), scale=scale)
         out[:, :, :, start:end] = o.view(B, Hkv, G, end - start, D)
-    return out.view(B, Hq, T, D).to(q.dtype)
+    return out.view(B, Hq, Tq, D).to(q.dtype)
 
 
 # --- the paged global store -------------------------------------------------------------------
@@ -238,7 +241,7 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
 
 
 def kept_positions(g: Tensor, admitted_idx: Tensor, admitted_count: Tensor, room: Tensor) -> Tensor:
-    """The prompt positions a store with `room` free slots per head keeps, in the order to store them.
+    """The positions of the admitted tokens a store with `room` free slots per head keeps, in the order to store them.
 
     g, admitted_idx: (B, Hkv, T); admitted_count, room: (B, Hkv). Returns (B, Hkv, T) int64 whose first
     min(count, room) entries are kept: every admitted position in order where they fit, else the admitted
@@ -264,7 +267,7 @@ def store_room(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_le
 def store_admitted_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
                        page_table: Tensor, global_len: Tensor, k: Tensor, v: Tensor, g: Tensor,
                        admitted_idx: Tensor, admitted_count: Tensor) -> None:
-    """Prefill: append the admitted prompt tokens to each head's store, taking the pages they need, in place.
+    """An append: add the admitted tokens to each head's store, taking the pages they need, in place.
 
     k, v: (B, Hkv, T, D); g: (B, Hkv, T); admitted_idx, admitted_count from compact_admitted_ref. A head
     whose capacity, or the pool, runs out keeps its highest-g admitted tokens that fit.
@@ -452,7 +455,7 @@ def _count_at_most(ptr, n, limit, LANES: tl.constexpr, STEPS: tl.constexpr):
 def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                           stride_ib, stride_ih, stride_ob, stride_oh, stride_ot,
-                          T, window, qk_scale,
+                          T, offset, window, qk_scale,
                           HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           SEARCH_LANES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -465,15 +468,16 @@ def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
     b = tl.cast(bh // HKV, tl.int64)
     h = bh % HKV
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    t = rows // G                                                                            # (M,) query positions
+    t = rows // G                                                                            # (M,) queries: rows of Q
     head = (h * G + rows % G).to(tl.int64)                                                   # (M,) query heads
     row_ok = t < T
     d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :],
                 mask=row_ok[:, None], other=0.0)                                             # (M, D)
-    first = (tile * BLOCK_M) // G
-    last = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // G, T - 1)
+    tk = t + offset                                                                          # (M,) their key positions
+    first = (tile * BLOCK_M) // G + offset
+    last = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // G, T - 1) + offset
     k_head = K + b * stride_kb + h * stride_kh
     v_head = V + b * stride_vb + h * stride_vh
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -497,7 +501,7 @@ def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
         j = tl.load(idx_head + a, mask=a < n_any, other=0)
         k = tl.load(k_head + j[:, None] * stride_kt + d[None, :], mask=(a < n_any)[:, None], other=0.0)
         v = tl.load(v_head + j[:, None] * stride_vt + d[None, :], mask=(a < n_any)[:, None], other=0.0)
-        visible = (a < n_any)[None, :] & (j[None, :] <= t[:, None] - window)
+        visible = (a < n_any)[None, :] & (j[None, :] <= tk[:, None] - window)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, visible, qk_scale, True, UPCAST, PRECISION)
 
     # The band: each query's last W positions up to itself; every tile holds a key some query sees.
@@ -505,7 +509,7 @@ def _gated_prefill_kernel(Q, K, V, IDX, COUNT, OUT,
         j = start + offs_n
         k = tl.load(k_head + j[:, None] * stride_kt + d[None, :], mask=(j <= last)[:, None], other=0.0)
         v = tl.load(v_head + j[:, None] * stride_vt + d[None, :], mask=(j <= last)[:, None], other=0.0)
-        visible = (j[None, :] <= t[:, None]) & (t[:, None] - j[None, :] < window)
+        visible = (j[None, :] <= tk[:, None]) & (tk[:, None] - j[None, :] < window)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k, v, visible, qk_scale, True, UPCAST, PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                                         # padding rows have l = 0
@@ -534,15 +538,15 @@ def gated_prefill_tiled(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, a
     """The gated prefill kernel with the given tiles (PREFILL_TILES' keys)."""
     q, k, v = _rows(q), _rows(k), _rows(v)
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Tk = k.shape[1], k.shape[2]
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)          # (B, Hq, T, D)
     grid = (triton.cdiv(T * (Hq // Hkv), tiles["BLOCK_M"]), B * Hkv)
-    search_steps = max(1, math.ceil(math.log(max(int(T), 2), tiles["SEARCH_LANES"]))) + 1
+    search_steps = max(1, math.ceil(math.log(max(int(Tk), 2), tiles["SEARCH_LANES"]))) + 1
     _launch(_gated_prefill_kernel)[grid](
         q, k, v, admitted_idx, admitted_count, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         admitted_idx.stride(0), admitted_idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        T, window, scale * LOG2E, HKV=Hkv, G=Hq // Hkv, D=D, SEARCH_STEPS=search_steps, **tiles, **_dot_options(q))
+        T, Tk - T, window, scale * LOG2E, HKV=Hkv, G=Hq // Hkv, D=D, SEARCH_STEPS=search_steps, **tiles, **_dot_options(q))
     return out
 
 

@@ -71,10 +71,14 @@ PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("G, D, dtype, T, W, frac", PREFILL_CASES)
-def test_gated_prefill_attention(G, D, dtype, T, W, frac):
+@pytest.mark.parametrize("queries", ["all", "last"])
+def test_gated_prefill_attention(G, D, dtype, T, W, frac, queries):
+    """queries "last": only the last tokens ask (a chunk appended to what a cache holds), a number that
+    crosses the query tiles unevenly."""
     torch.manual_seed(G * T + W)
     B, Hkv = 1, 2
-    q, k, v = randn(B, Hkv * G, T, D, dtype=dtype), randn(B, Hkv, T, D, dtype=dtype), randn(B, Hkv, T, D, dtype=dtype)
+    Tq = T if queries == "all" else T // 2 + 3
+    q, k, v = randn(B, Hkv * G, Tq, D, dtype=dtype), randn(B, Hkv, T, D, dtype=dtype), randn(B, Hkv, T, D, dtype=dtype)
     g = torch.where(torch.rand(B, Hkv, T, device=DEVICE) < frac, 0.9, 0.1)
     idx, count = kernels.compact_admitted_ref(g, TAU, W)
     with poisoned_allocations():
@@ -282,7 +286,7 @@ def compile_for_hopper():
                 signature[arg] = "constexpr"
             elif arg in ("qk_scale", "threshold"):
                 signature[arg] = "fp32"
-            elif arg in ("T", "C", "BH", "N_PROGRAMS", "window") or arg.startswith("stride"):
+            elif arg in ("T", "C", "BH", "N_PROGRAMS", "window", "offset") or arg.startswith("stride"):
                 signature[arg] = "i32"
             else:
                 signature[arg] = POINTER_TYPES.get(arg, "*fp32" if constexprs.get("PRECISION") == "tf32x3" else "*bf16")
