@@ -3,8 +3,10 @@
     cache(q, k, v, g, input_pos) -> (B, Hq, T, D)
 
 q: (B, Hq, T, D); k, v: (B, Hkv, T, D) with k after RoPE; g: (B, Hkv, T) admission scores or None;
-input_pos: (T,) positions. A call with T > 1 is a prefill of an empty cache (positions 0..T-1);
-a call with T == 1 is one decode step. Buffers are allocated once, lengths live on the device.
+input_pos: (T,) consecutive positions p..p+T-1. Every call appends T >= 1 tokens to a cache that holds
+positions 0..p-1 (p = 0: a new sequence): T > 1 is a prefill, a prefill chunk or a new turn of a
+conversation (eager, host reads allowed); T == 1 is the decode step (no host sync, compiled fullgraph).
+Buffers are allocated once, lengths live on the device.
 """
 import torch
 import torch.nn as nn
@@ -42,8 +44,14 @@ class DenseCache(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, input_pos: Tensor) -> Tensor:
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
-        if q.shape[2] > 1:   # prefill: the new tokens are all there is
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        T = q.shape[2]
+        if T > 1:
+            end = int(input_pos[-1]) + 1     # host read: an append of several tokens, never the decode step
+            if end == T:    # a new sequence: the new tokens are all there is
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            visible = self.positions[None, :end] <= input_pos[:, None]                            # (T, end)
+            return F.scaled_dot_product_attention(q, self.k_cache[:, :, :end], self.v_cache[:, :, :end],
+                                                  attn_mask=visible, enable_gqa=True)
         if q.device.type == "cpu":
             # The write-gated store's partial attention over the filled slots 0..p: on a CPU it reads only
             # those, and compiled it is plain tensor code for Inductor, where the fused SDPA kernel took
@@ -116,8 +124,8 @@ class WriteGatedCache(nn.Module):
     """Write-Gated KV: a ring of the last W tokens and a paged global store of the admitted older ones.
 
     A token sits in ring slot pos % W for W steps (an empty slot has g = -1). When it leaves the ring it
-    enters its (batch, KV head)'s global store if g > tau, else it is dropped; a prefill does this at
-    once for the prompt tokens older than the last W. So a query sees exactly the keys of the SPEC
+    enters its (batch, KV head)'s global store if g > tau, else it is dropped; an append of several tokens
+    does this at once for those that end up older than the last W. So a query sees exactly the keys of the SPEC
     visibility rule: the ring (i - j < W) and the store (g_j > tau). The store's tokens live in pages of a
     PagePool (shared by all layers, or the cache's own, sized for `capacity` per head, when none is given),
     through a page table per head; lengths are device tensors. A head holds at most `capacity` tokens,
@@ -175,7 +183,8 @@ class WriteGatedCache(nn.Module):
         return p.k, p.v, p.g, p.free_pages, p.n_free, self.page_table, self.global_len
 
     def reset(self) -> None:
-        """Empty the cache for the next prompt, giving its pages back to the pool (a prefill does this itself)."""
+        """Empty the cache for the next sequence, giving its pages back to the pool (an append at position 0
+        does this itself; a decode step never does)."""
         kernels.release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len,
                               self.pool.page_size)
         self.ring_g.fill_(-1.0)
@@ -186,31 +195,79 @@ class WriteGatedCache(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
         if q.shape[2] > 1:
-            return self.prefill(q, k, v, g, input_pos)
+            return self.append(q, k, v, g, input_pos)
         return self.decode(q, k, v, g, input_pos)
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
-        """Positions 0..T-1 into an empty cache: store the admitted old tokens, ring the last W."""
+    def held_sequence(self, start: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        """What the cache holds before position `start`, as one key sequence: the store's slots (admitted, all
+        at least W + 1 behind `start`), then the ring's tokens in position order. Returns k, v (B, Hkv, L + R, D),
+        g (B, Hkv, L + R) float32 (-1 on a store slot past its head's length, so nobody sees it) and R."""
+        R = min(start, self.window)
+        ring = torch.arange(start - R, start, device=self.ring_g.device) % self.window        # (R,) slots, oldest first
+        L = int(self.global_len.max()) if start > self.window else 0                           # host read: not decode
+        k_store, v_store, g_store = (x[:, :, :L] for x in self.store_contents(pages_for(L, self.pool.page_size)))
+        g_store = g_store.masked_fill(torch.arange(L, device=g_store.device) >= self.global_len[..., None], -1.0)
+        return (torch.cat((k_store, self.ring_k[:, :, ring]), dim=2), torch.cat((v_store, self.ring_v[:, :, ring]), dim=2),
+                torch.cat((g_store.float(), self.ring_g[:, :, ring]), dim=2), R)
+
+    def append(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
+        """T tokens at positions p..p+T-1 into a cache that holds positions 0..p-1 (p = 0: a new sequence, the
+        cache starts afresh): a prefill, a chunk of one, or a new turn of a conversation.
+
+        The new tokens attend to the store, the ring and each other under the visibility rule, as one causal
+        gated attention whose keys are the held sequence followed by the chunk. Then the tokens older than the
+        last W (from the ring and the chunk) leave: the admitted ones are appended to the store in position
+        order, the others dropped; the last W tokens are in the ring. Eager (host reads), never the decode step.
+        """
         T, W = q.shape[2], self.window
-        self.reset()
-        idx, count = self.ops.compact_admitted(g, self.threshold, W)                           # (B, Hkv, T), (B, Hkv)
-        # Where an Eviction serves the pool and the admitted tokens do not fit, it makes room (or keeps fewer).
-        stored_idx, stored_count = (idx, count) if self.eviction is None else \
-            self.eviction.make_room(self, q, k, g, idx, count)
-        self.ops.store_admitted(*self.store(), k, v, g, stored_idx, stored_count)
-        recent = slice(max(T - W, 0), T)
-        slots = input_pos[recent] % W                                                           # (min(T, W),)
-        self.ring_k.index_copy_(2, slots, k[:, :, recent])
-        self.ring_v.index_copy_(2, slots, v[:, :, recent])
-        self.ring_g.index_copy_(2, slots, g[:, :, recent].float())
+        start = int(input_pos[0])
+        if start == 0:
+            self.reset()
+        held_k, held_v, held_g, R = self.held_sequence(start)                                  # (B, Hkv, L + R, ...)
+        keys, values = torch.cat((held_k, k), dim=2), torch.cat((held_v, v), dim=2)             # (B, Hkv, L + R + T, D)
+        idx, count = self.ops.compact_admitted(torch.cat((held_g, g.float()), dim=2), self.threshold, W)
+        y = self.ops.gated_prefill_attention(q, keys, values, idx, count, W, self.scale)      # (B, Hq, T, D)
+
+        # Leaving: the first R + T - W of the ring's and the chunk's tokens.
+        L = held_g.shape[2] - R
+        recent_k, recent_v, recent_g = keys[:, :, L:], values[:, :, L:], torch.cat((held_g[:, :, L:], g.float()), dim=2)
+        idx, count = self.ops.compact_admitted(recent_g, self.threshold, W)                    # (B, Hkv, R + T), (B, Hkv)
+        # Admitted tokens that do not fit (a head's capacity, or with an Eviction the pool) compete for the room.
+        if self.eviction is not None:
+            stored_idx, stored_count = self.eviction.make_room(self, q, recent_k, recent_g, idx, count, fresh=start == 0)
+        else:
+            stored_idx, stored_count = self.within_capacity(recent_g, idx, count)
+        before = self.global_len.clone()
+        self.ops.store_admitted(*self.store(), recent_k, recent_v, recent_g, stored_idx, stored_count)
+        self.n_left.add_((recent_g[:, :, :max(R + T - W, 0)] >= 0).sum(-1))
+        self.n_admitted.add_(count)
+        self.n_capacity_drops.add_(count - (self.global_len - before))
+        last = slice(max(T - W, 0), T)
+        slots = input_pos[last] % W                                                             # (min(T, W),)
+        self.ring_k.index_copy_(2, slots, k[:, :, last])
+        self.ring_v.index_copy_(2, slots, v[:, :, last])
+        self.ring_g.index_copy_(2, slots, g[:, :, last].float())
         if self.observe:
             last = slice(max(T - self.observe, 0), T)
             self.recent_q.index_copy_(2, input_pos[last] % self.observe, q[:, :, last])
             self.recent_pos.index_copy_(0, input_pos[last] % self.observe, input_pos[last])
-        self.n_left.fill_(max(T - W, 0))
-        self.n_admitted.copy_(count)
-        self.n_capacity_drops.copy_(count - self.global_len)
-        return self.ops.gated_prefill_attention(q, k, v, idx, count, W, self.scale)
+        return y
+
+    def within_capacity(self, g: Tensor, idx: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Admitted tokens idx, count (compact_admitted over g (B, Hkv, S)) to append: where a head's store and
+        they exceed its capacity, the highest-g of both stay (the rule of a one-shot prefill and of decode's
+        promote, so any chunking keeps the same tokens). Returns those to store, as compact_admitted does."""
+        if not bool((self.global_len + count > self.capacity).any()):                         # host read: not decode
+            return idx, count
+        held = self.store_contents()[2]                                                        # (B, Hkv, C)
+        C = held.shape[-1]
+        held = held.masked_fill(torch.arange(C, device=g.device) >= self.global_len[..., None], float("-inf"))
+        candidates = admitted_by_position(idx, count)                                          # (B, Hkv, S)
+        scores = torch.cat((held, g.float().masked_fill(~candidates, float("-inf"))), dim=-1)   # (B, Hkv, C + S)
+        P = self.pool.page_size
+        kept = keep_highest([scores], [self.capacity], scores.shape[0] * scores.shape[1] * pages_for(self.capacity, P), P)[0]
+        self.drop(kept[..., :C], "n_capacity_drops")     # as promote's replacements are
+        return self.ops.compact_admitted(torch.where(kept[..., C:], g, -1.0), self.threshold, self.window)
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
         """One token at position p: promote the token leaving slot p % W, write the new one there, attend."""
@@ -256,9 +313,9 @@ class WriteGatedCache(nn.Module):
         score = (probs[..., W:] * observed[:, None]).sum(2).masked_fill(~stored, 0.0)           # (B, Hkv, C)
         return torch.nn.functional.max_pool1d(score, pooling, stride=1, padding=pooling // 2)[..., :C].masked_fill(~stored, 0.0)
 
-    def drop(self, kept: Tensor) -> None:
+    def drop(self, kept: Tensor, counter: str = "n_evicted") -> None:
         """Keep only the stored tokens where kept (B, Hkv, C) is true: the survivors move up in their order,
-        the pages left empty go back to the pool, and the others count as evicted."""
+        the pages left empty go back to the pool, and the others are counted in `counter`."""
         P, N = self.pool.page_size, self.pool.n_pages
         C = kept.shape[-1]
         slots = torch.arange(C, device=kept.device)
@@ -270,13 +327,13 @@ class WriteGatedCache(nn.Module):
         for rows in (self.pool.k.view(-1, self.pool.k.shape[-1]), self.pool.v.view(-1, self.pool.v.shape[-1]),
                      self.pool.g.view(-1)):
             rows[dst.flatten()] = rows[src.flatten()]
-        self.n_evicted.add_(self.global_len - keep)
+        getattr(self, counter).add_(self.global_len - keep)
         kernels.release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, P, keep)
 
-    def store_contents(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The global store as contiguous tensors, for tests and inspection: k, v (B, Hkv, C, D) and g
-        (B, Hkv, C); slot s of a head holds a token for s < global_len, anything after."""
-        M = self.page_table.shape[-1]
+    def store_contents(self, n_pages: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The global store (its first n_pages pages per head, default all) as contiguous tensors: k, v
+        (B, Hkv, C, D) and g (B, Hkv, C); slot s of a head holds a token for s < global_len, anything after."""
+        M = self.page_table.shape[-1] if n_pages is None else n_pages
         return tuple(kernels.gather_store(x, self.page_table, M) for x in (self.pool.k, self.pool.v, self.pool.g))
 
     def counts(self) -> dict[str, Tensor]:
@@ -306,18 +363,24 @@ def allocated_bytes(caches: list[nn.Module]) -> int:
 
 
 def prompt_snapkv_scores(q: Tensor, k: Tensor, scale: float, observe: int, pooling: int) -> Tensor:
-    """SnapKV's importance of every prompt token: the attention the last `observe` queries pay it (causal
-    softmax over the prompt), summed over those queries and the KV head's query heads, max-pooled over
-    `pooling` neighbours. q: (B, Hq, T, D); k: (B, Hkv, T, D) -> (B, Hkv, T) float32."""
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    n = min(observe, T)
-    qo = q[:, :, T - n:].float().view(B, Hkv, Hq // Hkv, n, D)                                 # (B, Hkv, G, n, D)
+    """SnapKV's importance of every key: the attention the last `observe` queries pay it (causal softmax), summed
+    over those queries and the KV head's query heads, max-pooled over `pooling` neighbours. q: (B, Hq, Tq, D),
+    the queries of the last Tq of the keys k: (B, Hkv, T, D) (a prompt: Tq = T) -> (B, Hkv, T) float32."""
+    B, Hq, Tq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    n = min(observe, Tq)
+    qo = q[:, :, Tq - n:].float().view(B, Hkv, Hq // Hkv, n, D)                                # (B, Hkv, G, n, D)
     s = torch.einsum("bhgnd,bhtd->bhgnt", qo, k.float()) * scale                                # (B, Hkv, G, n, T)
     pos = torch.arange(T, device=q.device)
     causal = pos[None, :] <= pos[T - n:, None]                                                  # (n, T)
     score = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=(2, 3))        # (B, Hkv, T)
     return F.max_pool1d(score, pooling, stride=1, padding=pooling // 2)
+
+
+def admitted_by_position(idx: Tensor, count: Tensor) -> Tensor:
+    """(B, Hkv, S) bool: the positions that idx's first count entries (compact_admitted's form) name."""
+    first = torch.arange(idx.shape[-1], device=idx.device) < count[..., None]                # (B, Hkv, S) in idx order
+    return torch.zeros_like(first).scatter_(2, idx, first)
 
 
 def keep_highest(scores: list[Tensor], capacity: list[int], pages: int, page_size: int) -> list[Tensor]:
@@ -419,29 +482,36 @@ class Eviction:
                 cache.drop(kept)
         self.passes += 1
 
-    def make_room(self, cache: "WriteGatedCache", q: Tensor, k: Tensor, g: Tensor, idx: Tensor,
-                  count: Tensor) -> tuple[Tensor, Tensor]:
-        """Prefill of `cache` (its store just emptied): idx, count are its admitted prompt tokens. When their
-        pages are not free, the layers after it (still holding the previous sequence) give theirs back, then
-        the layers before it and these candidates compete for the whole pool by the policy's score. Returns
-        the admitted tokens to store (idx, count as compact_admitted gives them)."""
+    def make_room(self, cache: "WriteGatedCache", q: Tensor, k: Tensor, g: Tensor, idx: Tensor, count: Tensor,
+                  fresh: bool = True) -> tuple[Tensor, Tensor]:
+        """An append to `cache`: idx, count (compact_admitted over g) are the admitted tokens of k (B, Hkv, S, D),
+        the tokens leaving the ring, to be appended to its store; q are the new queries, the last of k's tokens.
+        When their pages are not free, then in a new sequence (fresh: the cache's store just emptied) the layers
+        after it, still holding the previous sequence, give theirs back; if that is not enough, the candidates
+        compete with everything the pool holds of this sequence (this cache's own store included) by the
+        policy's score. Returns the admitted tokens to store (idx, count as compact_admitted gives them)."""
         P = self.pool.page_size
-        need = int(((count.clamp(max=cache.capacity) + P - 1) // P).sum())
+        held = (cache.global_len + P - 1) // P
+        need = int(((cache.global_len + count).clamp(max=cache.capacity).add(P - 1).div(P, rounding_mode="floor") - held).sum())
         if need <= int(self.pool.n_free):
-            return idx, count
+            return cache.within_capacity(g, idx, count)
         i = self.caches.index(cache)
-        for later in self.caches[i + 1:]:
-            later.reset()
-        if need <= int(self.pool.n_free):
-            return idx, count
-        T = g.shape[-1]
-        admitted = torch.arange(T, device=g.device) < count[..., None]                         # (B, Hkv, T) in idx order
-        candidates = torch.zeros_like(admitted).scatter_(2, idx, admitted)                     # (B, Hkv, T) by position
+        if fresh:
+            for later in self.caches[i + 1:]:
+                later.reset()
+            if need <= int(self.pool.n_free):
+                return cache.within_capacity(g, idx, count)
+        candidates = admitted_by_position(idx, count)                                          # (B, Hkv, S)
         own = prompt_snapkv_scores(q, k, cache.scale, cache.observe, self.pooling) if self.policy == "snapkv" else g
-        scored = [(c, self.stored_scores(c)) for c in self.caches[:i]]
-        scored.append((cache, own.float().masked_fill(~candidates, float("-inf"))))
-        *kept_before, kept_own = self.keep(scored, self.pool.n_pages)
-        for c, kept in zip(self.caches[:i], kept_before):
+        others = self.caches[:i] if fresh else [c for c in self.caches if c is not cache]
+        scored = [(c, self.stored_scores(c)) for c in others]
+        # The cache's own store and its candidates compete as one store: its slots, then the candidates.
+        held_scores = self.stored_scores(cache)                                                # (B, Hkv, C)
+        scored.append((cache, torch.cat((held_scores, own.float().masked_fill(~candidates, float("-inf"))), dim=-1)))
+        *kept_others, kept_own = self.keep(scored, self.pool.n_pages)
+        for c, kept in zip(others, kept_others):
             c.drop(kept)
+        C = held_scores.shape[-1]
+        cache.drop(kept_own[..., :C])
         self.passes += 1
-        return cache.ops.compact_admitted(torch.where(kept_own, g, -1.0), cache.threshold, cache.window)
+        return cache.ops.compact_admitted(torch.where(kept_own[..., C:], g, -1.0), cache.threshold, cache.window)

@@ -278,9 +278,11 @@ class SnapKVCache(WriteGatedCache):
         super().__init__(batch_size, n_kv_heads, head_dim, window, 0.0, capacity, dtype, device, backend, page_size=1)
         self.snapkv_window, self.pooling = observe, pooling
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
+    def append(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
+        """The prompt, in one call (its scores are the prompt's own, so a chunk is refused)."""
+        assert int(input_pos[0]) == 0, "SnapKVCache takes its prompt in one call"
         score = prompt_snapkv_scores(q, k, self.scale, self.snapkv_window, self.pooling).clamp_min(torch.finfo(torch.float32).tiny)
-        return super().prefill(q, k, v, score, input_pos)
+        return super().append(q, k, v, score, input_pos)
 
 
 @dataclass
