@@ -56,7 +56,9 @@ class Ours:
         self.model, self.gate, self.kv_budget, self.caches = model, gate, kv_budget, {}
         # Automatic dynamic shapes: the second prompt length of the warm-up makes the length symbolic. (dynamic=True
         # would make the weights' sizes symbolic too, which the blocks' nested_compile_region does not take.)
-        self.prefill_step = torch.compile(generate.prefill, fullgraph=True) \
+        # Not fullgraph: the dense cache reads where a chunk ends on the host, to take the causal kernel when
+        # the chunk is the whole sequence (one break per layer around that read).
+        self.prefill_step = torch.compile(generate.prefill) \
             if compiled and gate is None else generate.prefill
         self.decode_step = generate.compile_decode_step("cpu") if compiled else generate.decode_one_token
 

@@ -3,9 +3,11 @@
     python generate.py --prompt "What is the capital of France?"            # the embedded SmolLM2-135M, its gate
     python generate.py --prompt-file prompts/with-statement.md --gate dense  # the same with the dense cache
     python generate.py --checkpoint checkpoints/meta-llama/Llama-3.2-1B-Instruct --compile
+    python generate.py --interactive                                          # a chat that keeps its cache
 
-The completion streams to stdout as it is decoded; statistics go to stderr. The decode step has no
-host sync, so `--compile` can hand it whole to torch.compile (CUDA graphs on a GPU).
+The completion streams to stdout as it is decoded; statistics go to stderr. Every model call appends
+tokens to the caches (a prompt in chunks of --prefill-chunk, a decode step, a new turn of a chat); the
+decode step has no host sync, so `--compile` can hand it whole to torch.compile (CUDA graphs on a GPU).
 """
 import argparse
 import resource
@@ -25,6 +27,10 @@ from tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_PROMPT = "What is the capital of France?"
+# A prompt longer than this is prefilled in chunks of it: the activations of one chunk at a time, same tokens.
+DEFAULT_PREFILL_CHUNK = 2048
+# --interactive: the positions a conversation may take, unless --max-seq-len says otherwise.
+DEFAULT_CHAT_LEN = 4096
 # The embedded model runs with its trained gate unless --gate says otherwise (dense: the dense cache).
 DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-0.64.safetensors"
 
@@ -94,11 +100,21 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tens
     return (probs / noise).argmax(-1, keepdim=True)
 
 
-def prefill(model: Transformer, tokens: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """Write the prompt tokens (B, T) into the empty caches; returns the first new tokens (B, 1)."""
-    input_pos = torch.arange(tokens.shape[1], device=tokens.device)                           # (T,)
-    last = model.body(tokens, input_pos)[:, -1]                                               # (B, dim)
-    return sample(model.output(last).float(), temperature, top_k, top_p)                      # only one row of logits
+def prefill(model: Transformer, tokens: Tensor, temperature: float, top_k: int, top_p: float,
+            start: int = 0, chunk: int = 0) -> Tensor:
+    """Append the tokens (B, T) at positions start.. to the caches (start 0: a new sequence, the caches start
+    afresh), `chunk` tokens per model call (0: all at once); returns the first new tokens (B, 1). Chunks bound
+    the activations a long prompt needs at once and give the same tokens as one call."""
+    if start == 0:
+        for layer in model.layers:   # a one-token chunk is a decode step, which never starts afresh itself
+            getattr(layer.attention.cache, "reset", lambda: None)()
+    T = tokens.shape[1]
+    chunk = chunk or T
+    for first in range(0, T, chunk):
+        n = min(chunk, T - first)
+        input_pos = torch.arange(start + first, start + first + n, device=tokens.device)          # (n,)
+        hidden = model.body(tokens[:, first:first + n], input_pos)                                # (B, n, dim)
+    return sample(model.output(hidden[:, -1]).float(), temperature, top_k, top_p)             # only one row of logits
 
 
 def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor,
@@ -124,21 +140,25 @@ class Timings:
 
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, stop_ids=frozenset(), on_token=None,
-             prefill_step=prefill, decode_step=decode_one_token, evictor=None) -> tuple[list[int], Timings]:
-    """New tokens after the prompt, until a stop token (not returned) or max_new_tokens. The caches must
-    hold len(prompt_ids) + max_new_tokens - 1 positions; a prefill starts them afresh, so they can be reused.
+             top_k: int = 0, top_p: float = 1.0, stop_ids=frozenset(), on_token=None, start: int = 0,
+             prefill_chunk: int = 0, prefill_step=prefill, decode_step=decode_one_token,
+             evictor=None) -> tuple[list[int], Timings]:
+    """New tokens after the prompt, until a stop token (not returned) or max_new_tokens. The prompt goes at
+    positions start.. (0: a new sequence, the caches start afresh; else the caches hold positions 0..start-1,
+    a conversation's earlier turns); the caches must hold start + len(prompt_ids) + max_new_tokens - 1
+    positions. On return they hold the prompt and every new token but the last (which was never fed back).
     on_token(id) is called as each token is known, so the caller can stream. prefill_step and decode_step
     are prefill and decode_one_token or their compiled versions; evictor, a cache.Eviction, runs
     between decode steps."""
     device = model.tok_embeddings.weight.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)   # so the prefill's time is its own
-    start = time.perf_counter()
-    token = prefill_step(model, torch.tensor([prompt_ids], device=device), temperature, top_k, top_p)   # (1, 1)
+    t0 = time.perf_counter()
+    tokens = torch.tensor([prompt_ids], device=device)                                          # (1, T)
+    token = prefill_step(model, tokens, temperature, top_k, top_p, start=start, chunk=prefill_chunk)   # (1, 1)
     next_id = int(token)   # the one host sync per token: streaming and stopping need the id
-    prefill_s, start = time.perf_counter() - start, time.perf_counter()
-    input_pos = torch.tensor([len(prompt_ids)], device=device)                                   # (1,)
+    prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    input_pos = torch.tensor([start + len(prompt_ids)], device=device)                          # (1,)
     new, steps = [], 0
     while next_id not in stop_ids:
         new.append(next_id)
@@ -153,7 +173,65 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
         if evictor is not None:
             evictor.after_step(steps)
         next_id = int(token)
-    return new, Timings(len(prompt_ids), prefill_s, steps, time.perf_counter() - start)
+    return new, Timings(len(prompt_ids), prefill_s, steps, time.perf_counter() - t0)
+
+
+# Stands in for the last reply when the chat template renders the next turn, to find the text that follows a reply.
+REPLY_MARK = "\ue000wgkv reply\ue000"
+
+
+def turn_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int] | None:
+    """The ids the chat template puts after the last assistant reply of `messages`: the end of that reply, the
+    user turn after it and the next assistant header. None where the template does not show the reply verbatim."""
+    rendered = tokenizer.render_chat(messages[:-2] + [{"role": "assistant", "content": REPLY_MARK}, messages[-1]])
+    if rendered.count(REPLY_MARK) != 1:
+        return None
+    return tokenizer.encode(rendered.split(REPLY_MARK)[1], add_special_tokens=False)
+
+
+def chat(model: Transformer, tokenizer: Tokenizer, lines, max_seq_len: int, max_new_tokens: int, *,
+         out=sys.stdout, **generating) -> list[int]:
+    """--interactive: each line of `lines` is a user turn; each reply streams to `out`, then a newline.
+
+    The conversation is one token sequence, kept in the caches between turns: each reply as the model wrote
+    it (never re-tokenized from its text), then what the chat template puts after a reply (turn_ids), so a
+    turn prefills only those tokens. (A template that would rewrite earlier replies, as Qwen3's strips their
+    <think> blocks, sees them as the model wrote them.) Where the template does not show the marker once, the
+    whole conversation is rendered and prefilled again, and stderr says so. A turn that would outgrow max_seq_len
+    raises BadInput; a reply that reaches it is cut there, and stderr says so. Returns the conversation's ids."""
+    messages, conversation, in_cache = [], [], 0
+    for turn, line in enumerate(lines, 1):
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        added = turn_ids(tokenizer, messages) if conversation else None
+        if added is None:
+            if conversation:
+                print(f"turn {turn}: the chat template rewrites earlier replies; prefilling the whole conversation "
+                      f"again", file=sys.stderr)
+            conversation, in_cache = tokenizer.encode_chat(messages), 0
+        else:
+            conversation = conversation + added
+        room = max_seq_len - len(conversation)
+        if room < 1:
+            raise BadInput(f"turn {turn}: the conversation is {len(conversation)} tokens, which leaves no room for "
+                           f"a reply within --max-seq-len {max_seq_len}; start again with a larger --max-seq-len")
+        if room < max_new_tokens:
+            print(f"turn {turn}: --max-seq-len {max_seq_len} leaves room for {room} new tokens", file=sys.stderr)
+        stream = StreamDecoder(tokenizer)
+        new, t = generate(model, conversation[in_cache:], min(max_new_tokens, room), start=in_cache,
+                          stop_ids=tokenizer.stop_ids,
+                          on_token=lambda i: print(stream.push(i), end="", file=out, flush=True), **generating)
+        print(stream.flush(), file=out, flush=True)
+        prefilled = len(conversation) - in_cache
+        in_cache = len(conversation) + t.decode_steps     # the last new token is cached only if it was fed back
+        conversation = conversation + new
+        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
+        decode = f"{t.decode_steps / t.decode_s:.1f} tok/s" if t.decode_steps else "no steps"
+        print(f"turn {turn}: prefilled {prefilled} new tokens ({in_cache} cached) in {t.prefill_s:.3f} s "
+              f"| {len(new)} new tokens | decode: {decode}", file=sys.stderr)
+    return conversation
 
 
 def peak_memory(device: torch.device) -> str:
@@ -167,15 +245,20 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
          top_p: float = 1.0, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
          max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
          threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
-         page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], attn_backend: str = "auto") -> None:
+         page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], attn_backend: str = "auto",
+         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, interactive: bool = False) -> None:
     if device not in ("cpu", "cuda"):
         raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda, but CUDA is not available on this machine")
     if dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
-    if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or (max_seq_len or 1) < 1:
-        raise BadInput("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --max-seq-len >= 1")
+    if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or (max_seq_len or 1) < 1 \
+            or prefill_chunk < 0:
+        raise BadInput("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, "
+                       "--max-seq-len >= 1, --prefill-chunk >= 0")
+    if interactive and (prompt is not None or prompt_file is not None or no_chat):
+        raise BadInput("--interactive reads the turns from stdin: it takes no --prompt, --prompt-file or --no-chat")
     if prompt_file is not None:
         try:
             prompt = Path(prompt_file).read_text()
@@ -193,6 +276,21 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
     gate = None if gate == "dense" else gate
 
     model, tokenizer = load(checkpoint, device, DTYPES[dtype])
+    if interactive:
+        if tokenizer.chat_template is None:
+            raise BadInput(f"--interactive needs a chat template, and {checkpoint} has none")
+        max_seq_len = max_seq_len or DEFAULT_CHAT_LEN
+        kv_bytes, evictor = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
+                                         global_capacity=global_capacity, kv_budget=kv_budget, page_size=page_size,
+                                         evict=evict, backend=attn_backend)
+        if seed is not None:
+            torch.manual_seed(seed)
+        chat(model, tokenizer, sys.stdin, max_seq_len, max_new_tokens, temperature=temperature, top_k=top_k,
+             top_p=top_p, prefill_chunk=prefill_chunk, evictor=evictor,
+             decode_step=compile_decode_step(device) if compile else decode_one_token)
+        if gate is not None:
+            print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+        return
     prompt_ids = tokenizer.encode_prompt(prompt, chat=not no_chat)
     T = len(prompt_ids)
     max_seq_len = max_seq_len or T + max_new_tokens
@@ -212,13 +310,15 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
         # A throwaway run on the same prompt compiles the step (and records the CUDA graph), so that
         # compilation is timed apart; the real run's prefill starts the caches afresh.
         t0 = time.perf_counter()
-        generate(model, prompt_ids, min(3, max_new_tokens), decode_step=decode_step, **sampling)
+        generate(model, prompt_ids, min(3, max_new_tokens), decode_step=decode_step, prefill_chunk=prefill_chunk,
+                 **sampling)
         print(f"compile and warm-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     if seed is not None:   # after the warm-up, so that --compile draws the same samples as eager
         torch.manual_seed(seed)
     stream = StreamDecoder(tokenizer)
-    new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, decode_step=decode_step, evictor=evictor,
+    new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, decode_step=decode_step,
+                      evictor=evictor, prefill_chunk=prefill_chunk,
                       on_token=lambda i: print(stream.push(i), end="", flush=True), **sampling)
     print(stream.flush(), flush=True)
 
@@ -269,6 +369,13 @@ if __name__ == "__main__":
                         help="what gives way when the pool runs short (in a prefill at once, in decode at checks "
                         "every 32 steps): lowest-g, the tokens with the lowest g anywhere in the pool; snapkv, the "
                         "10%% of each head's tokens its recent queries read least (default: lowest-g)")
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                        help=f"prefill a long prompt this many tokens at a time (0: all at once); the output is "
+                        f"the same (default: {DEFAULT_PREFILL_CHUNK})")
+    parser.add_argument("--interactive", action="store_true",
+                        help="chat: each line of stdin is a user turn, each reply a line of stdout; the cache keeps "
+                        f"the conversation, so a turn prefills only its new tokens (--max-seq-len default: "
+                        f"{DEFAULT_CHAT_LEN})")
     parser.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"],
                         help="gated attention: PyTorch reference or Triton kernels (auto: triton on CUDA)")
     try:

@@ -137,3 +137,53 @@ def test_bad_gate_input_one_line_exit_2(tiny, tmp_path):
         assert p.returncode == 2, (spec, err)
         assert out == "" and len(err.strip().splitlines()) == 1, (spec, err)
         assert cases[spec] in err.lower(), (spec, err)
+
+
+@pytest.mark.parametrize("gate", ["dense", "file"])
+def test_chunked_prefill_gives_the_one_shot_tokens(tiny, gate_file, capsys, gate):
+    gate = str(gate_file) if gate == "file" else gate
+    one_shot, _ = run_main(capsys, tiny, gate=gate, prefill_chunk=0)
+    for chunk in (1, 3, 5):
+        assert run_main(capsys, tiny, gate=gate, prefill_chunk=chunk)[0] == one_shot
+
+
+@pytest.mark.parametrize("gate", ["dense", "file"])
+def test_interactive_keeps_the_conversation(tiny, gate_file, gate):
+    """Three turns through stdin: each reply is the one the whole conversation so far, fed from scratch, gives,
+    and each turn prefills only the tokens the chat template added after what the cache held."""
+    from tokenizer import Tokenizer
+    turns = ["What is the capital of France?", "", "And of Spain?", "Thanks, and of Italy?"]
+    gate_args = ["--gate", str(gate_file) if gate == "file" else "dense"]
+    new_tokens = 12   # enough for a reply longer than the window of 4, so tokens leave the ring across turns
+    result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny), "--interactive",
+                             "--max-new-tokens", str(new_tokens), *gate_args], input="\n".join(turns) + "\n",
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "prefilling the whole conversation" not in result.stderr
+    replies = result.stdout.split("\n")[:3]
+    prefilled = [int(line.split("prefilled ")[1].split()[0]) for line in result.stderr.splitlines()
+                 if line.startswith("turn ")]
+    tokenizer = Tokenizer(tiny)
+    model, _ = generate.load(tiny)
+    messages, conversation, cached = [], [], 0
+    for i, text in enumerate(t for t in turns if t):
+        messages.append({"role": "user", "content": text})
+        ids = conversation + generate.turn_ids(tokenizer, messages) if conversation else tokenizer.encode_chat(messages)
+        generate.setup_caches(model, len(ids) + new_tokens, gate=gate_args[1] if gate == "file" else None)
+        new, t = generate.generate(model, ids, new_tokens, stop_ids=tokenizer.stop_ids)    # from scratch
+        assert replies[i] == tokenizer.decode(new), i
+        assert prefilled[i] == len(ids) - cached, i
+        assert i == 0 or prefilled[i] < len(ids)
+        cached, conversation = len(ids) + t.decode_steps, ids + new
+        messages.append({"role": "assistant", "content": replies[i]})
+    assert len(conversation) > 3 * 4   # the window of 4 was left behind across turns
+
+
+def test_interactive_outgrowing_max_seq_len_one_line_exit_2(tiny):
+    result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny), "--interactive",
+                             "--max-new-tokens", "8", "--max-seq-len", "60", "--gate", "dense"],
+                            input="What is the capital of France?\nAnd of Spain?\nAnd of Italy?\n",
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("generate.py: error: turn ")
+    assert "--max-seq-len 60" in result.stderr.strip().splitlines()[-1]
