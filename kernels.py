@@ -232,10 +232,11 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
                          pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
     """One decode query over the ring (its first ring_len slots) and the paged global store (ragged).
 
-    q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (); pool_k, pool_v: (N + 1, P, D);
-    page_table: (B, Hkv, M); global_len: (B, Hkv). Returns (B, Hq, D) in q's dtype.
+    q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (B,) per batch row (rows at different positions),
+    or () for all; pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); global_len: (B, Hkv).
+    Returns (B, Hq, D) in q's dtype.
     """
-    o_ring, lse_ring = partial_attention_ref(q, ring_k, ring_v, ring_len, scale)
+    o_ring, lse_ring = partial_attention_ref(q, ring_k, ring_v, ring_len.expand(q.shape[0])[:, None], scale)
     o_glob, lse_glob = paged_attention_ref(q, pool_k, pool_v, page_table, global_len, scale)
     return merge_attention(o_ring, lse_ring, o_glob, lse_glob)[0].to(q.dtype)
 
@@ -676,15 +677,14 @@ def promote(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, 
 # one partial result (o, lse) per head its tiles touch; a second kernel merges each head's partials.
 
 @triton.jit
-def _decode_schedule(RLEN, GLEN, BH, BLOCK_N: tl.constexpr, BH_PAD: tl.constexpr, n_programs):
-    """Tiles per head (ring tiles, global tiles of each head) and tiles per program."""
-    ring_len = tl.load(RLEN).to(tl.int32)
-    ring_tiles = tl.cdiv(ring_len, BLOCK_N)
+def _decode_schedule(RLEN, GLEN, BH, HKV: tl.constexpr, BLOCK_N: tl.constexpr, BH_PAD: tl.constexpr, n_programs):
+    """Tiles per head (its row's ring tiles, then its global tiles) and tiles per program."""
     lanes = tl.arange(0, BH_PAD)
+    ring_len = tl.load(RLEN + lanes // HKV, mask=lanes < BH, other=0).to(tl.int32)        # (BH_PAD,) per batch row
     glen = tl.load(GLEN + lanes, mask=lanes < BH, other=0).to(tl.int32)
-    tiles = tl.where(lanes < BH, ring_tiles + tl.cdiv(glen, BLOCK_N), 0)                    # (BH_PAD,)
+    tiles = tl.where(lanes < BH, tl.cdiv(ring_len, BLOCK_N) + tl.cdiv(glen, BLOCK_N), 0)     # (BH_PAD,)
     per_program = tl.maximum(tl.cdiv(tl.sum(tiles, 0), n_programs), 1)
-    return ring_len, ring_tiles, lanes, tiles, per_program
+    return lanes, tiles, per_program
 
 
 @triton.jit
@@ -697,7 +697,7 @@ def _decode_split_kernel(Q, RK, RV, RLEN, PK, PV, TABLE, GLEN, PART_O, PART_LSE,
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     qk_scale = tl.cast(qk_scale, tl.float32)
-    ring_len, ring_tiles, lanes, tiles, per_program = _decode_schedule(RLEN, GLEN, BH, BLOCK_N, BH_PAD, n_programs)
+    lanes, tiles, per_program = _decode_schedule(RLEN, GLEN, BH, HKV, BLOCK_N, BH_PAD, n_programs)
     first_tile = pid * per_program
     rows = tl.arange(0, G_PAD)                        # the group's query heads, padded to a dot-sized tile
     d = tl.arange(0, D)
@@ -710,6 +710,8 @@ def _decode_split_kernel(Q, RK, RV, RLEN, PK, PV, TABLE, GLEN, PART_O, PART_LSE,
         if lo < hi:
             b = tl.cast(bh // HKV, tl.int64)
             h = bh % HKV
+            ring_len = tl.load(RLEN + b).to(tl.int32)
+            ring_tiles = tl.cdiv(ring_len, BLOCK_N)
             q = tl.load(Q + b * stride_qb + (h * G + rows)[:, None] * stride_qh + d[None, :],
                         mask=(rows < G)[:, None], other=0.0)                                   # (G_PAD, D)
             m_i = tl.full([G_PAD], -1.0e30, tl.float32)
@@ -744,7 +746,7 @@ def _decode_merge_kernel(PART_O, PART_LSE, RLEN, GLEN, OUT, stride_ob, stride_oh
                          HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK_N: tl.constexpr, BH_PAD: tl.constexpr, N_PROGRAMS):
     bh = tl.program_id(0)
-    ring_len, ring_tiles, lanes, tiles, per_program = _decode_schedule(RLEN, GLEN, BH, BLOCK_N, BH_PAD, N_PROGRAMS)
+    lanes, tiles, per_program = _decode_schedule(RLEN, GLEN, BH, HKV, BLOCK_N, BH_PAD, N_PROGRAMS)
     head_start = tl.sum(tl.where(lanes < bh, tiles, 0), 0)
     n_tiles = tl.sum(tl.where(lanes == bh, tiles, 0), 0)
     first = head_start // per_program                          # the programs that hold a partial of this head
@@ -788,6 +790,7 @@ def decode_attention_tiled(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: 
     """The decode kernels with the given tiles (DECODE_TILES' keys)."""
     q, ring_k, ring_v = (_rows(x) for x in (q, ring_k, ring_v))
     B, Hq, D = q.shape
+    ring_len = ring_len.expand(B).contiguous()                                              # (B,) one per batch row
     Hkv = ring_k.shape[1]
     G = Hq // Hkv
     assert ring_k.stride() == ring_v.stride(), "the ring's k and v must share a layout"

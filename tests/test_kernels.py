@@ -124,11 +124,13 @@ def assert_same_state(got, want):
         torch.testing.assert_close(x, y, atol=0, rtol=0, equal_nan=True)
 
 
-# (G, D, dtype, ring capacity W, ring_len, global lengths per (batch, head), page size); capacity C = 48.
+# (G, D, dtype, ring capacity W, ring_len (one for every row, or one per row), global lengths per (batch, head),
+# page size); capacity C = 48.
 DECODE_CASES = [
     (1, 64, torch.float32, 16, 16, [[0, 48]], 16),
     (3, 64, torch.bfloat16, 20, 7, [[48, 1]], 3),
     (4, 128, torch.float16, 8, 0, [[13, 0], [30, 47]], 1),   # empty ring
+    (3, 64, torch.float32, 20, [3, 20], [[9, 0], [30, 2]], 3),  # rows at different positions: their own ring lengths
     (8, 128, torch.bfloat16, 16, 3, [[0, 0]], 16),           # global stores empty
     (4, 64, torch.float32, 16, 0, [[0, 5]], 4),              # one head sees no key at all: output 0
     (4, 128, torch.bfloat16, 16, 16, [[1, 100]], 16),        # 100x imbalance (capacity raised below)
@@ -156,8 +158,9 @@ def test_decode_attention(G, D, dtype, W, ring_len, lengths, page_size):
     for b in range(B):
         for h in range(Hkv):
             n = int(global_len[b, h])
-            k = torch.cat((ring_k[b, h, :int(ring_len)], keys[b, h, :n])).float()
-            v = torch.cat((ring_v[b, h, :int(ring_len)], values[b, h, :n])).float()
+            r = int(ring_len.expand(B)[b])
+            k = torch.cat((ring_k[b, h, :r], keys[b, h, :n])).float()
+            v = torch.cat((ring_v[b, h, :r], values[b, h, :n])).float()
             qh = q[b, h * G:(h + 1) * G].float()
             want = torch.softmax(qh @ k.T * D ** -0.5, -1) @ v if len(k) else torch.zeros_like(qh)
             assert_close(ref[b, h * G:(h + 1) * G], want, dtype)
