@@ -3,11 +3,14 @@
     cache(q, k, v, g, input_pos) -> (B, Hq, T, D)
 
 q: (B, Hq, T, D); k, v: (B, Hkv, T, D) with k after RoPE; g: (B, Hkv, T) admission scores or None;
-input_pos: (T,) consecutive positions p..p+T-1. Every call appends T >= 1 tokens to a cache that holds
-positions 0..p-1 (p = 0: a new sequence): T > 1 is a prefill, a prefill chunk or a new turn of a
-conversation (eager, host reads allowed); T == 1 is the decode step (no host sync, compiled fullgraph).
-Buffers are allocated once, lengths live on the device.
+input_pos: (T,) consecutive positions p..p+T-1, shared by the batch rows. Every call appends T >= 1 tokens
+to a cache that holds positions 0..p-1 (p = 0: a new sequence): T > 1 is a prefill, a prefill chunk or a new
+turn of a conversation (eager, host reads allowed); T == 1 is the decode step (no host sync, compiled
+fullgraph), where input_pos may also be (B, 1), each row at its own position. Rows of different lengths are
+appended one at a time through one_row(). Buffers are allocated once, lengths live on the device.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,8 +31,27 @@ def dynamic_sizes(*dims: tuple[Tensor, int]) -> None:
         torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
+@contextlib.contextmanager
+def one_row(caches: list[nn.Module], row: int):
+    """Every cache as its batch row `row` alone (B = 1 views of its per-row buffers; a page pool stays shared),
+    to append one prompt of a batch whose prompts differ in length. An Eviction then makes room among that
+    row's stores only; its decode-time passes see every row."""
+    saved = [{name: getattr(c, name) for name in c.batch_buffers if hasattr(c, name)} for c in caches]
+    try:
+        for c, buffers in zip(caches, saved):
+            for name, buf in buffers.items():
+                setattr(c, name, buf[row:row + 1])
+        yield
+    finally:
+        for c, buffers in zip(caches, saved):
+            for name, buf in buffers.items():
+                setattr(c, name, buf)
+
+
 class DenseCache(nn.Module):
     """The baseline: every token's K/V is kept, gpt-fast style."""
+
+    batch_buffers = ("k_cache", "v_cache")
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -42,24 +64,29 @@ class DenseCache(nn.Module):
         dynamic_sizes((self.k_cache, 2), (self.v_cache, 2), (self.positions, 0))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, input_pos: Tensor) -> Tensor:
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        T = q.shape[2]
+        B, T = q.shape[0], q.shape[2]
         if T > 1:
+            self.k_cache.index_copy_(2, input_pos, k)
+            self.v_cache.index_copy_(2, input_pos, v)
             end = int(input_pos[-1]) + 1     # host read: an append of several tokens, never the decode step
             if end == T:    # a new sequence: the new tokens are all there is
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             visible = self.positions[None, :end] <= input_pos[:, None]                            # (T, end)
             return F.scaled_dot_product_attention(q, self.k_cache[:, :, :end], self.v_cache[:, :, :end],
                                                   attn_mask=visible, enable_gqa=True)
+        pos = input_pos.expand(B, 1)[:, 0]                                                      # (B,) each row's position
+        rows = torch.arange(B, device=pos.device)
+        self.k_cache[rows, :, pos] = k[:, :, 0]
+        self.v_cache[rows, :, pos] = v[:, :, 0]
         if q.device.type == "cpu":
             # The write-gated store's partial attention over the filled slots 0..p: on a CPU it reads only
             # those, and compiled it is plain tensor code for Inductor, where the fused SDPA kernel took
             # about a third of a compiled SmolLM2 step at 1k tokens (one query, a mask over every slot).
-            o, _ = kernels.partial_attention_ref(q[:, :, 0], self.k_cache, self.v_cache, input_pos[0] + 1, self.scale)
+            o, _ = kernels.partial_attention_ref(q[:, :, 0], self.k_cache, self.v_cache, (pos + 1)[:, None], self.scale)
             return o[:, :, None].to(q.dtype)                                                          # (B, Hq, 1, D)
-        visible = self.positions[None, :] <= input_pos[:, None]                                     # (1, S)
-        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible, enable_gqa=True)
+        visible = self.positions[None, :] <= pos[:, None]                                           # (B, S)
+        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible[:, None, None],
+                                              enable_gqa=True)
 
     def bytes_allocated(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
@@ -133,6 +160,9 @@ class WriteGatedCache(nn.Module):
     an admitted token replaces the head's lowest-g entry if its g is higher: counted in `n_capacity_drops`.
     """
 
+    batch_buffers = ("ring_k", "ring_v", "ring_g", "page_table", "global_len", "n_left", "n_admitted",
+                     "n_capacity_drops", "n_evicted", "recent_q", "recent_pos")
+
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, threshold: float,
                  capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
                  pool: PagePool | None = None, page_size: int = 16, observe: int = 0, n_heads: int = 0):
@@ -169,7 +199,7 @@ class WriteGatedCache(nn.Module):
         self.eviction = None    # the Eviction serving this cache's pool, if any (it sets itself here)
         if observe:
             buffer("recent_q", (B, n_heads, observe, D), dtype)
-            buffer("recent_pos", (observe,), torch.int64, -1)
+            buffer("recent_pos", (B, observe), torch.int64, -1)
         dynamic_sizes((self.page_table, 2))
 
     @property
@@ -250,7 +280,7 @@ class WriteGatedCache(nn.Module):
         if self.observe:
             last = slice(max(T - self.observe, 0), T)
             self.recent_q.index_copy_(2, input_pos[last] % self.observe, q[:, :, last])
-            self.recent_pos.index_copy_(0, input_pos[last] % self.observe, input_pos[last])
+            self.recent_pos.index_copy_(1, input_pos[last] % self.observe, input_pos[last].expand(q.shape[0], -1))
         return y
 
     def within_capacity(self, g: Tensor, idx: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
@@ -270,11 +300,14 @@ class WriteGatedCache(nn.Module):
         return self.ops.compact_admitted(torch.where(kept[..., C:], g, -1.0), self.threshold, self.window)
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
-        """One token at position p: promote the token leaving slot p % W, write the new one there, attend."""
-        slot = input_pos % self.window                                                          # (1,)
-        k_out = self.ring_k.index_select(2, slot).squeeze(2)                                   # (B, Hkv, D)
-        v_out = self.ring_v.index_select(2, slot).squeeze(2)                                   # (B, Hkv, D)
-        g_out = self.ring_g.index_select(2, slot).squeeze(2)                                   # (B, Hkv)
+        """One token per row at position p (each row its own): promote the token leaving slot p % W, write the
+        new one there, attend."""
+        B = q.shape[0]
+        pos = input_pos.expand(B, 1)[:, 0]                                                     # (B,)
+        rows, slot = torch.arange(B, device=pos.device), pos % self.window                     # (B,), (B,)
+        k_out = self.ring_k[rows, :, slot]                                                     # (B, Hkv, D)
+        v_out = self.ring_v[rows, :, slot]                                                     # (B, Hkv, D)
+        g_out = self.ring_g[rows, :, slot]                                                     # (B, Hkv)
         admitted = g_out > self.threshold                                                      # (B, Hkv)
         self.n_left.add_((g_out >= 0).long())
         self.n_admitted.add_(admitted.long())
@@ -284,13 +317,13 @@ class WriteGatedCache(nn.Module):
         # either way one admitted token is gone.
         self.n_capacity_drops.add_((admitted & (self.global_len == before)).long())
         # Indexing (index_put_), which Inductor writes in place after the reads of the old slot above.
-        self.ring_k[:, :, slot] = k
-        self.ring_v[:, :, slot] = v
-        self.ring_g[:, :, slot] = g.float()
+        self.ring_k[rows, :, slot] = k[:, :, 0]
+        self.ring_v[rows, :, slot] = v[:, :, 0]
+        self.ring_g[rows, :, slot] = g[:, :, 0].float()
         if self.observe:
-            self.recent_q[:, :, input_pos % self.observe] = q
-            self.recent_pos[input_pos % self.observe] = input_pos
-        ring_len = (input_pos[0] + 1).clamp(max=self.window)                                   # ()
+            self.recent_q[rows, :, pos % self.observe] = q[:, :, 0]
+            self.recent_pos[rows, pos % self.observe] = pos
+        ring_len = (pos + 1).clamp(max=self.window)                                            # (B,)
         y = self.ops.decode_attention(q[:, :, 0], self.ring_k, self.ring_v, ring_len,
                                       self.pool.k, self.pool.v, self.page_table, self.global_len, self.scale)  # (B, Hq, D)
         return y[:, :, None]
@@ -309,8 +342,8 @@ class WriteGatedCache(nn.Module):
         visible = torch.cat((self.ring_g >= 0, stored), dim=-1)                                # (B, Hkv, W + C)
         logits = (q @ keys.transpose(-1, -2) * self.scale).masked_fill(~visible[:, :, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)                                  # (B, Hkv, G*O, W + C)
-        observed = (self.recent_pos >= 0).repeat(Hq // H)                                      # (G*O,)
-        score = (probs[..., W:] * observed[:, None]).sum(2).masked_fill(~stored, 0.0)           # (B, Hkv, C)
+        observed = (self.recent_pos >= 0).repeat(1, Hq // H)                                   # (B, G*O)
+        score = (probs[..., W:] * observed[:, None, :, None]).sum(2).masked_fill(~stored, 0.0)  # (B, Hkv, C)
         return torch.nn.functional.max_pool1d(score, pooling, stride=1, padding=pooling // 2)[..., :C].masked_fill(~stored, 0.0)
 
     def drop(self, kept: Tensor, counter: str = "n_evicted") -> None:

@@ -207,8 +207,9 @@ class SinkGate(nn.Module):
         self.n_sink = n_sink
 
     def forward(self, k_pre: Tensor, k_post: Tensor, input_pos: Tensor) -> Tensor:
-        g = (input_pos < self.n_sink).float()                                                     # (T,)
-        return g.expand(*k_pre.shape[:3])                                                         # (B, Hkv, T)
+        B, H, T = k_pre.shape[:3]
+        g = (input_pos.expand(B, T) < self.n_sink).float()                                        # (B, T)
+        return g[:, None].expand(B, H, T)                                                         # (B, Hkv, T)
 
 
 def hash32(x):
@@ -233,9 +234,10 @@ class RandomGate(nn.Module):
         self.register_buffer("head_keys", hash32(hash32(torch.arange(n_kv_heads) ^ salt)), persistent=False)  # (Hkv,)
 
     def forward(self, k_pre: Tensor, k_post: Tensor, input_pos: Tensor) -> Tensor:
-        h = hash32(self.head_keys[:, None] ^ hash32(input_pos.long())[None, :])                 # (Hkv, T) in [0, 2^32)
-        uniform = (h >> 8).float() * 2.0 ** -24                                                   # (Hkv, T) in [0, 1)
-        return (uniform < self.fraction).float().expand(k_pre.shape[0], -1, -1)                 # (B, Hkv, T)
+        pos = input_pos.long().expand(k_pre.shape[0], k_pre.shape[2])                            # (B, T)
+        h = hash32(self.head_keys[:, None] ^ hash32(pos)[:, None, :])                           # (B, Hkv, T) in [0, 2^32)
+        uniform = (h >> 8).float() * 2.0 ** -24                                                   # (B, Hkv, T) in [0, 1)
+        return (uniform < self.fraction).float()
 
 
 @dataclass

@@ -147,7 +147,7 @@ def rope_frequencies(config: LlamaConfig) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (the Hugging Face layout). x: (B, H, T, D); cos, sin: (T, D)."""
+    """Rotate-half RoPE (the Hugging Face layout). x: (B, H, T, D); cos, sin: (T, D) or (B, 1, T, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -245,15 +245,18 @@ class Transformer(nn.Module):
             layer.attention.cache = make_cache(i)
 
     def body(self, tokens: Tensor, input_pos: Tensor | None = None, recompute: bool = False) -> Tensor:
-        """Final-normed hidden states (B, T, dim). tokens: (B, T); input_pos: (T,) positions of the tokens.
+        """Final-normed hidden states (B, T, dim). tokens: (B, T); input_pos: (T,) positions of the tokens, shared
+        by the rows, or (B, T), each row's own (a decode step of rows at different positions).
         recompute: under autograd, keep only each block's input and recompute the block in backward
         (activation checkpointing, for training at long sequences)."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device)
         # The angles are built in float32 from the positions, so no (S_max, D) table need be kept.
-        angles = input_pos.float()[:, None] * self.inv_freq[None, :]                  # (T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)                                   # (T, D)
+        angles = input_pos.float()[..., None] * self.inv_freq                          # (T, D/2) or (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)                                   # (T, D) or (B, T, D)
+        if angles.dim() == 3:
+            angles = angles[:, None]                                                   # (B, 1, T, D), over the heads
         x = self.tok_embeddings(tokens)                                                # (B, T, dim)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer in self.layers:
