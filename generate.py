@@ -10,6 +10,9 @@ tokens to the caches (a prompt in chunks of --prefill-chunk, a decode step, a ne
 decode step has no host sync, so `--compile` can hand it whole to torch.compile (CUDA graphs on a GPU).
 """
 import argparse
+import contextlib
+import json
+import os
 import resource
 import sys
 import time
@@ -20,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from cache import DenseCache, Eviction, allocated_bytes
+from cache import DenseCache, Eviction, allocated_bytes, one_row
 from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, format_stats, install, setup_write_gated
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
@@ -80,8 +83,14 @@ def dense_bytes(model: Transformer, max_seq_len: int, batch_size: int = 1) -> in
     return 2 * c.n_layers * batch_size * c.n_kv_heads * max_seq_len * c.head_dim * model.output.weight.element_size()
 
 
-def sample(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """Next tokens (B, 1) from logits (B, vocab), with no host sync. Temperature 0 is greedy."""
+def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, seen: Tensor | None = None,
+           repetition_penalty: float = 1.0) -> Tensor:
+    """Next tokens (B, 1) from logits (B, vocab), with no host sync. Temperature 0 is greedy. seen (B, vocab)
+    marks the tokens of each row's context so far, whose logits a repetition_penalty != 1 scales as
+    transformers does (divided where positive, multiplied where negative), before the rest."""
+    if seen is not None and repetition_penalty != 1:
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty),
+                             logits)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -101,7 +110,7 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tens
 
 
 def prefill(model: Transformer, tokens: Tensor, temperature: float, top_k: int, top_p: float,
-            start: int = 0, chunk: int = 0) -> Tensor:
+            start: int = 0, chunk: int = 0, seen: Tensor | None = None, repetition_penalty: float = 1.0) -> Tensor:
     """Append the tokens (B, T) at positions start.. to the caches (start 0: a new sequence, the caches start
     afresh), `chunk` tokens per model call (0: all at once); returns the first new tokens (B, 1). Chunks bound
     the activations a long prompt needs at once and give the same tokens as one call."""
@@ -114,66 +123,113 @@ def prefill(model: Transformer, tokens: Tensor, temperature: float, top_k: int, 
         n = min(chunk, T - first)
         input_pos = torch.arange(start + first, start + first + n, device=tokens.device)          # (n,)
         hidden = model.body(tokens[:, first:first + n], input_pos)                                # (B, n, dim)
-    return sample(model.output(hidden[:, -1]).float(), temperature, top_k, top_p)             # only one row of logits
+    logits = model.output(hidden[:, -1]).float()                                               # only one row of logits
+    return sample(logits, temperature, top_k, top_p, seen, repetition_penalty)
 
 
-def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor,
-                     temperature: float, top_k: int, top_p: float) -> Tensor:
-    """One decode step: token (B, 1) at position input_pos (1,) -> the next tokens (B, 1)."""
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, temperature: float, top_k: int,
+                     top_p: float, seen: Tensor | None = None, repetition_penalty: float = 1.0) -> Tensor:
+    """One decode step: token (B, 1) at position input_pos, (1,) for every row or (B, 1) -> the next tokens (B, 1).
+    seen: see sample (the caller marks each new token in it, outside the step)."""
     logits = model(token, input_pos)[:, -1]                                                   # (B, vocab)
-    return sample(logits, temperature, top_k, top_p)
+    return sample(logits, temperature, top_k, top_p, seen, repetition_penalty)
 
 
 def compile_decode_step(device: str):
     # On CUDA "reduce-overhead" captures the step in a CUDA graph, which pays off at one token a step.
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-    return torch.compile(decode_one_token, fullgraph=True, mode=mode)
+    step = torch.compile(decode_one_token, fullgraph=True, mode=mode)
+    # Only the sizes the caches mark dynamic are symbolic: another batch size compiles a step of its own
+    # instead of making the batch symbolic, which the blocks' nested_compile_region fails on (KeyError).
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False)(step)
 
 
 @dataclass
 class Timings:
-    prompt_tokens: int
+    prompt_tokens: int     # over all rows
     prefill_s: float
-    decode_steps: int      # tokens made by the decode step (the first new token comes from the prefill)
+    decode_steps: int      # decode steps (each row's tokens fed back after its prompt; the first comes from the prefill)
     decode_s: float
+    rows: int = 1          # prompts decoded together: each step makes one token per row
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, stop_ids=frozenset(), on_token=None, start: int = 0,
-             prefill_chunk: int = 0, prefill_step=prefill, decode_step=decode_one_token,
-             evictor=None) -> tuple[list[int], Timings]:
-    """New tokens after the prompt, until a stop token (not returned) or max_new_tokens. The prompt goes at
-    positions start.. (0: a new sequence, the caches start afresh; else the caches hold positions 0..start-1,
-    a conversation's earlier turns); the caches must hold start + len(prompt_ids) + max_new_tokens - 1
-    positions. On return they hold the prompt and every new token but the last (which was never fed back).
-    on_token(id) is called as each token is known, so the caller can stream. prefill_step and decode_step
-    are prefill and decode_one_token or their compiled versions; evictor, a cache.Eviction, runs
+def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, history: list[int] = (),
+                  stop_ids=frozenset(), on_token=None, on_done=None, start: int = 0, prefill_chunk: int = 0,
+                  prefill_step=prefill, decode_step=decode_one_token, evictor=None) -> tuple[list[list[int]], Timings]:
+    """New tokens after each prompt, decoded as one batch, each row until its own stop token (not returned) or
+    max_new_tokens. The caches have one row per prompt and hold max(len(prompt)) + max_new_tokens - 1
+    positions. Each prompt is appended alone to its row (cache.one_row), so prompts of any lengths share a
+    batch and no row sees another's padding; then every step decodes one token per row, each at its own
+    position. A single prompt may go at positions start.. (0: a new sequence, the caches start afresh; else
+    the caches hold positions 0..start-1, a conversation's earlier turns). On return the caches hold each
+    prompt and every new token of a row but its last. on_token(row, id) is called as each token is known (to
+    stream); on_done(row, ids) when a row is finished. repetition_penalty (transformers' semantics) covers
+    each row's prompt, its new tokens and `history`, the conversation the caches already hold. prefill_step and
+    decode_step are prefill and decode_one_token or their compiled versions; evictor, a cache.Eviction, runs
     between decode steps."""
+    if start and len(prompts) > 1:
+        raise ValueError("a batch of prompts starts at position 0")
     device = model.tok_embeddings.weight.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)   # so the prefill's time is its own
     t0 = time.perf_counter()
-    tokens = torch.tensor([prompt_ids], device=device)                                          # (1, T)
-    token = prefill_step(model, tokens, temperature, top_k, top_p, start=start, chunk=prefill_chunk)   # (1, 1)
-    next_id = int(token)   # the one host sync per token: streaming and stopping need the id
+    caches = [layer.attention.cache for layer in model.layers]
+    seen = None
+    if repetition_penalty != 1:     # each row's context so far, on the device: the penalty needs no host sync
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)   # (B, vocab)
+        for row, ids in enumerate(prompts):
+            seen[row, torch.tensor([*history, *ids], device=device)] = True
+    sampling = dict(seen=seen, repetition_penalty=repetition_penalty)
+    first = []
+    for row, ids in enumerate(prompts):
+        with one_row(caches, row) if len(prompts) > 1 else contextlib.nullcontext():
+            tokens = torch.tensor([ids], device=device)                                        # (1, T)
+            first.append(prefill_step(model, tokens, temperature, top_k, top_p, start=start, chunk=prefill_chunk,
+                                      seen=None if seen is None else seen[row:row + 1],
+                                      repetition_penalty=repetition_penalty))
+    token = torch.cat(first)                                                                    # (B, 1)
+    next_ids = token[:, 0].tolist()   # the one host sync per step: streaming and stopping need the ids
     prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    input_pos = torch.tensor([start + len(prompt_ids)], device=device)                          # (1,)
-    new, steps = [], 0
-    while next_id not in stop_ids:
-        new.append(next_id)
-        if on_token is not None:
-            on_token(next_id)
-        if len(new) == max_new_tokens:
+    input_pos = torch.tensor([[start + len(ids)] for ids in prompts], device=device)            # (B, 1)
+    new = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    steps = 0
+    while True:
+        for row, next_id in enumerate(next_ids):
+            if done[row]:
+                continue
+            if next_id in stop_ids:
+                done[row] = True
+            else:
+                new[row].append(next_id)
+                if on_token is not None:
+                    on_token(row, next_id)
+                done[row] = len(new[row]) == max_new_tokens
+            if done[row] and on_done is not None:
+                on_done(row, new[row])
+        if all(done):
             break
-        # Cloned because a CUDA-graph replay overwrites its output buffer on the next replay.
-        token = decode_step(model, token, input_pos, temperature, top_k, top_p).clone()          # (1, 1)
+        if seen is not None:
+            seen.scatter_(1, token, True)
+        # Cloned because a CUDA-graph replay overwrites its output buffer on the next replay. Finished rows
+        # go on decoding (their tokens unused), so that the step keeps its shapes.
+        token = decode_step(model, token, input_pos, temperature, top_k, top_p, **sampling).clone()   # (B, 1)
         input_pos += 1
         steps += 1
         if evictor is not None:
             evictor.after_step(steps)
-        next_id = int(token)
-    return new, Timings(len(prompt_ids), prefill_s, steps, time.perf_counter() - t0)
+        next_ids = token[:, 0].tolist()
+    return new, Timings(sum(map(len, prompts)), prefill_s, steps, time.perf_counter() - t0, len(prompts))
+
+
+def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, on_token=None,
+             **options) -> tuple[list[int], Timings]:
+    """generate_rows for one prompt: its new tokens; on_token(id) streams them."""
+    stream = None if on_token is None else lambda row, i: on_token(i)
+    new, timings = generate_rows(model, [prompt_ids], max_new_tokens, on_token=stream, **options)
+    return new[0], timings
 
 
 # Stands in for the last reply when the chat template renders the next turn, to find the text that follows a reply.
@@ -221,7 +277,7 @@ def chat(model: Transformer, tokenizer: Tokenizer, lines, max_seq_len: int, max_
             print(f"turn {turn}: --max-seq-len {max_seq_len} leaves room for {room} new tokens", file=sys.stderr)
         stream = StreamDecoder(tokenizer)
         new, t = generate(model, conversation[in_cache:], min(max_new_tokens, room), start=in_cache,
-                          stop_ids=tokenizer.stop_ids,
+                          history=conversation[:in_cache], stop_ids=tokenizer.stop_ids,
                           on_token=lambda i: print(stream.push(i), end="", file=out, flush=True), **generating)
         print(stream.flush(), file=out, flush=True)
         prefilled = len(conversation) - in_cache
@@ -240,9 +296,91 @@ def peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"   # ru_maxrss is in KiB
 
 
-def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: str | None = None,
-         no_chat: bool = False, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
-         top_p: float = 1.0, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
+def read_prompts(path: str) -> list[str]:
+    """--prompts-file: one prompt per line, or JSON Lines of objects with a "prompt" string."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read --prompts-file {path}: {e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            raise BadInput(f"--prompts-file {path}: line {n} is empty (one prompt per line)")
+        if line.lstrip().startswith("{"):
+            try:
+                line = json.loads(line)["prompt"]
+            except (ValueError, KeyError, TypeError):
+                raise BadInput(f"--prompts-file {path}: line {n} is not a JSON object with a \"prompt\" string") from None
+            if not isinstance(line, str) or not line.strip():
+                raise BadInput(f"--prompts-file {path}: line {n} has no prompt text")
+        prompts.append(line)
+    if not prompts:
+        raise BadInput(f"--prompts-file {path} is empty")
+    return prompts
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on the device."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], prompts: list[list[int]], batch_size: int,
+            max_seq_len: int, max_new_tokens: int, jsonl: bool, cache_options: dict, **generating) -> None:
+    """Several prompts, batch_size rows at a time: each completion printed as its row finishes (with jsonl, a
+    JSON object with its 0-based index, prompt and completion; else "index: completion"), a stats line per batch."""
+    device = model.output.weight.device
+    for first in range(0, len(prompts), batch_size):
+        rows = prompts[first:first + batch_size]
+        gate = cache_options.get("gate")
+        if gate is None and dense_bytes(model, max_seq_len, len(rows)) > available_memory(device):
+            raise BadInput(f"a batch of {len(rows)} rows of {max_seq_len} positions needs "
+                           f"{dense_bytes(model, max_seq_len, len(rows)) / 2**30:.1f} GiB of KV cache, more than "
+                           f"the {available_memory(device) / 2**30:.1f} GiB free: lower --batch-size or --max-seq-len")
+        try:
+            kv_bytes, evictor = setup_caches(model, max_seq_len, batch_size=len(rows), **cache_options)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            raise BadInput(f"a batch of {len(rows)} rows of {max_seq_len} positions does not fit in memory "
+                           f"({str(e).splitlines()[0]}): lower --batch-size or --max-seq-len") from None
+
+        def done(row: int, ids: list[int]) -> None:
+            index, completion = first + row, tokenizer.decode(ids)
+            line = json.dumps({"index": index, "prompt": texts[index], "completion": completion}, ensure_ascii=False) \
+                if jsonl else f"{index}: {completion}"
+            print(line, flush=True)
+
+        new, t = generate_rows(model, rows, max_new_tokens, stop_ids=tokenizer.stop_ids, on_done=done,
+                               evictor=evictor, **generating)
+        made = sum(map(len, new))
+        decode = f"{t.decode_steps * t.rows / t.decode_s:.1f} tok/s over {t.rows} rows ({t.decode_steps} steps)" \
+            if t.decode_steps else "no steps"
+        print(f"batch of prompts {first}..{first + len(rows) - 1}: prompt tokens {t.prompt_tokens} | prefill: "
+              f"{t.prefill_s:.3f} s | new tokens: {made} | decode: {decode} | KV cache: {kv_bytes:,} bytes | "
+              f"peak memory: {peak_memory(device)}", file=sys.stderr)
+        if gate is not None:
+            print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len, len(rows)), evictor),
+                  file=sys.stderr)
+
+
+def sampling_settings(checkpoint: Path, **flags) -> dict:
+    """temperature, top_k, top_p and repetition_penalty: each flag that was given (not None), else the
+    checkpoint's generation_config.json as transformers reads it (do_sample false or absent: greedy; do_sample
+    with no top_k: 50), else greedy with no penalty."""
+    path = Path(checkpoint) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    do_sample = bool(config.get("do_sample"))
+    defaults = dict(temperature=config.get("temperature", 1.0) if do_sample else 0.0,
+                    top_k=config.get("top_k", 50) if do_sample else 0,
+                    top_p=config.get("top_p", 1.0) if do_sample else 1.0,
+                    repetition_penalty=config.get("repetition_penalty", 1.0))
+    return {name: flags[name] if flags.get(name) is not None else value for name, value in defaults.items()}
+
+
+def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, prompt_file: str | None = None,
+         prompts_file: str | None = None, batch_size: int = 8, jsonl: bool = False,
+         no_chat: bool = False, max_new_tokens: int = 200, temperature: float | None = None, top_k: int | None = None,
+         top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
          max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
          threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
          page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], attn_backend: str = "auto",
@@ -253,12 +391,23 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
         raise BadInput("--device cuda, but CUDA is not available on this machine")
     if dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
-    if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or (max_seq_len or 1) < 1 \
-            or prefill_chunk < 0:
+    if max_new_tokens < 1 or (temperature or 0) < 0 or (top_k or 0) < 0 or not 0 < (top_p or 1) <= 1 \
+            or (repetition_penalty or 1) <= 0 or (max_seq_len or 1) < 1 or prefill_chunk < 0:
         raise BadInput("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, "
-                       "--max-seq-len >= 1, --prefill-chunk >= 0")
-    if interactive and (prompt is not None or prompt_file is not None or no_chat):
-        raise BadInput("--interactive reads the turns from stdin: it takes no --prompt, --prompt-file or --no-chat")
+                       "--repetition-penalty > 0, --max-seq-len >= 1, --prefill-chunk >= 0")
+    if interactive and (prompt is not None or prompt_file is not None or prompts_file is not None or no_chat):
+        raise BadInput("--interactive reads the turns from stdin: it takes no --prompt, --prompt-file, "
+                       "--prompts-file or --no-chat")
+    if batch_size < 1:
+        raise BadInput("need --batch-size >= 1")
+    texts = None                        # several prompts: decoded in batches
+    if isinstance(prompt, list):
+        for i, text in enumerate(prompt):
+            if not text.strip():
+                raise BadInput("the prompt is empty" if len(prompt) == 1 else f"the prompt of --prompt number {i + 1} is empty")
+        texts, prompt = (prompt, None) if len(prompt) > 1 or jsonl else (None, prompt[0])
+    if prompts_file is not None:
+        texts = read_prompts(prompts_file)
     if prompt_file is not None:
         try:
             prompt = Path(prompt_file).read_text()
@@ -276,6 +425,12 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
     gate = None if gate == "dense" else gate
 
     model, tokenizer = load(checkpoint, device, DTYPES[dtype])
+    sampling = sampling_settings(checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty)
+    # Said once the input is known good (bad input gets one line, the error's).
+    say_sampling = lambda: print("sampling: " + ("greedy" if sampling["temperature"] == 0 else  # noqa: E731
+                                 "temperature {temperature}, top-k {top_k}, top-p {top_p}".format(**sampling))
+                                 + f", repetition penalty {sampling['repetition_penalty']}", file=sys.stderr)
     if interactive:
         if tokenizer.chat_template is None:
             raise BadInput(f"--interactive needs a chat template, and {checkpoint} has none")
@@ -285,11 +440,29 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
                                          evict=evict, backend=attn_backend)
         if seed is not None:
             torch.manual_seed(seed)
-        chat(model, tokenizer, sys.stdin, max_seq_len, max_new_tokens, temperature=temperature, top_k=top_k,
-             top_p=top_p, prefill_chunk=prefill_chunk, evictor=evictor,
+        say_sampling()
+        chat(model, tokenizer, sys.stdin, max_seq_len, max_new_tokens, **sampling, prefill_chunk=prefill_chunk,
+             evictor=evictor,
              decode_step=compile_decode_step(device) if compile else decode_one_token)
         if gate is not None:
             print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+        return
+    if texts is not None or jsonl:
+        texts = texts or [prompt]
+        prompts = [tokenizer.encode_prompt(text, chat=not no_chat) for text in texts]
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        max_seq_len = max_seq_len or len(prompts[longest]) + max_new_tokens
+        if len(prompts[longest]) + max_new_tokens > max_seq_len:
+            raise BadInput(f"prompt {longest} is {len(prompts[longest])} tokens, which leaves no room for "
+                           f"--max-new-tokens {max_new_tokens} within --max-seq-len {max_seq_len}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        say_sampling()
+        cache_options = dict(gate=gate, window=window, threshold=threshold, global_capacity=global_capacity,
+                             kv_budget=kv_budget, page_size=page_size, evict=evict, backend=attn_backend)
+        batches(model, tokenizer, texts, prompts, batch_size, max_seq_len, max_new_tokens, jsonl, cache_options,
+                **sampling, prefill_chunk=prefill_chunk,
+                decode_step=compile_decode_step(device) if compile else decode_one_token)
         return
     prompt_ids = tokenizer.encode_prompt(prompt, chat=not no_chat)
     T = len(prompt_ids)
@@ -302,7 +475,7 @@ def main(checkpoint: str | None = None, prompt: str | None = None, prompt_file: 
     kv_bytes, evictor = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
                                      global_capacity=global_capacity, kv_budget=kv_budget, page_size=page_size,
                                      evict=evict, backend=attn_backend)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    say_sampling()
 
     decode_step = decode_one_token
     if compile:
@@ -341,13 +514,23 @@ if __name__ == "__main__":
     parser = ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="Hugging Face Llama directory (default: the embedded SmolLM2-135M-Instruct)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    source.add_argument("--prompt", action="append", help=f"prompt text (default: {DEFAULT_PROMPT!r}); several "
+                        "--prompt are decoded as a batch")
     source.add_argument("--prompt-file", help="read the prompt from this file")
+    source.add_argument("--prompts-file", help="many prompts, decoded in batches: one per line, or JSON Lines of "
+                        "objects with a \"prompt\"")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default: 8); each "
+                        "completion is printed as its row finishes")
+    parser.add_argument("--jsonl", action="store_true", help="print each completion as a JSON object with its "
+                        "0-based index, prompt and completion")
     parser.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1 keeps all tokens")
+    parser.add_argument("--temperature", type=float, help="0 is greedy (default, as for each sampling flag: the "
+                        "checkpoint's generation_config.json, else greedy)")
+    parser.add_argument("--top-k", type=int, help="0 keeps all tokens")
+    parser.add_argument("--top-p", type=float, help="1 keeps all tokens")
+    parser.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty over each "
+                        "row's context: > 1 discourages repeating a token (default: 1, none)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")

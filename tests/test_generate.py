@@ -1,4 +1,5 @@
 """generate.py: greedy output equal to transformers' generate, sampling, --compile, bad input, the real model."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,14 @@ def tiny_checkpoint(request, tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=3)
 
 
-def hf_greedy(checkpoint: Path, prompt_ids: list[int], max_new_tokens: int, stop_ids) -> list[int]:
+def hf_greedy(checkpoint: Path, prompt_ids: list[int], max_new_tokens: int, stop_ids,
+              repetition_penalty: float = 1.0) -> list[int]:
     model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     ids = torch.tensor([prompt_ids])                                                     # (1, T)
     # An explicit mask: transformers would otherwise mask every prompt token equal to pad_token_id.
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                         eos_token_id=sorted(stop_ids), pad_token_id=max(stop_ids))
+                         eos_token_id=sorted(stop_ids), pad_token_id=max(stop_ids),
+                         repetition_penalty=repetition_penalty)
     new = out[0, len(prompt_ids):].tolist()
     return new[:-1] if new and new[-1] in stop_ids else new   # ours does not return the stop token
 
@@ -51,6 +54,39 @@ def test_greedy_matches_transformers(tiny_checkpoint):
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout == tok.decode(expected) + "\n"
     assert f"prompt tokens: {len(prompt_ids)} " in cli.stderr and "decode:" in cli.stderr and "KV cache:" in cli.stderr
+
+
+def test_repetition_penalty_matches_transformers(tiny_checkpoint):
+    tok = Tokenizer(tiny_checkpoint)
+    prompt_ids = tok.encode_prompt(PROMPT)
+    plain = hf_greedy(tiny_checkpoint, prompt_ids, 40, tok.stop_ids)
+    expected = hf_greedy(tiny_checkpoint, prompt_ids, 40, tok.stop_ids, repetition_penalty=1.5)
+    assert expected != plain and len(expected) >= 10                  # the penalty changes what is said
+    model, _ = generate.load(tiny_checkpoint)
+    generate.setup_caches(model, len(prompt_ids) + 40)
+    assert generate.generate(model, prompt_ids, 40, stop_ids=tok.stop_ids, repetition_penalty=1.5)[0] == expected
+    # A batch row by row: each row's own context is penalised, not the others'.
+    prompts = [prompt_ids, tok.encode_prompt("Hi")]
+    alone = [expected, hf_greedy(tiny_checkpoint, prompts[1], 40, tok.stop_ids, repetition_penalty=1.5)]
+    generate.setup_caches(model, len(prompt_ids) + 40, batch_size=2)
+    assert generate.generate_rows(model, prompts, 40, stop_ids=tok.stop_ids, repetition_penalty=1.5)[0] == alone
+
+
+def test_generation_config_sets_the_sampling_defaults(tmp_path):
+    checkpoint = save_tiny_checkpoint(tmp_path, "chatml", seed=3, num_hidden_layers=1)
+    settings = lambda **flags: generate.sampling_settings(checkpoint, **{"temperature": None, "top_k": None,
+                                                                         "top_p": None, "repetition_penalty": None,
+                                                                         **flags})
+    config = json.loads((checkpoint / "generation_config.json").read_text())
+    assert not config.get("do_sample")
+    assert settings() == dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)      # greedy
+    config.update(do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+    (checkpoint / "generation_config.json").write_text(json.dumps(config))
+    # As transformers reads it: do_sample with no top_k is top-k 50; the flags win.
+    assert settings() == dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    assert settings(temperature=0.0, top_k=3) == dict(temperature=0.0, top_k=3, top_p=0.9, repetition_penalty=1.2)
+    cli = run("--checkpoint", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens", "4", "--seed", "1")
+    assert cli.returncode == 0 and "sampling: temperature 0.7, top-k 50, top-p 0.9, repetition penalty 1.2" in cli.stderr
 
 
 def test_compile_gives_eager_tokens(tmp_path):

@@ -1,6 +1,7 @@
 """generate.py with the write-gated cache: --gate full is the dense cache, gate files and policies run
 through the CLI with their statistics, the Triton backend gives the torch backend's tokens, bad gate input
 gets one line and exit 2."""
+import json
 import os
 import subprocess
 import sys
@@ -187,3 +188,65 @@ def test_interactive_outgrowing_max_seq_len_one_line_exit_2(tiny):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("generate.py: error: turn ")
     assert "--max-seq-len 60" in result.stderr.strip().splitlines()[-1]
+
+
+PROMPTS = ["What is the capital of France?", "Hi", "Name three primary colours, and say why each is primary.",
+           "Count to five."]
+
+
+@pytest.mark.parametrize("gate", ["dense", "file"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_batch_gives_each_prompt_its_own_tokens(tiny, gate_file, gate, compiled):
+    """Prompts of different lengths decoded as one batch give, row by row, the greedy tokens each gives alone:
+    no row sees another's tokens or padding, and each stops at its own stop token."""
+    from tokenizer import Tokenizer
+    tokenizer = Tokenizer(tiny)
+    model, _ = generate.load(tiny)
+    prompts = [tokenizer.encode_prompt(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    gate_spec = str(gate_file) if gate == "file" else None
+    new_tokens = 14
+    max_seq_len = max(map(len, prompts)) + new_tokens
+
+    def alone(stop_ids):
+        out = []
+        for ids in prompts:
+            generate.setup_caches(model, max_seq_len, gate=gate_spec)
+            out.append(generate.generate(model, ids, new_tokens, stop_ids=stop_ids)[0])
+        return out
+
+    # The random model seldom says its stop token: a token one row says early is the stop, so that the rows
+    # finish at different steps.
+    stop_ids = {alone(frozenset())[1][4]}
+    expected = alone(stop_ids)
+    assert len({len(a) for a in expected}) > 1
+    generate.setup_caches(model, max_seq_len, batch_size=len(prompts), gate=gate_spec)
+    step = generate.compile_decode_step("cpu") if compiled else generate.decode_one_token
+    finished = []
+    batch, t = generate.generate_rows(model, prompts, new_tokens, stop_ids=stop_ids, decode_step=step,
+                                      on_done=lambda row, ids: finished.append(row))
+    assert batch == expected
+    assert sorted(finished) == list(range(len(prompts))) and t.rows == len(prompts)
+    if gate == "file":
+        held = sum(int(layer.attention.cache.global_len.sum()) for layer in model.layers)
+        assert held > 0                                              # tokens left the window of 4 and were stored
+
+
+def test_prompts_file_jsonl_and_its_bad_input(tiny, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS[:3]) + "\n" + json.dumps({"prompt": PROMPTS[3]}) + "\n")
+    result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny), "--prompts-file",
+                             str(path), "--batch-size", "3", "--max-new-tokens", "6", "--jsonl", "--gate", "dense"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]
+    assert all(r["prompt"] == PROMPTS[r["index"]] for r in rows)
+    assert result.stderr.count("batch of prompts") == 2             # 3 rows, then 1
+    path.write_text(PROMPTS[0] + "\n\n" + PROMPTS[1] + "\n")
+    for args in (["--prompts-file", str(path)], ["--prompt", "Hi", "--prompt", "Hi", "--max-seq-len", "4000000000"]):
+        result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny), *args,
+                                 "--gate", "dense"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "line 2 is empty" in result.stderr or "lower --batch-size" in result.stderr
