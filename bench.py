@@ -13,6 +13,8 @@ shows (a torch sum over 512 MiB), the time a decode step needs at least when it 
 --compile-time adds, for each compiled system, the seconds its decode step takes to compile in a fresh
 process with an empty Inductor cache (cold), again in a second process on that cache (warm), and for a
 second cache size in the first process (what another --max-seq-len costs).
+--batch-sizes B [B ...] instead decodes batches of B prompts of C, C - 1, ... tokens at each context C, each
+of our --systems, and reports tokens/s over all rows against the batch size.
 --memory C [C ...] instead runs whole `generate.py` processes at each context C (a prompt of about
 C - 32 tokens, 16 new tokens, --max-seq-len C), the dense cache against the write-gated one with its
 default budget (--gate, default the embedded model's gate), and reports each process's peak RSS and
@@ -194,13 +196,50 @@ def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None
             print(f"| {c} | {name} | {rss:.2f} | {kv / 2**20:.1f} | {kv / rows[c, 'dense'][1]:.1%} |")
 
 
+def batch_throughput(checkpoint: str | None, systems: list[str], batch_sizes: list[int], contexts: list[int],
+                     new_tokens: int, gate: str | None, kv_budget: str | None) -> None:
+    """--batch-sizes: decode tokens/s over all rows against the batch size, each system at each context. The
+    rows' prompts differ in length by a token each (C, C - 1, ...), so every batch is a ragged one."""
+    from convert_gguf import ensure_default_checkpoint
+    model, tokenizer = generate.load(checkpoint or ensure_default_checkpoint())
+    ours = [s for s in systems if s != "transformers"]
+    results = {}
+    for name in ours:
+        gated = name.startswith("gated")
+        step = generate.compile_decode_step("cpu") if name.endswith("compiled") else generate.decode_one_token
+        for c in contexts:
+            for b in batch_sizes:
+                options = dict(gate=gate or "random:0.2", kv_budget=kv_budget, backend="torch") if gated else {}
+                _, evictor = generate.setup_caches(model, c + new_tokens, batch_size=b, **options)
+                prompts = [prompt_ids(tokenizer, c - i) for i in range(b)]
+                generate.generate_rows(model, [p[:64] for p in prompts], 4, decode_step=step)    # warm-up, compiles
+                t0 = time.perf_counter()
+                new, t = generate.generate_rows(model, prompts, new_tokens, decode_step=step, evictor=evictor)
+                assert all(len(n) == new_tokens for n in new)
+                results[name, c, b] = t.decode_steps * b / t.decode_s
+                log(f"{name} @ {c}, batch {b}: {results[name, c, b]:.1f} tok/s over the rows "
+                    f"({time.perf_counter() - t0:.0f} s with the prefill)")
+    print(f"{checkpoint or 'embedded SmolLM2-135M-Instruct'} | float32 | {torch.get_num_threads()} threads | "
+          f"decode tok/s over all rows, {new_tokens} steps | gated: --gate {gate or 'random:0.2'}\n")
+    print("| system | context | " + " | ".join(f"batch {b}" for b in batch_sizes) + f" | batch {batch_sizes[-1]} / batch {batch_sizes[0]} |")
+    print("|---|---|" + "---|" * (len(batch_sizes) + 1))
+    for name in ours:
+        for c in contexts:
+            cells = [f"{results[name, c, b]:.1f}" for b in batch_sizes]
+            ratio = results[name, c, batch_sizes[-1]] / results[name, c, batch_sizes[0]]
+            print(f"| {name} | {c} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+
+
 def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
          systems=("transformers", "eager", "compiled"), threads=0, gate=None, kv_budget=None, compile_time=False,
-         memory=None) -> None:
+         memory=None, batch_sizes=None) -> None:
     if threads:
         torch.set_num_threads(threads)
     if memory:
         process_memory(checkpoint, memory, gate, kv_budget, threads)
+        return
+    if batch_sizes:
+        batch_throughput(checkpoint, systems, batch_sizes, contexts, new_tokens, gate, kv_budget)
         return
     gate = gate or "random:0.2"
     if checkpoint is None:
@@ -292,6 +331,9 @@ if __name__ == "__main__":
     parser.add_argument("--kv-budget", help="the gated systems' page pool, as generate.py's --kv-budget (default: its default)")
     parser.add_argument("--memory", type=int, nargs="+", metavar="C",
                         help="instead: peak memory of generate.py processes at these contexts, dense and gated")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="B",
+                        help="instead: decode tok/s over all rows at these batch sizes (ragged prompts), each of "
+                        "our --systems at each --contexts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--compile-time", action="store_true",
                         help="also time each compiled system's compilation: cold, warm, and a second cache size")

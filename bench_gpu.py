@@ -33,6 +33,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
 from cache import allocated_bytes
+# After kernels, which chooses Triton's interpreter on a machine without a GPU before anything imports Triton
+# (this module does, and imported first it left the interpreter's kernels failing).
+from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
 K, TAU, WINDOW = 1024, 0.1, 256
 LLAMA_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
@@ -345,7 +348,16 @@ def bench_prefill(s: Sizes):
         rows.append((fmt_keys(T), f"{float(count.sum()) / (s.Hkv * T):.0%}", f"{gated * 1e3:.1f} ms",
                      f"{flops / gated / 1e12:.0f}", f"{dense * 1e3:.1f} ms", f"{dense_flops / dense / 1e12:.0f}",
                      f"{dense / gated:.2f}x"))
-        del q, k, v, k_all, v_all
+        # A prefill chunk (cache.WriteGatedCache.append): only the last `chunk` tokens ask, over all T keys.
+        chunk = min(2048, T)
+        q_chunk = q[:, :, T - chunk:]
+        gated = timed(lambda: kernels.gated_prefill_attention(q_chunk, k, v, idx, count, W, D ** -0.5), dev)
+        causal = causal_lower_right(chunk, T)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if dev == "cuda" else SDPBackend.MATH):
+            dense = timed(lambda: F.scaled_dot_product_attention(q_chunk, k_all, v_all, attn_mask=causal), dev)
+        rows.append((f"{fmt_keys(T)}, last {fmt_keys(chunk)} ask", f"{float(count.sum()) / (s.Hkv * T):.0%}",
+                     f"{gated * 1e3:.1f} ms", "-", f"{dense * 1e3:.1f} ms", "-", f"{dense / gated:.2f}x"))
+        del q, k, v, k_all, v_all, q_chunk
     return rows
 
 
