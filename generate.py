@@ -334,10 +334,6 @@ def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], prompts:
     for first in range(0, len(prompts), batch_size):
         rows = prompts[first:first + batch_size]
         gate = cache_options.get("gate")
-        if gate is None and dense_bytes(model, max_seq_len, len(rows)) > available_memory(device):
-            raise BadInput(f"a batch of {len(rows)} rows of {max_seq_len} positions needs "
-                           f"{dense_bytes(model, max_seq_len, len(rows)) / 2**30:.1f} GiB of KV cache, more than "
-                           f"the {available_memory(device) / 2**30:.1f} GiB free: lower --batch-size or --max-seq-len")
         try:
             kv_bytes, evictor = setup_caches(model, max_seq_len, batch_size=len(rows), **cache_options)
         except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -455,6 +451,12 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
         if len(prompts[longest]) + max_new_tokens > max_seq_len:
             raise BadInput(f"prompt {longest} is {len(prompts[longest])} tokens, which leaves no room for "
                            f"--max-new-tokens {max_new_tokens} within --max-seq-len {max_seq_len}")
+        rows = min(batch_size, len(prompts))
+        if gate is None and dense_bytes(model, max_seq_len, rows) > available_memory(model.output.weight.device):
+            raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions needs "
+                           f"{dense_bytes(model, max_seq_len, rows) / 2**30:.1f} GiB of KV cache, more than the "
+                           f"{available_memory(model.output.weight.device) / 2**30:.1f} GiB free: lower "
+                           f"--batch-size or --max-seq-len")
         if seed is not None:
             torch.manual_seed(seed)
         say_sampling()
