@@ -17,8 +17,9 @@ second cache size in the first process (what another --max-seq-len costs).
 of our --systems, and reports tokens/s over all rows against the batch size.
 --memory C [C ...] instead runs whole `generate.py` processes at each context C (a prompt of about
 C - 32 tokens, 16 new tokens, --max-seq-len C), the dense cache against the write-gated one with its
-default budget (--gate, default the embedded model's gate), and reports each process's peak RSS and
-the KV bytes its cache allocated: the memory a user gets back.
+default budget (--gate, default the embedded model's gate), each with generate.py's prefill chunks and
+with the prompt in one call, and reports each process's peak RSS, the KV bytes its cache allocated (the
+memory a user gets back) and its prefill seconds.
 """
 import argparse
 import copy
@@ -166,8 +167,10 @@ def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None
     tokenizer = generate.load(checkpoint or ensure_default_checkpoint())[1]
     script = str(Path(__file__).resolve().with_name("generate.py"))
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-    caches = {"dense": ["--gate", "dense"],
-              "gated": (["--gate", gate] if gate else []) + (["--kv-budget", kv_budget] if kv_budget else [])}
+    gated = (["--gate", gate] if gate else []) + (["--kv-budget", kv_budget] if kv_budget else [])
+    # Each cache with generate.py's default prefill chunks, and with the prompt prefilled in one call.
+    caches = {"dense": ["--gate", "dense"], "dense, one-shot prefill": ["--gate", "dense", "--prefill-chunk", "0"],
+              "gated": gated, "gated, one-shot prefill": gated + ["--prefill-chunk", "0"]}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for c in contexts:
@@ -183,17 +186,18 @@ def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None
                 err = result.stderr
                 rss = float(err.split("peak memory: ")[1].split(" GiB")[0])
                 kv = int(err.split("KV cache: ")[1].split(" bytes")[0].replace(",", ""))
-                rows[c, name] = (rss, kv)
-                log(f"memory @ {c} {name}: peak {rss:.2f} GiB RSS, KV allocated {kv / 2**20:.1f} MiB "
-                    f"({time.perf_counter() - t0:.0f} s)")
+                prefill_s = float(err.split("prefill: ")[1].split(" s")[0])
+                rows[c, name] = (rss, kv, prefill_s)
+                log(f"memory @ {c} {name}: peak {rss:.2f} GiB RSS, KV allocated {kv / 2**20:.1f} MiB, prefill "
+                    f"{prefill_s:.1f} s ({time.perf_counter() - t0:.0f} s)")
     print(f"{checkpoint or 'embedded SmolLM2-135M-Instruct'} | float32 | generate.py processes, 16 new tokens | "
           f"gated: --gate {gate or 'the default'}, --kv-budget {kv_budget or 'the default'}\n")
-    print("| context | cache | peak RSS GiB | KV allocated MiB | KV allocated / dense |")
-    print("|---|---|---|---|---|")
+    print("| context | cache | peak RSS GiB | KV allocated MiB | KV allocated / dense | prefill s |")
+    print("|---|---|---|---|---|---|")
     for c in contexts:
         for name in caches:
-            rss, kv = rows[c, name]
-            print(f"| {c} | {name} | {rss:.2f} | {kv / 2**20:.1f} | {kv / rows[c, 'dense'][1]:.1%} |")
+            rss, kv, prefill_s = rows[c, name]
+            print(f"| {c} | {name} | {rss:.2f} | {kv / 2**20:.1f} | {kv / rows[c, 'dense'][1]:.1%} | {prefill_s:.1f} |")
 
 
 def batch_throughput(checkpoint: str | None, systems: list[str], batch_sizes: list[int], contexts: list[int],
