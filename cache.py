@@ -289,15 +289,30 @@ class WriteGatedCache(nn.Module):
         promote, so any chunking keeps the same tokens). Returns those to store, as compact_admitted does."""
         if not bool((self.global_len + count > self.capacity).any()):                         # host read: not decode
             return idx, count
-        held = self.store_contents()[2]                                                        # (B, Hkv, C)
+        pages = self.global_len.numel() * pages_for(self.capacity, self.pool.page_size)        # no pool limit
+        # Displaced store tokens count as capacity drops, as promote's replacements do.
+        return self.compete([], self.stored_g(), g, g, idx, count, pages, "n_capacity_drops")
+
+    def compete(self, others: list[tuple["WriteGatedCache", Tensor]], held: Tensor, score: Tensor, g: Tensor,
+                idx: Tensor, count: Tensor, pages: int, counter: str = "n_evicted") -> tuple[Tensor, Tensor]:
+        """Admitted candidates (idx, count over g (B, Hkv, S)) compete with this store's tokens and the other
+        stores' for `pages` pages, by score (keep_highest): held (B, Hkv, C) scores this store's slots, score
+        (B, Hkv, S) the candidates, others pairs each other cache with its stores' scores. The losers held are
+        dropped (counted in `counter`); returns the candidates to store, as compact_admitted gives them."""
         C = held.shape[-1]
-        held = held.masked_fill(torch.arange(C, device=g.device) >= self.global_len[..., None], float("-inf"))
-        candidates = admitted_by_position(idx, count)                                          # (B, Hkv, S)
-        scores = torch.cat((held, g.float().masked_fill(~candidates, float("-inf"))), dim=-1)   # (B, Hkv, C + S)
-        P = self.pool.page_size
-        kept = keep_highest([scores], [self.capacity], scores.shape[0] * scores.shape[1] * pages_for(self.capacity, P), P)[0]
-        self.drop(kept[..., :C], "n_capacity_drops")     # as promote's replacements are
-        return self.ops.compact_admitted(torch.where(kept[..., C:], g, -1.0), self.threshold, self.window)
+        candidates = score.float().masked_fill(~admitted_by_position(idx, count), float("-inf"))
+        *kept_others, kept_own = keep_highest([s for _, s in others] + [torch.cat((held, candidates), dim=-1)],
+                                              [c.capacity for c, _ in others] + [self.capacity], pages,
+                                              self.pool.page_size)
+        for (c, _), kept in zip(others, kept_others):
+            c.drop(kept)
+        self.drop(kept_own[..., :C], counter)
+        return self.ops.compact_admitted(torch.where(kept_own[..., C:], g, -1.0), self.threshold, self.window)
+
+    def stored_g(self) -> Tensor:
+        """(B, Hkv, C) the g of every stored token, -inf where a slot holds none."""
+        g = self.store_contents()[2]
+        return g.masked_fill(torch.arange(g.shape[-1], device=g.device) >= self.global_len[..., None], float("-inf"))
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
         """One token per row at position p (each row its own): promote the token leaving slot p % W, write the
@@ -481,9 +496,11 @@ class Eviction:
 
     def stored_scores(self, cache: "WriteGatedCache") -> Tensor:
         """(B, Hkv, C) the policy's score of every stored token of one cache, -inf where the slot is empty."""
-        score = cache.snapkv_scores(self.pooling) if self.policy == "snapkv" else cache.store_contents()[2]
-        C = score.shape[-1]
-        return score.masked_fill(torch.arange(C, device=score.device) >= cache.global_len[..., None], float("-inf"))
+        if self.policy != "snapkv":
+            return cache.stored_g()
+        score = cache.snapkv_scores(self.pooling)
+        return score.masked_fill(torch.arange(score.shape[-1], device=score.device) >= cache.global_len[..., None],
+                                 float("-inf"))
 
     def keep(self, scored: list[tuple["WriteGatedCache", Tensor]], pages: int) -> list[Tensor]:
         """keep_highest over (cache, scores) pairs, each cache's capacity its heads' limit."""
@@ -534,17 +551,9 @@ class Eviction:
                 later.reset()
             if need <= int(self.pool.n_free):
                 return cache.within_capacity(g, idx, count)
-        candidates = admitted_by_position(idx, count)                                          # (B, Hkv, S)
         own = prompt_snapkv_scores(q, k, cache.scale, cache.observe, self.pooling) if self.policy == "snapkv" else g
         others = self.caches[:i] if fresh else [c for c in self.caches if c is not cache]
-        scored = [(c, self.stored_scores(c)) for c in others]
-        # The cache's own store and its candidates compete as one store: its slots, then the candidates.
-        held_scores = self.stored_scores(cache)                                                # (B, Hkv, C)
-        scored.append((cache, torch.cat((held_scores, own.float().masked_fill(~candidates, float("-inf"))), dim=-1)))
-        *kept_others, kept_own = self.keep(scored, self.pool.n_pages)
-        for c, kept in zip(others, kept_others):
-            c.drop(kept)
-        C = held_scores.shape[-1]
-        cache.drop(kept_own[..., :C])
         self.passes += 1
-        return cache.ops.compact_admitted(torch.where(kept_own[..., C:], g, -1.0), cache.threshold, cache.window)
+        # The cache's own store and its candidates compete as one store: its slots, then the candidates.
+        return cache.compete([(c, self.stored_scores(c)) for c in others], self.stored_scores(cache), own, g,
+                             idx, count, self.pool.n_pages)
