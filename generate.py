@@ -151,82 +151,120 @@ def compile_decode_step(device: str):
 
 @dataclass
 class Timings:
-    prompt_tokens: int     # over all rows
-    prefill_s: float
+    prompt_tokens: int     # over all prompts
+    prefill_s: float       # every prompt's prefill, those of prompts that took over a finished row included
     decode_steps: int      # decode steps (each row's tokens fed back after its prompt; the first comes from the prefill)
-    decode_s: float
-    rows: int = 1          # prompts decoded together: each step makes one token per row
+    decode_s: float        # the decode steps alone
+    rows: int = 1          # the caches' batch rows: each step makes one token per row
+    decoded: int = 0       # tokens the decode steps made for a row's current prompt (a finished row's are not)
 
 
 @torch.no_grad()
-def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
-                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, history: list[int] = (),
-                  stop_ids=frozenset(), on_token=None, on_done=None, start: int = 0, prefill_chunk: int = 0,
-                  prefill_step=prefill, decode_step=decode_one_token, evictor=None) -> tuple[list[list[int]], Timings]:
-    """New tokens after each prompt, decoded as one batch, each row until its own stop token (not returned) or
-    max_new_tokens. The caches have one row per prompt and hold max(len(prompt)) + max_new_tokens - 1
-    positions. Each prompt is appended alone to its row (cache.one_row), so prompts of any lengths share a
-    batch and no row sees another's padding; then every step decodes one token per row, each at its own
-    position. A single prompt may go at positions start.. (0: a new sequence, the caches start afresh; else
-    the caches hold positions 0..start-1, a conversation's earlier turns). On return the caches hold each
-    prompt and every new token of a row but its last. on_token(row, id) is called as each token is known (to
-    stream); on_done(row, ids) when a row is finished. repetition_penalty (transformers' semantics) covers
-    each row's prompt, its new tokens and `history`, the conversation the caches already hold. prefill_step and
-    decode_step are prefill and decode_one_token or their compiled versions; evictor, a cache.Eviction, runs
-    between decode steps."""
+def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, rows: int = 0,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                  history: list[int] = (), stop_ids=frozenset(), on_token=None, on_done=None, start: int = 0,
+                  prefill_chunk: int = 0, prefill_step=prefill, decode_step=decode_one_token,
+                  evictor=None) -> tuple[list[list[int]], Timings]:
+    """New tokens after each prompt, each until its own stop token (not returned) or max_new_tokens, decoded
+    `rows` at a time (0: all at once) through caches of that many batch rows, each of which holds
+    max(len(prompt)) + max_new_tokens - 1 positions. A prompt is appended alone to its row (cache.one_row), so
+    prompts of any lengths share a batch and no row sees another's padding; then every step decodes one token
+    per row, each at its own position. When a prompt is finished its row takes the next waiting prompt (that
+    row's cache starts afresh), so no row decodes for nothing while prompts wait. A single prompt may go at
+    positions start.. (0: a new sequence, the caches start afresh; else the caches hold positions 0..start-1, a
+    conversation's earlier turns). On return the caches of a single prompt hold it and every new token but its
+    last (what a conversation's next turn needs). on_token(index, id) is called as each token is known (to stream), index being the
+    prompt's place in `prompts`; on_done(index, ids) when it is finished. repetition_penalty (transformers'
+    semantics) covers each prompt, its new tokens and `history`, the conversation the caches already hold.
+    prefill_step and decode_step are prefill and decode_one_token or their compiled versions; evictor, a
+    cache.Eviction, runs between decode steps."""
+    rows = rows or len(prompts)
+    if not 1 <= rows <= len(prompts):
+        raise ValueError(f"{len(prompts)} prompts cannot fill {rows} rows")
     if start and len(prompts) > 1:
         raise ValueError("a batch of prompts starts at position 0")
     device = model.tok_embeddings.weight.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)   # so the prefill's time is its own
-    t0 = time.perf_counter()
     caches = [layer.attention.cache for layer in model.layers]
     seen = None
     if repetition_penalty != 1:     # each row's context so far, on the device: the penalty needs no host sync
-        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)   # (B, vocab)
-        for row, ids in enumerate(prompts):
-            seen[row, torch.tensor([*history, *ids], device=device)] = True
-    sampling = dict(seen=seen, repetition_penalty=repetition_penalty)
-    first = []
-    for row, ids in enumerate(prompts):
-        with one_row(caches, row) if len(prompts) > 1 else contextlib.nullcontext():
-            tokens = torch.tensor([ids], device=device)                                        # (1, T)
-            first.append(prefill_step(model, tokens, temperature, top_k, top_p, start=start, chunk=prefill_chunk,
-                                      seen=None if seen is None else seen[row:row + 1],
-                                      repetition_penalty=repetition_penalty))
-    token = torch.cat(first)                                                                    # (B, 1)
-    next_ids = token[:, 0].tolist()   # the one host sync per step: streaming and stopping need the ids
-    prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    input_pos = torch.tensor([[start + len(ids)] for ids in prompts], device=device)            # (B, 1)
+        seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)            # (rows, vocab)
+    token = torch.zeros(rows, 1, dtype=torch.long, device=device)                                   # (rows, 1)
+    input_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)                               # (rows, 1)
     new = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    steps = 0
-    while True:
-        for row, next_id in enumerate(next_ids):
-            if done[row]:
-                continue
-            if next_id in stop_ids:
-                done[row] = True
+    occupant = [-1] * rows          # the prompt each row decodes; -1 once none is left for it
+    waiting = iter(range(len(prompts)))
+    prefill_s = 0.0
+
+    def record(index: int, next_id: int) -> bool:
+        """Take the next token of prompt `index`; True when the prompt is finished."""
+        finished = next_id in stop_ids
+        if not finished:
+            new[index].append(next_id)
+            if on_token is not None:
+                on_token(index, next_id)
+            finished = len(new[index]) == max_new_tokens
+        if finished and on_done is not None:
+            on_done(index, new[index])
+        return finished
+
+    def fill(row: int) -> None:
+        """Give the row the next waiting prompt that its prefill does not already finish; else retire it."""
+        nonlocal prefill_s
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)   # so that the prefill's time is its own
+        t0 = time.perf_counter()
+        with one_row(caches, row) if rows > 1 else contextlib.nullcontext():
+            for index in waiting:
+                ids = prompts[index]
+                if seen is not None:
+                    seen[row] = False
+                    seen[row, torch.tensor([*history, *ids], device=device)] = True
+                first = prefill_step(model, torch.tensor([ids], device=device), temperature, top_k, top_p,
+                                     start=start, chunk=prefill_chunk,
+                                     seen=None if seen is None else seen[row:row + 1],
+                                     repetition_penalty=repetition_penalty)                        # (1, 1)
+                if not record(index, int(first)):
+                    occupant[row] = index
+                    token[row], input_pos[row] = first[0], start + len(ids)
+                    break
             else:
-                new[row].append(next_id)
-                if on_token is not None:
-                    on_token(row, next_id)
-                done[row] = len(new[row]) == max_new_tokens
-            if done[row] and on_done is not None:
-                on_done(row, new[row])
-        if all(done):
-            break
+                occupant[row] = -1      # nothing left for it
+                retired.append(row)
+        prefill_s += time.perf_counter() - t0
+
+    retired = []
+    for row in range(rows):
+        fill(row)
+    steps = decoded = 0
+    decode_s = 0.0
+    while max(occupant) >= 0:
+        t0 = time.perf_counter()
+        for row in retired:
+            # A row with no prompt left rides along until the others finish, from position 0 of its emptied
+            # cache row, so that its positions stay within the caches however long the others go on.
+            with one_row(caches, row):
+                for cache in caches:
+                    getattr(cache, "reset", lambda: None)()
+            input_pos[row] = 0
+        retired.clear()
         if seen is not None:
             seen.scatter_(1, token, True)
         # Cloned because a CUDA-graph replay overwrites its output buffer on the next replay. Finished rows
         # go on decoding (their tokens unused), so that the step keeps its shapes.
-        token = decode_step(model, token, input_pos, temperature, top_k, top_p, **sampling).clone()   # (B, 1)
+        token = decode_step(model, token, input_pos, temperature, top_k, top_p, seen=seen,
+                            repetition_penalty=repetition_penalty).clone()                         # (rows, 1)
         input_pos += 1
         steps += 1
         if evictor is not None:
             evictor.after_step(steps)
-        next_ids = token[:, 0].tolist()
-    return new, Timings(sum(map(len, prompts)), prefill_s, steps, time.perf_counter() - t0, len(prompts))
+        next_ids = token[:, 0].tolist()   # the one host sync per step: streaming and stopping need the ids
+        decode_s += time.perf_counter() - t0
+        for row, next_id in enumerate(next_ids):
+            if occupant[row] >= 0:
+                decoded += 1
+                if record(occupant[row], next_id):
+                    fill(row)
+    return new, Timings(sum(map(len, prompts)), prefill_s, steps, decode_s, rows, decoded)
 
 
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, on_token=None,
@@ -333,35 +371,34 @@ def available_memory(device: torch.device) -> int:
 
 def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], prompts: list[list[int]], batch_size: int,
             max_seq_len: int, max_new_tokens: int, jsonl: bool, cache_options: dict, **generating) -> None:
-    """Several prompts, batch_size rows at a time: each completion printed as its row finishes (with jsonl, a
-    JSON object with its 0-based index, prompt and completion; else "index: completion"), a stats line per batch."""
+    """Several prompts through batch_size cache rows, a finished prompt's row taking the next: each completion
+    printed as it finishes (with jsonl, a JSON object with its 0-based index, prompt and completion; else
+    "index: completion"), then one stats line."""
     device = model.output.weight.device
-    for first in range(0, len(prompts), batch_size):
-        rows = prompts[first:first + batch_size]
-        gate = cache_options.get("gate")
-        try:
-            kv_bytes, evictor = setup_caches(model, max_seq_len, batch_size=len(rows), **cache_options)
-        except (RuntimeError, torch.OutOfMemoryError) as e:
-            raise BadInput(f"a batch of {len(rows)} rows of {max_seq_len} positions does not fit in memory "
-                           f"({str(e).splitlines()[0]}): lower --batch-size or --max-seq-len") from None
+    rows = min(batch_size, len(prompts))
+    gate = cache_options.get("gate")
+    try:
+        kv_bytes, evictor = setup_caches(model, max_seq_len, batch_size=rows, **cache_options)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions does not fit in memory "
+                       f"({str(e).splitlines()[0]}): lower --batch-size or --max-seq-len") from None
 
-        def done(row: int, ids: list[int]) -> None:
-            index, completion = first + row, tokenizer.decode(ids)
-            line = json.dumps({"index": index, "prompt": texts[index], "completion": completion}, ensure_ascii=False) \
-                if jsonl else f"{index}: {completion}"
-            print(line, flush=True)
+    def done(index: int, ids: list[int]) -> None:
+        completion = tokenizer.decode(ids)
+        line = json.dumps({"index": index, "prompt": texts[index], "completion": completion}, ensure_ascii=False) \
+            if jsonl else f"{index}: {completion}"
+        print(line, flush=True)
 
-        new, t = generate_rows(model, rows, max_new_tokens, stop_ids=tokenizer.stop_ids, on_done=done,
-                               evictor=evictor, **generating)
-        made = sum(map(len, new))
-        decode = f"{t.decode_steps * t.rows / t.decode_s:.1f} tok/s over {t.rows} rows ({t.decode_steps} steps)" \
-            if t.decode_steps else "no steps"
-        print(f"batch of prompts {first}..{first + len(rows) - 1}: prompt tokens {t.prompt_tokens} | prefill: "
-              f"{t.prefill_s:.3f} s | new tokens: {made} | decode: {decode} | KV cache: {kv_bytes:,} bytes | "
-              f"peak memory: {peak_memory(device)}", file=sys.stderr)
-        if gate is not None:
-            print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len, len(rows)), evictor),
-                  file=sys.stderr)
+    new, t = generate_rows(model, prompts, max_new_tokens, rows=rows, stop_ids=tokenizer.stop_ids, on_done=done,
+                           evictor=evictor, **generating)
+    decode = (f"{t.decoded / t.decode_s:.1f} tok/s over {t.rows} rows ({t.decoded} tokens in {t.decode_steps} steps)"
+              if t.decode_steps else "no steps")
+    print(f"{len(prompts)} prompts: prompt tokens {t.prompt_tokens} | prefill: {t.prefill_s:.3f} s | new tokens: "
+          f"{sum(map(len, new))} | decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: "
+          f"{peak_memory(device)}", file=sys.stderr)
+    if gate is not None:
+        print("the caches' last prompt of each row: " + format_stats(
+            admission_stats(model), dense_bytes(model, max_seq_len, rows), evictor), file=sys.stderr)
 
 
 def sampling_settings(checkpoint: Path, **flags) -> dict:
@@ -527,7 +564,7 @@ if __name__ == "__main__":
     source.add_argument("--prompts-file", help="many prompts, decoded in batches: one per line, or JSON Lines of "
                         "objects with a \"prompt\"")
     parser.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default: 8); each "
-                        "completion is printed as its row finishes")
+                        "completion is printed as it finishes, and its row takes the next prompt")
     parser.add_argument("--jsonl", action="store_true", help="print each completion as a JSON object with its "
                         "0-based index, prompt and completion")
     parser.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")

@@ -230,6 +230,25 @@ def test_a_batch_gives_each_prompt_its_own_tokens(tiny, gate_file, gate, compile
     if gate == "file":
         held = sum(int(layer.attention.cache.global_len.sum()) for layer in model.layers)
         assert held > 0                                              # tokens left the window of 4 and were stored
+    # Fewer rows than prompts: a finished prompt's row takes the next one, from a fresh cache row, and every
+    # prompt still gets its own tokens; the last rows to finish ride along without overrunning the caches.
+    for rows in (1, 2, 3):
+        generate.setup_caches(model, max_seq_len, batch_size=rows, gate=gate_spec)
+        finished.clear()
+        batch, t = generate.generate_rows(model, prompts * 2, new_tokens, rows=rows, stop_ids=stop_ids,
+                                          decode_step=step, on_done=lambda index, ids: finished.append(index))
+        assert batch == expected * 2, rows
+        assert sorted(finished) == list(range(2 * len(prompts))) and t.rows == rows
+        assert t.decoded == sum(len(a) - 1 + (len(a) < new_tokens) for a in expected * 2)
+        assert t.decode_steps < t.decoded / rows + new_tokens         # the rows were kept busy
+        if gate == "file":
+            # No page lost or handed out twice by the rows' restarts: the free stack and the pages the stores
+            # hold are every page once.
+            pool = model.layers[0].attention.cache.pool
+            held = [int(page) for layer in model.layers for table, n in zip(
+                layer.attention.cache.page_table.flatten(0, 1), layer.attention.cache.global_len.flatten().tolist())
+                for page in table[:-(-n // pool.page_size)]]
+            assert sorted(held + pool.free_pages[:int(pool.n_free)].tolist()) == list(range(pool.n_pages))
 
 
 def test_prompts_file_jsonl_and_its_bad_input(tiny, tmp_path):
@@ -242,7 +261,7 @@ def test_prompts_file_jsonl_and_its_bad_input(tiny, tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]
     assert all(r["prompt"] == PROMPTS[r["index"]] for r in rows)
-    assert result.stderr.count("batch of prompts") == 2             # 3 rows, then 1
+    assert "4 prompts:" in result.stderr and "over 3 rows" in result.stderr   # 3 rows, one taking the 4th prompt
     path.write_text(PROMPTS[0] + "\n\n" + PROMPTS[1] + "\n")
     for args in (["--prompts-file", str(path)], ["--prompt", "Hi", "--prompt", "Hi", "--max-seq-len", "4000000000"]):
         result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny), *args,
