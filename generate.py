@@ -173,9 +173,10 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     row's cache starts afresh), so no row decodes for nothing while prompts wait. A single prompt may go at
     positions start.. (0: a new sequence, the caches start afresh; else the caches hold positions 0..start-1, a
     conversation's earlier turns). On return the caches of a single prompt hold it and every new token but its
-    last (what a conversation's next turn needs). on_token(index, id) is called as each token is known (to stream), index being the
-    prompt's place in `prompts`; on_done(index, ids) when it is finished. repetition_penalty (transformers'
-    semantics) covers each prompt, its new tokens and `history`, the conversation the caches already hold.
+    last (what a conversation's next turn needs). on_token(index, id) is called as each token is known (to
+    stream), index being the prompt's place in `prompts`; on_done(index, ids) when it is finished.
+    repetition_penalty (transformers' semantics) covers each prompt, its new tokens and `history`, the
+    conversation the caches already hold.
     prefill_step and decode_step are prefill and decode_one_token or their compiled versions; evictor, a
     cache.Eviction, runs between decode steps."""
     rows = rows or len(prompts)
