@@ -236,7 +236,7 @@ class WriteGatedCache(nn.Module):
         ring = torch.arange(start - R, start, device=self.ring_g.device) % self.window        # (R,) slots, oldest first
         L = int(self.global_len.max()) if start > self.window else 0                           # host read: not decode
         k_store, v_store, g_store = (x[:, :, :L] for x in self.store_contents(pages_for(L, self.pool.page_size)))
-        g_store = g_store.masked_fill(torch.arange(L, device=g_store.device) >= self.global_len[..., None], -1.0)
+        g_store = self.where_stored(g_store, -1.0)
         return (torch.cat((k_store, self.ring_k[:, :, ring]), dim=2), torch.cat((v_store, self.ring_v[:, :, ring]), dim=2),
                 torch.cat((g_store.float(), self.ring_g[:, :, ring]), dim=2), R)
 
@@ -291,7 +291,7 @@ class WriteGatedCache(nn.Module):
             return idx, count
         pages = self.global_len.numel() * pages_for(self.capacity, self.pool.page_size)        # no pool limit
         # Displaced store tokens count as capacity drops, as promote's replacements do.
-        return self.compete([], self.stored_g(), g, g, idx, count, pages, "n_capacity_drops")
+        return self.compete([], self.where_stored(self.store_contents()[2]), g, g, idx, count, pages, "n_capacity_drops")
 
     def compete(self, others: list[tuple["WriteGatedCache", Tensor]], held: Tensor, score: Tensor, g: Tensor,
                 idx: Tensor, count: Tensor, pages: int, counter: str = "n_evicted") -> tuple[Tensor, Tensor]:
@@ -301,18 +301,15 @@ class WriteGatedCache(nn.Module):
         dropped (counted in `counter`); returns the candidates to store, as compact_admitted gives them."""
         C = held.shape[-1]
         candidates = score.float().masked_fill(~admitted_by_position(idx, count), float("-inf"))
-        *kept_others, kept_own = keep_highest([s for _, s in others] + [torch.cat((held, candidates), dim=-1)],
-                                              [c.capacity for c, _ in others] + [self.capacity], pages,
-                                              self.pool.page_size)
+        *kept_others, kept_own = keep_stores([*others, (self, torch.cat((held, candidates), dim=-1))], pages)
         for (c, _), kept in zip(others, kept_others):
             c.drop(kept)
         self.drop(kept_own[..., :C], counter)
         return self.ops.compact_admitted(torch.where(kept_own[..., C:], g, -1.0), self.threshold, self.window)
 
-    def stored_g(self) -> Tensor:
-        """(B, Hkv, C) the g of every stored token, -inf where a slot holds none."""
-        g = self.store_contents()[2]
-        return g.masked_fill(torch.arange(g.shape[-1], device=g.device) >= self.global_len[..., None], float("-inf"))
+    def where_stored(self, score: Tensor, empty: float = float("-inf")) -> Tensor:
+        """score (B, Hkv, C) over the store's slots, with `empty` on each slot past its head's length."""
+        return score.masked_fill(torch.arange(score.shape[-1], device=score.device) >= self.global_len[..., None], empty)
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
         """One token per row at position p (each row its own): promote the token leaving slot p % W, write the
@@ -460,6 +457,12 @@ def keep_highest(scores: list[Tensor], capacity: list[int], pages: int, page_siz
     return [part.view_as(s) for part, s in zip(kept.split([h * s.shape[-1] for h, s in zip(heads, scores)]), scores)]
 
 
+def keep_stores(scored: list[tuple[WriteGatedCache, Tensor]], pages: int) -> list[Tensor]:
+    """keep_highest over (cache, scores) pairs of caches that share one pool, each cache's capacity its heads'
+    limit."""
+    return keep_highest([s for _, s in scored], [c.capacity for c, _ in scored], pages, scored[0][0].pool.page_size)
+
+
 class Eviction:
     """--evict: what makes room in a model's page pool, shared by its layers' caches, when it runs short.
 
@@ -496,15 +499,8 @@ class Eviction:
 
     def stored_scores(self, cache: "WriteGatedCache") -> Tensor:
         """(B, Hkv, C) the policy's score of every stored token of one cache, -inf where the slot is empty."""
-        if self.policy != "snapkv":
-            return cache.stored_g()
-        score = cache.snapkv_scores(self.pooling)
-        return score.masked_fill(torch.arange(score.shape[-1], device=score.device) >= cache.global_len[..., None],
-                                 float("-inf"))
-
-    def keep(self, scored: list[tuple["WriteGatedCache", Tensor]], pages: int) -> list[Tensor]:
-        """keep_highest over (cache, scores) pairs, each cache's capacity its heads' limit."""
-        return keep_highest([s for _, s in scored], [c.capacity for c, _ in scored], pages, self.pool.page_size)
+        return cache.where_stored(cache.snapkv_scores(self.pooling) if self.policy == "snapkv" else
+                                  cache.store_contents()[2])
 
     def after_step(self, step: int) -> None:
         """Call after decode step `step` (1, 2, ...): one host read every `every` steps, of the free count and
@@ -528,7 +524,7 @@ class Eviction:
             # Until the low-water mark is free again, but never more than half the pool in one pass.
             N = self.pool.n_pages
             pages = max(N - self.low_water, N // 2)
-            for cache, kept in zip(self.caches, self.keep([(c, self.stored_scores(c)) for c in self.caches], pages)):
+            for cache, kept in zip(self.caches, keep_stores([(c, self.stored_scores(c)) for c in self.caches], pages)):
                 cache.drop(kept)
         self.passes += 1
 

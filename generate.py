@@ -109,14 +109,20 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, seen: T
     return (probs / noise).argmax(-1, keepdim=True)
 
 
+def reset_caches(model: Transformer) -> None:
+    """Empty every layer's cache for a new sequence (the dense cache needs nothing: it reads positions up to
+    the query's only)."""
+    for layer in model.layers:
+        getattr(layer.attention.cache, "reset", lambda: None)()
+
+
 def prefill(model: Transformer, tokens: Tensor, temperature: float, top_k: int, top_p: float,
             start: int = 0, chunk: int = 0, seen: Tensor | None = None, repetition_penalty: float = 1.0) -> Tensor:
     """Append the tokens (B, T) at positions start.. to the caches (start 0: a new sequence, the caches start
     afresh), `chunk` tokens per model call (0: all at once); returns the first new tokens (B, 1). Chunks bound
     the activations a long prompt needs at once and give the same tokens as one call."""
-    if start == 0:
-        for layer in model.layers:   # a one-token chunk is a decode step, which never starts afresh itself
-            getattr(layer.attention.cache, "reset", lambda: None)()
+    if start == 0:   # a one-token chunk is a decode step, which never starts afresh itself
+        reset_caches(model)
     T = tokens.shape[1]
     chunk = chunk or T
     for first in range(0, T, chunk):
@@ -246,8 +252,7 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
             # A row with no prompt left rides along until the others finish, from position 0 of its emptied
             # cache row, so that its positions stay within the caches however long the others go on.
             with one_row(caches, row):
-                for cache in caches:
-                    getattr(cache, "reset", lambda: None)()
+                reset_caches(model)
             input_pos[row] = 0
         retired.clear()
         if seen is not None:

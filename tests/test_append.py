@@ -8,6 +8,7 @@ import torch
 
 import gate
 from cache import DenseCache, Eviction, PagePool, WriteGatedCache
+from generate import reset_caches
 from test_gated_cache import oracle_logits, random_gates, setup_learned, tiny_model, visibility_mask
 
 WINDOW = 8
@@ -24,8 +25,7 @@ def chunks_of(sizes: list[int] | int, total: int) -> list[int]:
 def feed(model, tokens: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Append the tokens (B, T) chunk by chunk from position 0; returns every position's logits (B, T, V)."""
     logits, start = [], 0
-    for layer in model.layers:   # a one-token first chunk is a decode step, which does not start afresh itself
-        getattr(layer.attention.cache, "reset", lambda: None)()
+    reset_caches(model)   # a one-token first chunk is a decode step, which does not start afresh itself
     for n in sizes:
         logits.append(model(tokens[:, start:start + n], torch.arange(start, start + n)))
         start += n
