@@ -5,9 +5,10 @@ write-gated cache, both attention backends, GQA and MHA, and any chunking.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gate
-from cache import DenseCache, Eviction, PagePool, WriteGatedCache
+from cache import DenseCache, Eviction, PagePool, WriteGatedCache, attend_after
 from generate import reset_caches
 from test_gated_cache import oracle_logits, random_gates, setup_learned, tiny_model, visibility_mask
 
@@ -77,6 +78,22 @@ def test_chunked_dense_prefill_equals_one_shot(chunking):
     model.setup_caches(lambda i: DenseCache(2, c.n_kv_heads, T, c.head_dim, torch.float32))
     one_shot = model(tokens)
     torch.testing.assert_close(feed(model, tokens, chunks_of(chunking, T)), one_shot, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_kv_heads", [2, 6], ids=["gqa", "mha"])
+def test_dense_chunk_attention_is_the_masked_attention(n_kv_heads, dtype):
+    """attend_after's two unmasked calls merged by lse give the attention under the (T, P + T) causal mask."""
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, P, T, D = 2, 6, 11, 7, 16
+    q = torch.randn(B, Hq, T, D, generator=gen).to(dtype)
+    k, v = (torch.randn(B, n_kv_heads, P + T, D, generator=gen).to(dtype) for _ in range(2))
+    visible = torch.arange(P + T)[None, :] <= torch.arange(P, P + T)[:, None]                     # (T, P + T)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible, enable_gqa=True)
+    got = attend_after(q, k[:, :, :P], v[:, :, :P], k[:, :, P:], v[:, :, P:], D ** -0.5)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
 
 
 def test_a_new_turn_sees_the_conversation_and_decodes_on():
