@@ -35,7 +35,7 @@ import pydoc_data.topics
 import torch
 
 import generate
-from generate import Timings
+from generate import RunStats
 from gate import admission_stats, install
 from model import CheckpointError
 
@@ -65,7 +65,7 @@ class Ours:
             if compiled and gate is None else generate.prefill
         self.decode_step = generate.compile_decode_step("cpu") if compiled else generate.decode_one_token
 
-    def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> Timings:
+    def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> RunStats:
         if max_seq_len not in self.caches:
             gated = dict(kv_budget=self.kv_budget, backend="torch") if self.gate is not None else {}
             _, evictor = generate.setup_caches(self.model, max_seq_len, gate=self.gate, **gated)
@@ -107,14 +107,14 @@ class Transformers:
         self.model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
     @torch.no_grad()
-    def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> Timings:
+    def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> RunStats:
         clock, tokens = self.clock(), torch.tensor([ids])                                  # (1, T)
         start = time.perf_counter()
         out = self.model.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False, streamer=clock,
                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
         end = time.perf_counter()
         assert out.shape[1] == len(ids) + new_tokens
-        return Timings(len(ids), clock.times[1] - start, new_tokens - 1, end - clock.times[1])
+        return RunStats(len(ids), clock.times[1] - start, new_tokens - 1, end - clock.times[1])
 
 
 def read_bandwidth(threads: int) -> float:

@@ -424,6 +424,12 @@ class WriteGatedCache(nn.Module):
         return 2 * self.ring_k.shape[-1] * self.ring_k.element_size()
 
 
+def summed_counts(caches: list[WriteGatedCache], row: int | None = None) -> list[dict[str, Tensor]]:
+    """Each cache's counts (WriteGatedCache.counts) summed over its KV heads and batch rows, or over the heads of
+    batch row `row` alone: one dict of scalar device tensors per cache."""
+    return [{name: (n if row is None else n[row]).sum() for name, n in c.counts().items()} for c in caches]
+
+
 def allocated_bytes(caches: list[nn.Module]) -> int:
     """What a model's caches allocate: each layer's own buffers, and every page pool they draw on once."""
     pools = {id(c.pool): c.pool for c in caches if isinstance(c, WriteGatedCache)}

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cache import Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, resolve_backend
+from cache import Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, resolve_backend, summed_counts
 from model import CheckpointError, RMSNorm, Transformer
 
 GATE_NORM_EPS = 1e-6
@@ -438,8 +438,10 @@ def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq
                       evictor, metadata)
 
 
-def admission_stats(model: Transformer) -> dict:
-    """What the write-gated caches did, read from the device once (after generation, not in the loop).
+def admission_stats(model: Transformer, counts: list[dict[str, Tensor]] | None = None) -> dict:
+    """What the write-gated caches did, read from the device once (after generation, not in the loop): the
+    counts of what the caches hold now, or the given ones (cache.summed_counts, e.g. generate_rows' sum over
+    prompts that have left the caches); the pool and the bytes allocated are always the caches' own.
 
     admitted_fraction: tokens with g > tau among all tokens scored (those still in the ring included);
     bytes_in_use: K/V held (ring + store) vs dense_bytes, a dense cache of the same tokens;
@@ -448,7 +450,8 @@ def admission_stats(model: Transformer) -> dict:
     """
     caches = [layer.attention.cache for layer in model.layers]
     pools = list({id(c.pool): c.pool for c in caches}.values())                                # for the page counts
-    counts = {k: torch.stack([c.counts()[k].sum() for c in caches]).tolist() for k in caches[0].counts()}
+    per_layer = summed_counts(caches) if counts is None else counts
+    counts = {k: torch.stack([layer[k] for layer in per_layer]).tolist() for k in per_layer[0]}
     per_token = caches[0].bytes_per_token()
     admitted, seen = counts["admitted"], counts["seen"]
     return {

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from cache import DenseCache, Eviction, allocated_bytes, one_row
+from cache import DenseCache, Eviction, allocated_bytes, one_row, summed_counts
 from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, format_stats, install, setup_write_gated
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
@@ -158,13 +158,17 @@ def compile_decode_step(device: str):
 
 
 @dataclass
-class Timings:
+class RunStats:
+    """What a generate_rows call did."""
     prompt_tokens: int     # over all prompts
     prefill_s: float       # every prompt's prefill, those of prompts that took over a finished row included
     decode_steps: int      # decode steps (each row's tokens fed back after its prompt; the first comes from the prefill)
     decode_s: float        # the decode steps alone
     rows: int = 1          # the caches' batch rows: each step makes one token per row
     decoded: int = 0       # tokens the decode steps made for a row's current prompt (a finished row's are not)
+    # Write-gated caches: each layer's counts (cache.summed_counts) over every prompt, each taken when it finished,
+    # before its row took the next prompt (on the device; None with dense caches).
+    counts: list[dict[str, Tensor]] | None = None
 
 
 @torch.no_grad()
@@ -172,7 +176,7 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                   history: list[int] = (), stop_ids=frozenset(), on_token=None, on_done=None, start: int = 0,
                   prefill_chunk: int = 0, prefill_step=prefill, decode_step=decode_one_token,
-                  evictor=None) -> tuple[list[list[int]], Timings]:
+                  evictor=None) -> tuple[list[list[int]], RunStats]:
     """New tokens after each prompt, each until its own stop token (not returned) or max_new_tokens, decoded
     `rows` at a time (0: all at once) through caches of that many batch rows, each of which holds
     max(len(prompt)) + max_new_tokens - 1 positions. A prompt is appended alone to its row (cache.one_row), so
@@ -203,6 +207,14 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     occupant = [-1] * rows          # the prompt each row decodes; -1 once none is left for it
     waiting = iter(range(len(prompts)))
     prefill_s = 0.0
+    counts = None
+
+    def count_finished(row: int) -> None:
+        """Add the counts of the prompt that just finished in `row` (of the caches as they are now) to the run's."""
+        nonlocal counts
+        if hasattr(caches[0], "counts"):
+            finished = summed_counts(caches, row)
+            counts = finished if counts is None else [{k: v + c[k] for k, v in a.items()} for a, c in zip(finished, counts)]
 
     def record(index: int, next_id: int) -> bool:
         """Take the next token of prompt `index`; True when the prompt is finished."""
@@ -219,6 +231,8 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     def fill(row: int) -> None:
         """Give the row the next waiting prompt that its prefill does not already finish; else retire it."""
         nonlocal prefill_s
+        if occupant[row] >= 0:
+            count_finished(row)
         if device.type == "cuda":
             torch.cuda.synchronize(device)   # so that the prefill's time is its own
         t0 = time.perf_counter()
@@ -236,6 +250,7 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
                     occupant[row] = index
                     token[row], input_pos[row] = first[0], start + len(ids)
                     break
+                count_finished(0)    # the row alone is row 0 here
             else:
                 occupant[row] = -1      # nothing left for it
                 retired.append(row)
@@ -272,11 +287,11 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
                 decoded += 1
                 if record(occupant[row], next_id):
                     fill(row)
-    return new, Timings(sum(map(len, prompts)), prefill_s, steps, decode_s, rows, decoded)
+    return new, RunStats(sum(map(len, prompts)), prefill_s, steps, decode_s, rows, decoded, counts)
 
 
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, on_token=None,
-             **options) -> tuple[list[int], Timings]:
+             **options) -> tuple[list[int], RunStats]:
     """generate_rows for one prompt: its new tokens; on_token(id) streams them."""
     stream = None if on_token is None else lambda row, i: on_token(i)
     new, timings = generate_rows(model, [prompt_ids], max_new_tokens, on_token=stream, **options)
@@ -405,8 +420,8 @@ def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], prompts:
           f"{sum(map(len, new))} | decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: "
           f"{peak_memory(device)}", file=sys.stderr)
     if gate is not None:
-        print("the caches' last prompt of each row: " + format_stats(
-            admission_stats(model), dense_bytes(model, max_seq_len, rows), evictor), file=sys.stderr)
+        print(f"all {len(prompts)} prompts, each as it finished: " + format_stats(
+            admission_stats(model, t.counts), dense_bytes(model, max_seq_len, rows), evictor), file=sys.stderr)
 
 
 def sampling_settings(checkpoint: Path, **flags) -> dict:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import generate
+from cache import summed_counts
 from gate import WriteGate, save_gates
 from tiny import save_tiny_checkpoint
 
@@ -208,17 +209,25 @@ def test_a_batch_gives_each_prompt_its_own_tokens(tiny, gate_file, gate, compile
     new_tokens = 14
     max_seq_len = max(map(len, prompts)) + new_tokens
 
+    def as_ints(per_layer):
+        return [{k: int(n) for k, n in layer.items()} for layer in per_layer]
+
+    def total(runs):
+        """Several runs' per-layer counts added up, layer by layer."""
+        return [{k: sum(run[i][k] for run in runs) for k in runs[0][i]} for i in range(len(runs[0]))]
+
     def alone(stop_ids):
-        out = []
+        out, counts = [], []
         for ids in prompts:
             generate.setup_caches(model, max_seq_len, gate=gate_spec)
             out.append(generate.generate(model, ids, new_tokens, stop_ids=stop_ids)[0])
-        return out
+            counts.append(as_ints(summed_counts([layer.attention.cache for layer in model.layers])) if gate_spec else None)
+        return out, counts
 
     # The random model seldom says its stop token: a token one row says early is the stop, so that the rows
     # finish at different steps.
-    stop_ids = {alone(frozenset())[1][4]}
-    expected = alone(stop_ids)
+    stop_ids = {alone(frozenset())[0][1][4]}
+    expected, expected_counts = alone(stop_ids)
     assert len({len(a) for a in expected}) > 1
     generate.setup_caches(model, max_seq_len, batch_size=len(prompts), gate=gate_spec)
     step = generate.compile_decode_step("cpu") if compiled else generate.decode_one_token
@@ -227,7 +236,9 @@ def test_a_batch_gives_each_prompt_its_own_tokens(tiny, gate_file, gate, compile
                                       on_done=lambda row, ids: finished.append(row))
     assert batch == expected
     assert sorted(finished) == list(range(len(prompts))) and t.rows == len(prompts)
+    assert (t.counts is None) == (gate == "dense")
     if gate == "file":
+        assert as_ints(t.counts) == total(expected_counts)
         held = sum(int(layer.attention.cache.global_len.sum()) for layer in model.layers)
         assert held > 0                                              # tokens left the window of 4 and were stored
     # Fewer rows than prompts: a finished prompt's row takes the next one, from a fresh cache row, and every
@@ -242,6 +253,8 @@ def test_a_batch_gives_each_prompt_its_own_tokens(tiny, gate_file, gate, compile
         assert t.decoded == sum(len(a) - 1 + (len(a) < new_tokens) for a in expected * 2)
         assert t.decode_steps < t.decoded / rows + new_tokens         # the rows were kept busy
         if gate == "file":
+            # The run's counts cover every prompt as it finished, not the ride-along tokens of retired rows.
+            assert as_ints(t.counts) == total(expected_counts * 2)
             # No page lost or handed out twice by the rows' restarts: the free stack and the pages the stores
             # hold are every page once.
             pool = model.layers[0].attention.cache.pool
