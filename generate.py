@@ -214,7 +214,8 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         nonlocal counts
         if hasattr(caches[0], "counts"):
             finished = summed_counts(caches, row)
-            counts = finished if counts is None else [{k: v + c[k] for k, v in a.items()} for a, c in zip(finished, counts)]
+            counts = finished if counts is None else [
+                {name: n + earlier[name] for name, n in layer.items()} for layer, earlier in zip(finished, counts)]
 
     def record(index: int, next_id: int) -> bool:
         """Take the next token of prompt `index`; True when the prompt is finished."""
