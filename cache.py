@@ -105,17 +105,15 @@ def attend_after(q: Tensor, k_held: Tensor, v_held: Tensor, k: Tensor, v: Tensor
     q: (B, Hq, T, D); k_held, v_held: (B, Hkv, P, D); k, v: (B, Hkv, T, D). The CPU's fused attention with a
     (T, P + T) mask computes every masked score; two unmasked calls (the held keys, all visible; the chunk,
     causal) merged by their lse skip them: one 16k-token chunk of 2048 took 1.83 s against 2.13 s (one
-    SmolLM2 layer, one thread, an ad-hoc script). Only the CPU op returns the lse, hence the private name.
+    SmolLM2 layer, one thread, an ad-hoc script).
     """
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     # A KV head's G query heads all see every held key: fold them into the query length instead of copying
     # the held keys G times; the chunk's own keys are few, so those are copied for the causal call.
-    o_held, lse_held = flash(q.reshape(B, -1, G * T, D), k_held, v_held, 0.0, False, scale=scale)[:2]
-    o_new, lse_new = flash(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), 0.0, True, scale=scale)[:2]
-    o, _ = kernels.merge_attention(o_held.reshape(B, Hq, T, D).float(), lse_held.reshape(B, Hq, T),
-                                   o_new.float(), lse_new)
+    o_held, lse_held = kernels.attention_lse(q.reshape(B, -1, G * T, D), k_held, v_held, scale)
+    o_new, lse_new = kernels.attention_lse(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), scale, causal=True)
+    o, _ = kernels.merge_attention(o_held.reshape(B, Hq, T, D), lse_held.reshape(B, Hq, T), o_new, lse_new)
     return o.to(q.dtype)                                                                             # (B, Hq, T, D)
 
 

@@ -89,50 +89,73 @@ def compact_admitted_ref(g: Tensor, threshold: float, window: int) -> tuple[Tens
     return idx, admitted.sum(-1)
 
 
+def attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor | None = None,
+                  causal: bool = False) -> tuple[Tensor, Tensor]:
+    """Softmax attention with its lse, in float32: q (B, H, M, D), k, v (B, H, S, D); visible (M, S) bool, or
+    causal (query i sees keys 0..i), or neither (every key). Every row must see a key. Returns o (B, H, M, D)
+    and lse (B, H, M). On a CPU the fused kernel, which returns the lse (hence the private name) and skips
+    the tiles a causal mask hides; elsewhere plain tensor ops.
+    """
+    q, k, v = q.float(), k.float(), v.float()
+    if causal:
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if q.device.type == "cpu":
+        mask = None if visible is None or causal else torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                             scale=scale)[:2]
+        return o, lse
+    scores = q @ k.transpose(-1, -2) * scale                                                 # (B, H, M, S)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(-1)                                                               # (B, H, M)
+    return scores.sub_(lse[..., None]).exp_() @ v, lse
+
+
 def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, admitted_count: Tensor,
                                 window: int, scale: float, block: int = 128) -> Tensor:
     """Causal attention of the last Tq of Tk tokens under the visibility rule, at cost Tq * (W + admitted).
 
     q: (B, Hq, Tq, D), the queries of key positions Tk - Tq .. Tk - 1 (a prefill: Tq = Tk; a chunk appended
     to a cache: the keys are what the cache holds in front of it, then the chunk); k, v: (B, Hkv, Tk, D);
-    admitted_idx, admitted_count from compact_admitted_ref over the Tk keys. Each block of queries reads the
-    band of its last W keys, then the admitted keys at least W behind its last query, with one fused
-    attention call whose rows are the block's queries of all G heads of a KV group (so K and V are never
-    repeated per query head). Returns (B, Hq, Tq, D) in q's dtype.
+    admitted_idx, admitted_count from compact_admitted_ref over the Tk keys. Each block of queries, head by
+    head, makes two fused attention calls whose rows are the block's queries of all G heads of a KV group (so
+    K and V are never repeated per query head), merged by their lse: the admitted keys at least W behind the
+    block's first query, which every query of the block sees, with no mask; then the few admitted keys that
+    only its later queries see and the band of its last W keys, under a mask of the block's size. So memory
+    stays at about a block's queries and one head's admitted keys, however many are admitted.
+    Returns (B, Hq, Tq, D) in q's dtype.
     """
     B, Hq, Tq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G, offset = Hq // Hkv, T - Tq
-    qg = q.float().view(B, Hkv, G, Tq, D)                                                    # (B, Hkv, G, Tq, D)
-    kf, vf = k.float(), v.float()                                                            # (B, Hkv, T, D)
     pos = torch.arange(T, device=q.device)
-    # Admitted keys, compacted and padded to the largest count (host reads: prefill only).
-    A = int(admitted_count.max()) if admitted_count.numel() else 0
-    adm_valid = torch.arange(A, device=q.device) < admitted_count[..., None]                 # (B, Hkv, A)
-    idx = admitted_idx[..., :A].where(adm_valid, T)                                          # (B, Hkv, A) ascending
-    k_adm = kf.gather(2, idx.clamp(max=T - 1)[..., None].expand(B, Hkv, A, D))               # (B, Hkv, A, D)
-    v_adm = vf.gather(2, idx.clamp(max=T - 1)[..., None].expand(B, Hkv, A, D))               # (B, Hkv, A, D)
-    # The admitted keys a block may see are a prefix of each head's sorted list: the far keys cost
-    # T * admitted / 2 on average, as in causal attention.
-    starts = list(range(0, Tq, block))
-    block_ends = torch.tensor([offset + min(s + block, Tq) - 1 for s in starts], device=q.device)   # (n_blocks,)
-    reach = torch.searchsorted(idx, (block_ends - window).expand(B, Hkv, -1).contiguous(), right=True)
-    reach = reach.amax(dim=(0, 1)).tolist() if A else [0] * len(starts)                     # far keys per block
+    starts = torch.arange(0, Tq, block, device=q.device)                                      # (n_blocks,)
+    ends = (starts + block).clamp(max=Tq)                                                     # (n_blocks,)
+    counts = admitted_count.tolist()                                                          # host reads: prefill only
     out = torch.empty(B, Hkv, G, Tq, D, dtype=torch.float32, device=q.device)
-    for start, n_far in zip(starts, reach):
-        end = min(start + block, Tq)
-        lo = max(0, offset + start - window + 1)
-        qpos, kpos = pos[offset + start:offset + end], pos[lo:offset + end]
-        band = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < window)  # (Tb, Sb)
-        far = idx[:, :, None, :n_far] <= qpos[None, None, :, None] - window                  # (B, Hkv, Tb, n_far)
-        visible = torch.cat((band.expand(B, Hkv, -1, -1), far), dim=-1)                      # (B, Hkv, Tb, S); never an empty row
-        keys = torch.cat((kf[:, :, lo:offset + end], k_adm[:, :, :n_far]), dim=2)            # (B, Hkv, S, D)
-        values = torch.cat((vf[:, :, lo:offset + end], v_adm[:, :, :n_far]), dim=2)          # (B, Hkv, S, D)
-        rows = G * (end - start)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qg[:, :, :, start:end].reshape(B, Hkv, rows, D), keys, values,
-            attn_mask=visible[:, :, None].expand(-1, -1, G, -1, -1).reshape(B, Hkv, rows, -1), scale=scale)
-        out[:, :, :, start:end] = o.view(B, Hkv, G, end - start, D)
+    for b in range(B):
+        for h in range(Hkv):
+            idx = admitted_idx[b, h, :counts[b][h]]                                           # (A,) ascending
+            k_adm, v_adm = k[b, h, idx], v[b, h, idx]                                         # (A, D)
+            # Far keys of a block: those every query sees (behind its first query by W), then those up to its last.
+            seen_by_all = torch.searchsorted(idx, offset + starts - window, right=True).tolist()
+            seen_by_last = torch.searchsorted(idx, offset + ends - 1 - window, right=True).tolist()
+            for start, end, n_all, n_last in zip(starts.tolist(), ends.tolist(), seen_by_all, seen_by_last):
+                rows = G * (end - start)
+                qb = q[b, h * G:(h + 1) * G, start:end].reshape(1, 1, rows, D)               # (1, 1, G * Tb, D)
+                qpos = pos[offset + start:offset + end]                                       # (Tb,)
+                lo = max(0, offset + start - window + 1)
+                kpos = pos[lo:offset + end]
+                band = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < window)  # (Tb, Sb)
+                edge = idx[None, n_all:n_last] <= qpos[:, None] - window                     # (Tb, n_last - n_all)
+                visible = torch.cat((edge, band), dim=-1).repeat(G, 1)                       # (G * Tb, S); never an empty row
+                keys = torch.cat((k_adm[n_all:n_last], k[b, h, lo:offset + end]))            # (S, D)
+                values = torch.cat((v_adm[n_all:n_last], v[b, h, lo:offset + end]))         # (S, D)
+                o, lse = attention_lse(qb, keys[None, None], values[None, None], scale, visible)
+                if n_all:
+                    o_all, lse_all = attention_lse(qb, k_adm[None, None, :n_all], v_adm[None, None, :n_all], scale)
+                    o, lse = merge_attention(o, lse, o_all, lse_all)
+                out[b, h, :, start:end] = o.view(G, end - start, D)
     return out.view(B, Hq, Tq, D).to(q.dtype)
 
 

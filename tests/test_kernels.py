@@ -93,20 +93,37 @@ def test_gated_prefill_attention(G, D, dtype, T, W, frac, queries):
     # The reference in query blocks of 8: each block reads a different prefix of the admitted keys.
     lambda *args: kernels.gated_prefill_attention_ref(*args, block=8),
 ], ids=["triton", "reference"])
-def test_gated_prefill_matches_the_visibility_rule(prefill):
+@pytest.mark.parametrize("queries", [40, 13], ids=["all", "last"])
+def test_gated_prefill_matches_the_visibility_rule(prefill, queries):
     """Kernel and reference against the SPEC's mask on dense attention, batch 2, admission differing
-    per head, v laid out as the model makes it (B, T, Hkv, D) transposed, unlike k."""
+    per head, v laid out as the model makes it (B, T, Hkv, D) transposed, unlike k; "last": only the last
+    13 tokens ask (a chunk after what a cache holds)."""
     torch.manual_seed(0)
     B, Hkv, G, T, D, W = 2, 2, 2, 40, 64, 7
-    q, k, v = randn(B, Hkv * G, T, D), randn(B, Hkv, T, D), randn(B, T, Hkv, D).transpose(1, 2)
+    q, k, v = randn(B, Hkv * G, queries, D), randn(B, Hkv, T, D), randn(B, T, Hkv, D).transpose(1, 2)
     g = torch.rand(B, Hkv, T, device=DEVICE)
     idx, count = kernels.compact_admitted(g, TAU, W)
     out = prefill(q, k, v, idx, count, W, D ** -0.5)
-    i, j = torch.arange(T, device=DEVICE)[:, None], torch.arange(T, device=DEVICE)[None, :]
-    mask = (j <= i) & ((i - j < W) | (g[:, :, None, :] > TAU))                               # (B, Hkv, T, T)
+    i, j = torch.arange(T - queries, T, device=DEVICE)[:, None], torch.arange(T, device=DEVICE)[None, :]
+    mask = (j <= i) & ((i - j < W) | (g[:, :, None, :] > TAU))                               # (B, Hkv, Tq, T)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=mask.repeat_interleave(G, 1))
     assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("mask", ["none", "visible", "causal"])
+def test_attention_lse(mask):
+    """The attention and its log-sum-exp against float64 softmax, masked rows included."""
+    torch.manual_seed(1)
+    q, k, v = randn(2, 3, 9, 16), randn(2, 3, 9, 16), randn(2, 3, 9, 16)
+    visible = {"none": torch.ones(9, 9, dtype=torch.bool), "causal": torch.ones(9, 9, dtype=torch.bool).tril(),
+               "visible": torch.rand(9, 9) < 0.5}[mask].to(DEVICE)
+    visible[:, 0] = True
+    scores = (q.double() @ k.double().transpose(-1, -2) * 0.3).masked_fill(~visible, float("-inf"))
+    o, lse = kernels.attention_lse(q, k, v, 0.3, visible if mask == "visible" else None, causal=mask == "causal")
+    assert o.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o.double(), scores.softmax(-1) @ v.double(), rtol=1e-5, atol=1e-5)
 
 
 def paged_store(lengths, capacity, page_size, D, dtype, spare_pages=0, seed=0):
