@@ -97,13 +97,12 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor
     the tiles a causal mask hides; elsewhere plain tensor ops.
     """
     q, k, v = q.float(), k.float(), v.float()
+    if q.device.type == "cpu":
+        mask = None if visible is None else torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                           scale=scale)[:2]
     if causal:
         visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    if q.device.type == "cpu":
-        mask = None if visible is None or causal else torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
-                                                                             scale=scale)[:2]
-        return o, lse
     scores = q @ k.transpose(-1, -2) * scale                                                 # (B, H, M, S)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
