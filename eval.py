@@ -429,11 +429,20 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # The grid
 
+# The rows --policies chooses among; "compositions" are the --budgets rows.
+FAMILIES = ("dense", "gate", "random", "snapkv", "none", "sink", "compositions")
+
+
+def family_of(policy: Policy) -> str:
+    return {"builtin": policy.spec.split(":")[0], "budget": "compositions"}.get(policy.kind, policy.kind)
+
+
 def policy_list(gates: list[tuple[str, str]], sink: int, kv_budget: str | None = None,
-                budgets: tuple[float, ...] = ()) -> list[Policy]:
+                budgets: tuple[float, ...] = (), families: tuple[str, ...] = FAMILIES) -> list[Policy]:
     """dense, each gate with its matched baselines, none, sink:N (a gate runs before the rows matched to it),
     then per budget (a share of dense, in %) the compositions: each gate with lowest-g and with snapkv
-    eviction, and snapkv alone (every token admitted, SnapKV evicting). kv_budget: the plain gate rows' pool."""
+    eviction, and snapkv alone (every token admitted, SnapKV evicting); only the rows of the given families.
+    kv_budget: the plain gate rows' pool."""
     rows = [Policy("dense", "dense")]
     for name, path in gates:
         rows += [Policy(name, "gate", path, kv_budget), Policy(f"random ~ {name}", "random", name),
@@ -444,7 +453,7 @@ def policy_list(gates: list[tuple[str, str]], sink: int, kv_budget: str | None =
             rows += [Policy(f"{name} + {evict} @ {share:g}%", "budget", path, f"{share:g}%", evict)
                      for evict in ("lowest-g", "snapkv")]
         rows.append(Policy(f"snapkv alone @ {share:g}%", "budget", "full", f"{share:g}%", "snapkv"))
-    return rows
+    return [p for p in rows if family_of(p) in families]
 
 
 def say(msg: str) -> None:
@@ -708,7 +717,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
         trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
         threads: int, seed: int, out: str | None, plot_path: str | None, kv_budget: str | None = None,
-        budgets: list[float] | None = None) -> None:
+        budgets: list[float] | None = None, policies: list[str] | None = None) -> None:
     t_start = time.time()
     grid = QUICK if quick else FULL
     lengths = lengths if lengths is not None else grid["lengths"]
@@ -765,6 +774,15 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     if any(not 0 < b <= 100 for b in budgets):
         raise EvalError(f"--budgets {budgets}: each a share of the dense cache in (0, 100]")
     parse_budget(kv_budget)   # a bad --kv-budget: GateError, one line
+    families = tuple(policies) if policies is not None else FAMILIES
+    if (lengths or passkey_lengths) and not families:
+        raise EvalError("--policies with nothing after it leaves no row to run")
+    if lengths and "dense" not in families:
+        raise EvalError("perplexity and decode compare every policy with dense: add dense to --policies, "
+                        "or skip them with --lengths and nothing after it")
+    if gate_meta and {"random", "snapkv"} & set(families) and "gate" not in families:
+        raise EvalError("random ~ G and snapkv ~ G take their budget from the gate's own admissions: "
+                        "add gate to --policies")
 
     documents = source_order(read_documents(data))
     samples = document_samples(tok, documents, lengths, docs, device) if lengths else {}
@@ -784,7 +802,8 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     else:
         passkey_lengths = []
 
-    policies = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink, kv_budget, tuple(budgets))
+    policies = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink, kv_budget, tuple(budgets),
+                           families)
     say(f"eval: {len(policies)} policies, perplexity at {lengths} x {docs} documents, decode {decode_tokens} tokens, "
         f"passkey (and {keys} keys) at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}")
     setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded,
@@ -803,7 +822,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_s": time.time() - t_start}
     grid = {"lengths": lengths, "docs": docs, "decode_tokens": decode_tokens, "passkey_lengths": passkey_lengths,
             "depths": depths, "trials": trials, "keys": keys, "window": window, "sink": sink, "seed": seed,
-            "kv_budget": kv_budget, "budgets": budgets}
+            "kv_budget": kv_budget, "budgets": budgets, "families": list(families)}
     gates = {name: {"path": path, "metadata": metadata} for name, (path, metadata) in gate_meta.items()}
     emit(assemble([this_run], grid, gates, [p.name for p in policies], records), out, plot_path)
 
@@ -873,6 +892,7 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
     grid = {**first["grid"], "lengths": union("lengths"), "passkey_lengths": union("passkey_lengths"),
             "depths": union("depths"), "trials": max(piece["grid"]["trials"] for piece in pieces),
             "budgets": sorted({b for piece in pieces for b in piece["grid"].get("budgets", [])}),
+            "families": [f for f in FAMILIES if any(f in piece["grid"].get("families", FAMILIES) for piece in pieces)],
             "keys": next((piece["grid"]["keys"] for piece in pieces if piece["grid"].get("keys")), None)}
     policies = list(dict.fromkeys(p for piece in pieces for p in piece["policies"]))
     emit(assemble([r for piece in pieces for r in piece["runs"]], grid, first["gates"], policies, records),
@@ -881,7 +901,7 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
 
 # The options that define a grid to run; --merge takes the grid from its files and refuses them.
 GRID_OPTIONS = ("checkpoint", "gate", "quick", "lengths", "docs", "decode_tokens", "passkey_lengths", "depths",
-                "trials", "keys", "window", "kv_budget", "budgets")
+                "trials", "keys", "window", "kv_budget", "budgets", "policies")
 
 
 def main(merge_paths: list[str] | None, **kwargs) -> None:
@@ -917,6 +937,10 @@ if __name__ == "__main__":
     parser.add_argument("--budgets", type=float, nargs="*", metavar="PCT",
                         help="budgets (%% of the dense cache) of the composition rows: each gate + lowest-g, each gate + "
                              "snapkv, snapkv alone (default: 15 25 40; --quick: none)")
+    parser.add_argument("--policies", nargs="*", choices=FAMILIES, metavar="FAMILY",
+                        help=f"run only these rows, of {', '.join(FAMILIES)} (default: all), e.g. a new gate alone "
+                             f"(--policies gate) to set beside an earlier run's baselines; perplexity and decode "
+                             f"need dense, random and snapkv need gate")
     parser.add_argument("--sink", type=int, default=4, help="sink tokens of the sink:N baseline (default 4)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

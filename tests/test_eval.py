@@ -170,6 +170,29 @@ def test_pieces_merge_into_the_whole_grid(setup, quick):
             proc.stderr
 
 
+def test_policies_run_only_the_rows_asked_for(setup, quick):
+    """--policies gate snapkv: those rows alone, each as the whole run scored it (a row does not depend on the
+    rows beside it, only snapkv ~ G on G's admissions); a choice that leaves a row without what it needs: one
+    line, exit 2."""
+    root, checkpoint = setup
+    _, whole = quick
+    common = ["--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
+              "--gates-dir", str(root / "gates"), "--passkey-lengths", "400", "--depths", "0", "0.5", "1"]
+    out = root / "policies.json"
+    proc = run_eval(*common, "--lengths", "--policies", "gate", "snapkv", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["policies"] == ["tiny-0.5", "snapkv ~ tiny-0.5"] and result["grid"]["families"] == ["gate", "snapkv"]
+    for table in ("passkey", "multikey"):
+        assert result[table] == [r for r in whole[table] if r["policy"] in result["policies"]], table
+    for args, message in ((["--lengths", "160", "--policies", "gate"], "add dense to --policies"),
+                          (["--lengths", "--policies", "random"], "add gate to --policies"),
+                          (["--lengths", "--policies"], "leaves no row to run")):
+        proc = run_eval(*common, *args)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+            proc.stderr
+
+
 def test_matched_baselines_hold_the_gates_kv_bytes(quick):
     """random ~ G and snapkv ~ G hold G's K/V bytes on every sequence, within one token per KV head."""
     _, result = quick
