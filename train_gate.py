@@ -302,14 +302,16 @@ def record_admission(path: str, checkpoint: str | None, data: str | None, seq_le
 
 
 def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype: torch.dtype,
-                 admitted_per_layer: list[float]) -> None:
-    """Write the gate file (gate.py's format) with what a reader needs to know of its training."""
+                 admitted_per_layer: list[float], threshold: float | None = None) -> None:
+    """Write the gate file (gate.py's format) with what a reader needs to know of its training; threshold (default:
+    the trained one) is the tau the file asks for, at which admitted_per_layer was measured."""
     a = state["args"]
     metadata = {
-        "window": a["window"], "threshold": a["threshold"], "lambda": a["lam"],
+        "window": a["window"], "threshold": a["threshold"] if threshold is None else threshold, "lambda": a["lam"],
         "admitted_per_layer": admitted_per_layer,
         "base_model": Path(a["checkpoint"]).name,
         "training": {"steps": state["step"], "of_steps": a["steps"], "seq_len": a["seq_len"], "batch_size": a["batch_size"],
+                     "threshold": a["threshold"],
                      "lr": a["lr"], "weight_decay": a["weight_decay"], "data": a["data"], "run": str(run),
                      "retrieval_mix": a.get("retrieval_mix", 0.0), "retrieval_samples": a.get("retrieval_samples"),
                      "answer_weight": a.get("answer_weight", 0.0), "init": a.get("init"),
@@ -343,13 +345,19 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         torch.set_num_threads(threads)
     if export is not None:   # export a run's latest checkpoint, nothing else
         state = load_checkpoint(run)
+        trained = TRAJECTORY | state["args"]
+        # tau may differ from training's: it sets admission, and a stricter one trades quality for bytes
+        changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in given.items() if k != "threshold" and trained[k] != v]
+        if changed:
+            raise TrainError(f"--export writes {run} as it was trained, so only --threshold may differ ({'; '.join(changed)})")
+        threshold = given.get("threshold", trained["threshold"])
         gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
         gates.load_state_dict(state["gates"])
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        admitted = run_admission(run, gates, TRAJECTORY | state["args"], device)
-        export_gates(run, gates, state, Path(export), getattr(torch, export_dtype), admitted)
+        admitted = run_admission(run, gates, trained | {"threshold": threshold}, device)
+        export_gates(run, gates, state, Path(export), getattr(torch, export_dtype), admitted, threshold)
         print(export)
-        print(f"exported step {state['step']}/{state['args']['steps']} of {run} ({export_dtype})", file=sys.stderr)
+        print(f"exported step {state['step']}/{state['args']['steps']} of {run} ({export_dtype}, tau {threshold:g})", file=sys.stderr)
         return
 
     # Resume only what was asked, and never overwrite a run silently.
@@ -594,7 +602,8 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, help="sequences per step, over all processes" + d("batch_size"))
     p.add_argument("--lambda", dest="lam", type=float, help="weight of the sparsity regularizer" + d("lam"))
     p.add_argument("--window", type=int, help="W: every token is visible to the next W-1 queries" + d("window"))
-    p.add_argument("--threshold", type=float, help="tau: a token is admitted when g > tau" + d("threshold"))
+    p.add_argument("--threshold", type=float, help="tau: a token is admitted when g > tau" + d("threshold")
+                   + "; with --export, the tau the file asks for (admission per layer is measured at it)")
     p.add_argument("--lr", type=float, help="AdamW peak learning rate" + d("lr"))
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay" + d("weight_decay"))
     p.add_argument("--warmup", type=float, help="share of the steps with linear warm-up, then cosine to 0" + d("warmup"))

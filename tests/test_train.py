@@ -235,10 +235,25 @@ def test_export_writes_a_16_bit_gate_file(tiny, tmp_path):
     # The admission per layer, measured on the run's training samples, sizes the page pool by default.
     admitted = meta["admitted_per_layer"]
     assert len(admitted) == 2 and all(0 <= a <= 1 for a in admitted) and admitted == full_meta["admitted_per_layer"]
+    # A stricter tau at export: the same weights, the file asks for it, and its admission is measured at it.
+    strict = tmp_path / "gates" / "tiny-0.05-tau0.5.safetensors"
+    train_gate.train(**run_args(model_dir, docs_dir, out, steps=2, threshold=0.5, export=str(strict)))
+    strict_gates, strict_meta = load_gates(strict)
+    assert strict_meta["threshold"] == 0.5 and json.loads(strict_meta["training"])["threshold"] == 0.1
+    assert all(torch.equal(a, b) for g, h in zip(gates, strict_gates) for a, b in zip(g.parameters(), h.parameters()))
+    state = train_gate.load_checkpoint(out)
+    trained_gates = torch.nn.ModuleList(train_gate.WriteGate(*shape) for shape in state["gate_shapes"])
+    trained_gates.load_state_dict(state["gates"])
+    distiller = train_gate.Distiller(Transformer.from_pretrained(str(model_dir), dtype=torch.float32, device="cpu"),
+                                     trained_gates, window=8, threshold=0.5)
+    samples, _, n_prose = train_gate.load_samples(out)
+    rows = [train_gate.sample_row(i, n_prose, samples.shape[0] - n_prose, 0.0, state["args"]["seed"]) for i in range(2)]
+    assert strict_meta["admitted_per_layer"] == train_gate.measure_admission(distiller, samples, rows, "cpu")
+    assert all(s <= a for s, a in zip(strict_meta["admitted_per_layer"], admitted))
 
 
 @pytest.mark.parametrize("problem", ["missing data", "empty data", "too long", "existing run", "nothing to resume",
-                                     "resume with other settings"])
+                                     "resume with other settings", "export with other settings"])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, problem, capsys):
     model_dir, docs_dir = tiny
     (tmp_path / "empty").mkdir()
@@ -248,7 +263,9 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, problem, capsys):
     args |= {"missing data": dict(data=str(tmp_path / "nope")), "empty data": dict(data=str(tmp_path / "empty")),
              "too long": dict(seq_len=1000), "existing run": dict(out=str(tmp_path / "existing")),
              "nothing to resume": dict(resume=True),
-             "resume with other settings": dict(out=str(tmp_path / "existing"), resume=True, lam=0.5)}[problem]
+             "resume with other settings": dict(out=str(tmp_path / "existing"), resume=True, lam=0.5),
+             "export with other settings": dict(out=str(tmp_path / "existing"), export=str(tmp_path / "g.safetensors"),
+                                                lam=0.5)}[problem]
     with pytest.raises(SystemExit) as e:
         train_gate.main(**args)
     assert e.value.code == 2
