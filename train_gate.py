@@ -326,6 +326,11 @@ def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype
     os.replace(tmp, path)
 
 
+def changed_settings(saved: dict, given: dict, free: tuple[str, ...] = ()) -> list[str]:
+    """The given settings, other than the free ones, that differ from a run's saved ones, as 'key old -> new'."""
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in given.items() if k not in free and saved[k] != v]
+
+
 def build_gates(model: Transformer, hidden: int) -> nn.ModuleList:
     c = model.config
     return nn.ModuleList(WriteGate(c.n_kv_heads, c.head_dim, hidden) for _ in range(c.n_layers))
@@ -347,8 +352,7 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         state = load_checkpoint(run)
         trained = TRAJECTORY | state["args"]
         # tau may differ from training's: it sets admission, and a stricter one trades quality for bytes
-        changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in given.items() if k != "threshold" and trained[k] != v]
-        if changed:
+        if changed := changed_settings(trained, given, free=("threshold",)):
             raise TrainError(f"--export writes {run} as it was trained, so only --threshold may differ ({'; '.join(changed)})")
         threshold = given.get("threshold", trained["threshold"])
         gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
@@ -365,8 +369,7 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
     if resume:
         state = load_checkpoint(run)
         state["args"] = TRAJECTORY | state["args"]   # a run from before a setting existed ran at its default
-        changed = [f"{k} {state['args'][k]!r} -> {v!r}" for k, v in given.items() if state["args"][k] != v]
-        if changed:
+        if changed := changed_settings(state["args"], given):
             raise TrainError(f"{run}/checkpoint.pt was written with other settings ({'; '.join(changed)}); "
                              f"resume without them or start a new --out")
         args = dict(state["args"])
