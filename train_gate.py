@@ -326,6 +326,11 @@ def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype
     os.replace(tmp, path)
 
 
+def command_line() -> str:
+    """This process's command, as the gate files and checkpoints record it."""
+    return shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])
+
+
 def changed_settings(saved: dict, given: dict, free: tuple[str, ...] = ()) -> list[str]:
     """The given settings, other than the free ones, that differ from a run's saved ones, as 'key old -> new'."""
     return [f"{k} {saved[k]!r} -> {v!r}" for k, v in given.items() if k not in free and saved[k] != v]
@@ -359,7 +364,9 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         gates.load_state_dict(state["gates"])
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         admitted = run_admission(run, gates, trained | {"threshold": threshold}, device)
-        export_gates(run, gates, state, Path(export), getattr(torch, export_dtype), admitted, threshold)
+        # the file's commands end with this one: how it was written (its tau, say) is part of its record
+        export_gates(run, gates, state | {"commands": state.get("commands", []) + [command_line()]}, Path(export),
+                     getattr(torch, export_dtype), admitted, threshold)
         print(export)
         print(f"exported step {state['step']}/{state['args']['steps']} of {run} ({export_dtype}, tau {threshold:g})", file=sys.stderr)
         return
@@ -449,7 +456,7 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         say(f"resumed {run} at step {step}/{steps}")
     distiller = Distiller(model, gates, window, threshold, block, activation_checkpointing)
 
-    commands = (state.get("commands", []) if state is not None else []) + [shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])]
+    commands = (state.get("commands", []) if state is not None else []) + [command_line()]
 
     def snapshot(last: dict | None) -> dict:
         return {"step": step, "elapsed": elapsed, "args": args, "gates": gates.state_dict(), "commands": commands,

@@ -240,6 +240,9 @@ def test_export_writes_a_16_bit_gate_file(tiny, tmp_path):
     train_gate.train(**run_args(model_dir, docs_dir, out, steps=2, threshold=0.5, export=str(strict)))
     strict_gates, strict_meta = load_gates(strict)
     assert strict_meta["threshold"] == 0.5 and json.loads(strict_meta["training"])["threshold"] == 0.1
+    # the file's record ends with the command that wrote it, after the run's own
+    commands = json.loads(strict_meta["training"])["commands"]
+    assert commands[:-1] == json.loads(full_meta["training"])["commands"] and len(commands) == 2
     assert all(torch.equal(a, b) for g, h in zip(gates, strict_gates) for a, b in zip(g.parameters(), h.parameters()))
     distiller = train_gate.Distiller(Transformer.from_pretrained(str(model_dir), dtype=torch.float32, device="cpu"),
                                      torch.nn.ModuleList(full), window=8, threshold=0.5)   # the run's float32 gates
