@@ -274,15 +274,25 @@ def tokenized_documents(checkpoint: str, data: str) -> tuple[Tokenizer, list, li
     return tok, docs, [e.ids for e in tok.backend.encode_batch([text for _, text in docs], add_special_tokens=False)]
 
 
-def record_admission(path: str, checkpoint: str | None, data: str | None, seq_len: int | None, device: str | None) -> list[float]:
+def record_admission(path: str, checkpoint: str | None, data: str | None, seq_len: int | None, device: str | None,
+                     threshold: float | None = None) -> list[float]:
     """Measure a gate file's admission per layer on the training split (measure_admission on the first
     ADMISSION_SAMPLES samples of a seed-0 run's order, at the sequence length it was trained at unless
-    given) and write it into the file's metadata, for gate files exported before the record existed."""
+    given) and write it into the file's metadata, for gate files exported before the record existed.
+
+    threshold: a new tau for the file, at which admission is measured; the file keeps its trained tau under
+    training.threshold and adds this command to its training.commands (the gate file's twin of --export's)."""
     gates, metadata = load_gates(path)
+    training = json.loads(metadata.get("training", "{}"))
+    if threshold is not None:
+        if not 0 < threshold < 1:
+            raise TrainError(f"need 0 < --threshold < 1 (got {threshold})")
+        training.setdefault("threshold", metadata.get("threshold", TRAJECTORY["threshold"]))
+        training["commands"] = training.get("commands", []) + [command_line()]
+        metadata = metadata | {"threshold": threshold, "training": training}
     if checkpoint is None:
         from convert_gguf import ensure_default_checkpoint
         checkpoint = str(ensure_default_checkpoint())
-    training = json.loads(metadata.get("training", "{}"))
     seq_len = seq_len or training.get("seq_len") or TRAJECTORY["seq_len"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Transformer.from_pretrained(checkpoint, dtype=torch.float32, device=device)
@@ -591,7 +601,7 @@ def main(record_admission_file: str | None = None, **kwargs) -> None:
             if kwargs["threads"]:
                 torch.set_num_threads(kwargs["threads"])
             admitted = record_admission(record_admission_file, kwargs["checkpoint"], kwargs["data"], kwargs["seq_len"],
-                                        kwargs["device"])
+                                        kwargs["device"], kwargs["threshold"])
             print(record_admission_file)
             print(f"admitted per layer: {' '.join(f'{a:.2f}' for a in admitted)}", file=sys.stderr)
             return
@@ -613,7 +623,8 @@ if __name__ == "__main__":
     p.add_argument("--lambda", dest="lam", type=float, help="weight of the sparsity regularizer" + d("lam"))
     p.add_argument("--window", type=int, help="W: every token is visible to the next W-1 queries" + d("window"))
     p.add_argument("--threshold", type=float, help="tau: a token is admitted when g > tau" + d("threshold")
-                   + "; with --export, the tau the file asks for (admission per layer is measured at it)")
+                   + "; with --export or --record-admission, the tau the file asks for (admission per layer is "
+                   "measured at it)")
     p.add_argument("--lr", type=float, help="AdamW peak learning rate" + d("lr"))
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay" + d("weight_decay"))
     p.add_argument("--warmup", type=float, help="share of the steps with linear warm-up, then cosine to 0" + d("warmup"))
@@ -637,8 +648,9 @@ if __name__ == "__main__":
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--export", help="write OUT's latest checkpoint as a gate file at this path and exit")
     p.add_argument("--record-admission", dest="record_admission_file", metavar="GATE_FILE",
-                   help="measure a gate file's admission per layer on --data (the training split) and write it into "
-                   "the file's metadata, which sizes generate.py's default --kv-budget; then exit")
+                   help="measure a gate file's admission per layer on --data (the training split) at its tau (or "
+                   "at --threshold, which the file then asks for) and write it into the file's metadata, which sizes "
+                   "generate.py's default --kv-budget; then exit")
     p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="precision of the exported gate file (default: float16)")
     main(**vars(p.parse_args()))

@@ -1,6 +1,7 @@
 """The gate trainer on tiny random models: soft-gated attention, regularizer, a step, a run, resume, DDP."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -465,3 +466,17 @@ def test_record_admission_adds_the_record_to_an_older_gate_file(tiny, tmp_path):
     assert {k: v for k, v in after_meta.items() if k != "admitted_per_layer"} == \
         {k: v for k, v in meta.items() if k != "admitted_per_layer"}
     assert all(torch.equal(before[k], t) for k, t in load_file(old).items())
+    # With --threshold the file asks for the new tau, its admission is measured there, and its record says so.
+    strict = tmp_path / "strict.safetensors"
+    shutil.copy(old, strict)
+    admitted = train_gate.record_admission(str(strict), str(model_dir), str(docs_dir), None, "cpu", threshold=0.5)
+    strict_gates, strict_meta = load_gates(strict)
+    assert strict_meta["threshold"] == 0.5 and strict_meta["admitted_per_layer"] == admitted
+    assert all(s <= a for s, a in zip(admitted, after_meta["admitted_per_layer"])) and admitted != after_meta["admitted_per_layer"]
+    training, trained = json.loads(strict_meta["training"]), json.loads(meta["training"])
+    assert training["threshold"] == 0.1 and training["commands"][:-1] == trained["commands"]
+    assert {k: v for k, v in training.items() if k not in ("threshold", "commands")} == \
+        {k: v for k, v in trained.items() if k not in ("threshold", "commands")}
+    assert all(torch.equal(before[k], t) for k, t in load_file(strict).items())
+    with pytest.raises(train_gate.TrainError, match="threshold"):
+        train_gate.record_admission(str(strict), str(model_dir), str(docs_dir), None, "cpu", threshold=1.5)
