@@ -35,7 +35,7 @@ DEFAULT_PREFILL_CHUNK = 2048
 # --interactive: the positions a conversation may take, unless --max-seq-len says otherwise.
 DEFAULT_CHAT_LEN = 4096
 # The embedded model runs with its trained gate unless --gate says otherwise (dense: the dense cache).
-DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-0.64.safetensors"
+DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-0.16-tau0.46.safetensors"
 
 
 class BadInput(ValueError):
