@@ -281,7 +281,8 @@ def record_admission(path: str, checkpoint: str | None, data: str | None, seq_le
     given) and write it into the file's metadata, for gate files exported before the record existed.
 
     threshold: a new tau for the file, at which admission is measured; the file keeps its trained tau under
-    training.threshold and adds this command to its training.commands (the gate file's twin of --export's)."""
+    training.threshold and adds this command to its training.commands (the gate file's twin of --export's).
+    A file without training.threshold is an export from before that record, which always wrote the trained tau."""
     gates, metadata = load_gates(path)
     training = json.loads(metadata.get("training", "{}"))
     if threshold is not None:
@@ -370,6 +371,8 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         if changed := changed_settings(trained, given, free=("threshold",)):
             raise TrainError(f"--export writes {run} as it was trained, so only --threshold may differ ({'; '.join(changed)})")
         threshold = given.get("threshold", trained["threshold"])
+        if not 0 < threshold < 1:
+            raise TrainError(f"need 0 < --threshold < 1 (got {threshold})")
         gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
         gates.load_state_dict(state["gates"])
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -623,8 +626,8 @@ if __name__ == "__main__":
     p.add_argument("--lambda", dest="lam", type=float, help="weight of the sparsity regularizer" + d("lam"))
     p.add_argument("--window", type=int, help="W: every token is visible to the next W-1 queries" + d("window"))
     p.add_argument("--threshold", type=float, help="tau: a token is admitted when g > tau" + d("threshold")
-                   + "; with --export or --record-admission, the tau the file asks for (admission per layer is "
-                   "measured at it)")
+                   + "; with --export or --record-admission, the tau the file asks for, admission per layer measured "
+                   "at it (default: the run's or the file's own)")
     p.add_argument("--lr", type=float, help="AdamW peak learning rate" + d("lr"))
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay" + d("weight_decay"))
     p.add_argument("--warmup", type=float, help="share of the steps with linear warm-up, then cosine to 0" + d("warmup"))

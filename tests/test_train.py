@@ -1,7 +1,6 @@
 """The gate trainer on tiny random models: soft-gated attention, regularizer, a step, a run, resume, DDP."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -222,7 +221,7 @@ def test_loss_falls_and_lambda_sets_sparsity(tiny, tmp_path):
     assert finals[1.0] < finals[0.0]
 
 
-def test_export_writes_a_16_bit_gate_file(tiny, tmp_path):
+def test_export_writes_a_16_bit_gate_file(tiny, tmp_path, monkeypatch):
     model_dir, docs_dir = tiny
     out = tmp_path / "run"
     train_gate.train(**run_args(model_dir, docs_dir, out, steps=2))
@@ -238,12 +237,14 @@ def test_export_writes_a_16_bit_gate_file(tiny, tmp_path):
     assert len(admitted) == 2 and all(0 <= a <= 1 for a in admitted) and admitted == full_meta["admitted_per_layer"]
     # A stricter tau at export: the same weights, the file asks for it, and its admission is measured at it.
     strict = tmp_path / "gates" / "tiny-0.05-tau0.5.safetensors"
+    monkeypatch.setattr(sys, "argv", ["train_gate.py", "--out", str(out), "--threshold", "0.5", "--export", str(strict)])
     train_gate.train(**run_args(model_dir, docs_dir, out, steps=2, threshold=0.5, export=str(strict)))
     strict_gates, strict_meta = load_gates(strict)
     assert strict_meta["threshold"] == 0.5 and json.loads(strict_meta["training"])["threshold"] == 0.1
     # the file's record ends with the command that wrote it, after the run's own
     commands = json.loads(strict_meta["training"])["commands"]
     assert commands[:-1] == json.loads(full_meta["training"])["commands"] and len(commands) == 2
+    assert commands[-1] == f"train_gate.py --out {out} --threshold 0.5 --export {strict}"
     assert all(torch.equal(a, b) for g, h in zip(gates, strict_gates) for a, b in zip(g.parameters(), h.parameters()))
     distiller = train_gate.Distiller(Transformer.from_pretrained(str(model_dir), dtype=torch.float32, device="cpu"),
                                      torch.nn.ModuleList(full), window=8, threshold=0.5)   # the run's float32 gates
@@ -254,7 +255,8 @@ def test_export_writes_a_16_bit_gate_file(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["missing data", "empty data", "too long", "existing run", "nothing to resume",
-                                     "resume with other settings", "export with other settings"])
+                                     "resume with other settings", "export with other settings",
+                                     "export with a tau out of range"])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, problem, capsys):
     model_dir, docs_dir = tiny
     (tmp_path / "empty").mkdir()
@@ -266,7 +268,9 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, problem, capsys):
              "nothing to resume": dict(resume=True),
              "resume with other settings": dict(out=str(tmp_path / "existing"), resume=True, lam=0.5),
              "export with other settings": dict(out=str(tmp_path / "existing"), export=str(tmp_path / "g.safetensors"),
-                                                lam=0.5)}[problem]
+                                                lam=0.5),
+             "export with a tau out of range": dict(out=str(tmp_path / "existing"),
+                                                    export=str(tmp_path / "g.safetensors"), threshold=1.5)}[problem]
     with pytest.raises(SystemExit) as e:
         train_gate.main(**args)
     assert e.value.code == 2
@@ -450,7 +454,7 @@ def test_sigkill_resumes_from_the_last_checkpoint_on_the_uninterrupted_trajector
                                                  load_file(out / "gate.safetensors").values()))
 
 
-def test_record_admission_adds_the_record_to_an_older_gate_file(tiny, tmp_path):
+def test_record_admission_adds_the_record_to_an_older_gate_file(tiny, tmp_path, monkeypatch):
     """A gate file exported before the record existed gets admitted_per_layer, measured on the training split
     as an export measures it; its gates and other metadata are untouched."""
     model_dir, docs_dir = tiny
@@ -466,15 +470,20 @@ def test_record_admission_adds_the_record_to_an_older_gate_file(tiny, tmp_path):
     assert {k: v for k, v in after_meta.items() if k != "admitted_per_layer"} == \
         {k: v for k, v in meta.items() if k != "admitted_per_layer"}
     assert all(torch.equal(before[k], t) for k, t in load_file(old).items())
-    # With --threshold the file asks for the new tau, its admission is measured there, and its record says so.
+    # With --threshold the file asks for the new tau, its admission is measured there, and its record says so,
+    # also for a file from before training.threshold was recorded (its tau then was the trained one).
     strict = tmp_path / "strict.safetensors"
-    shutil.copy(old, strict)
+    older = {k: v for k, v in json.loads(meta["training"]).items() if k != "threshold"}
+    save_gates(strict, gates, {k: v for k, v in meta.items() if k != "admitted_per_layer"} | {"training": older},
+               dtype=torch.float16)
+    monkeypatch.setattr(sys, "argv", ["train_gate.py", "--record-admission", str(strict), "--threshold", "0.5"])
     admitted = train_gate.record_admission(str(strict), str(model_dir), str(docs_dir), None, "cpu", threshold=0.5)
     strict_gates, strict_meta = load_gates(strict)
     assert strict_meta["threshold"] == 0.5 and strict_meta["admitted_per_layer"] == admitted
     assert all(s <= a for s, a in zip(admitted, after_meta["admitted_per_layer"])) and admitted != after_meta["admitted_per_layer"]
     training, trained = json.loads(strict_meta["training"]), json.loads(meta["training"])
     assert training["threshold"] == 0.1 and training["commands"][:-1] == trained["commands"]
+    assert training["commands"][-1] == f"train_gate.py --record-admission {strict} --threshold 0.5"
     assert {k: v for k, v in training.items() if k not in ("threshold", "commands")} == \
         {k: v for k, v in trained.items() if k not in ("threshold", "commands")}
     assert all(torch.equal(before[k], t) for k, t in load_file(strict).items())
