@@ -286,8 +286,7 @@ def record_admission(path: str, checkpoint: str | None, data: str | None, seq_le
     gates, metadata = load_gates(path)
     training = json.loads(metadata.get("training", "{}"))
     if threshold is not None:
-        if not 0 < threshold < 1:
-            raise TrainError(f"need 0 < --threshold < 1 (got {threshold})")
+        check_file_threshold(threshold)
         training.setdefault("threshold", metadata.get("threshold", TRAJECTORY["threshold"]))
         training["commands"] = training.get("commands", []) + [command_line()]
         metadata = metadata | {"threshold": threshold, "training": training}
@@ -337,6 +336,12 @@ def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype
     os.replace(tmp, path)
 
 
+def check_file_threshold(threshold: float) -> None:
+    """The tau a gate file asks for (--export, --record-admission): admission needs 0 < tau < 1."""
+    if not 0 < threshold < 1:
+        raise TrainError(f"need 0 < --threshold < 1 (got {threshold})")
+
+
 def command_line() -> str:
     """This process's command, as the gate files and checkpoints record it."""
     return shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])
@@ -371,8 +376,7 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         if changed := changed_settings(trained, given, free=("threshold",)):
             raise TrainError(f"--export writes {run} as it was trained, so only --threshold may differ ({'; '.join(changed)})")
         threshold = given.get("threshold", trained["threshold"])
-        if not 0 < threshold < 1:
-            raise TrainError(f"need 0 < --threshold < 1 (got {threshold})")
+        check_file_threshold(threshold)
         gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
         gates.load_state_dict(state["gates"])
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
