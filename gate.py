@@ -11,6 +11,7 @@ for a learned gate, and the one-call setup of gates and write-gated caches in a 
 """
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -95,12 +96,16 @@ _TYPED_METADATA = {"window": int, "threshold": float, "lambda": float, "admitted
 
 def save_gates(path: str | Path, gates: list[WriteGate], metadata: dict | None = None,
                dtype: torch.dtype = torch.float32) -> None:
-    """Write a gate file. metadata: window, threshold, lambda, base_model, training (any value; non-strings go as JSON)."""
+    """Write a gate file. metadata: window, threshold, lambda, base_model, training (any value; non-strings go as JSON).
+    Written beside and then renamed over path, so a reader never sees half a file (exports rewrite files in place)."""
     from safetensors.torch import save_file
     tensors = {f"model.layers.{i}.self_attn.g_predictors.{name}": t.to("cpu", dtype).contiguous()
                for i, gate in enumerate(gates) for name, t in gate.official_state().items()}
     header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if v is not None}
-    save_file(tensors, str(path), metadata=header)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    os.replace(tmp, path)
 
 
 def load_gates(path: str | Path) -> tuple[list[WriteGate], dict]:

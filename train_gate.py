@@ -305,9 +305,7 @@ def record_admission(path: str, checkpoint: str | None, data: str | None, seq_le
     admitted = measure_admission(Distiller(model, gates, window, threshold), samples, rows, device)
     from safetensors.torch import load_file
     dtype = next(iter(load_file(path).values())).dtype                                        # keep the file's precision
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    save_gates(tmp, list(gates), metadata | {"admitted_per_layer": admitted}, dtype=dtype)
-    os.replace(tmp, path)
+    save_gates(path, list(gates), metadata | {"admitted_per_layer": admitted}, dtype=dtype)
     return admitted
 
 
@@ -331,9 +329,7 @@ def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype
                      if state.get("last") else None},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_gates(tmp, list(gates), metadata, dtype=dtype)
-    os.replace(tmp, path)
+    save_gates(path, list(gates), metadata, dtype=dtype)
 
 
 def check_file_threshold(threshold: float) -> None:
