@@ -17,18 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-
-# One compiled decode step for every cache size (--max-seq-len): the size dims of the caches' buffers are
-# marked dynamic below, which torch.compile honours for module buffers only with this flag off (it treats
-# buffers as parameters, whose shapes it otherwise fixes). Parameters keep their static shapes: nothing
-# marks them dynamic and they never change size.
-torch._dynamo.config.force_parameter_static_shapes = False
-
-
-def dynamic_sizes(*dims: tuple[Tensor, int]) -> None:
-    """Mark the (buffer, dim) pairs dynamic for torch.compile; a size of 0 or 1 may still be specialised."""
-    for tensor, dim in dims:
-        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+from pages import PagePool, dynamic_sizes, gather_store, pages_for, pool_rows, release_pages
 
 
 @contextlib.contextmanager
@@ -129,44 +118,6 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-class PagePool(nn.Module):
-    """Pages of `page_size` token slots that the global stores of every layer, batch row and KV head draw from.
-
-    One pool per model, shared by the layers' WriteGatedCaches: a head takes a page when its last one is
-    full, so memory follows what the gate admits, head by head, instead of a worst case per head. Page
-    n_pages is scratch (see kernels.py); the free stack and its count live on the device.
-    """
-
-    def __init__(self, n_pages: int, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        super().__init__()
-        if n_pages < 0 or page_size < 1:
-            raise ValueError(f"a page pool needs n_pages >= 0 and page_size >= 1, not {n_pages} and {page_size}")
-        self.page_size = page_size
-        N, P, D = n_pages, page_size, head_dim
-        self.register_buffer("k", torch.zeros(N + 1, P, D, dtype=dtype, device=device), persistent=False)        # (N+1, P, D)
-        self.register_buffer("v", torch.zeros(N + 1, P, D, dtype=dtype, device=device), persistent=False)        # (N+1, P, D)
-        self.register_buffer("g", torch.zeros(N + 1, P, dtype=torch.float32, device=device), persistent=False)   # (N+1, P)
-        self.register_buffer("free_pages", torch.empty(N + 1, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("n_free", torch.empty(1, dtype=torch.int64, device=device), persistent=False)
-        dynamic_sizes((self.k, 0), (self.v, 0), (self.g, 0), (self.free_pages, 0))
-        self.reset()
-
-    @property
-    def n_pages(self) -> int:
-        return self.k.shape[0] - 1
-
-    def reset(self) -> None:
-        """Every page free; the stack hands out pages 0, 1, 2... first (any order would do)."""
-        self.free_pages.copy_(torch.arange(self.n_pages, -1, -1, device=self.free_pages.device).roll(-1))
-        self.n_free.fill_(self.n_pages)
-
-    def bytes_allocated(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-
-def pages_for(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
-
 
 class WriteGatedCache(nn.Module):
     """Write-Gated KV: a ring of the last W tokens and a paged global store of the admitted older ones.
@@ -236,8 +187,7 @@ class WriteGatedCache(nn.Module):
     def reset(self) -> None:
         """Empty the cache for the next sequence, giving its pages back to the pool (an append at position 0
         does this itself; a decode step never does)."""
-        kernels.release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len,
-                              self.pool.page_size)
+        release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, self.pool.page_size)
         self.ring_g.fill_(-1.0)
         for name in ("n_left", "n_admitted", "n_capacity_drops", "n_evicted"):
             getattr(self, name).zero_()
@@ -388,19 +338,19 @@ class WriteGatedCache(nn.Module):
         kept = kept & (slots < self.global_len[..., None])                                     # (B, Hkv, C)
         keep = kept.sum(-1)                                                                    # (B, Hkv)
         order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices                # survivors first, in order
-        src = kernels.pool_rows(self.page_table, order, P)                                     # (B, Hkv, C)
-        dst = torch.where(slots < keep[..., None], kernels.pool_rows(self.page_table, slots.expand_as(order), P), N * P)
+        src = pool_rows(self.page_table, order, P)                                             # (B, Hkv, C)
+        dst = torch.where(slots < keep[..., None], pool_rows(self.page_table, slots.expand_as(order), P), N * P)
         for rows in (self.pool.k.view(-1, self.pool.k.shape[-1]), self.pool.v.view(-1, self.pool.v.shape[-1]),
                      self.pool.g.view(-1)):
             rows[dst.flatten()] = rows[src.flatten()]
         getattr(self, counter).add_(self.global_len - keep)
-        kernels.release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, P, keep)
+        release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, P, keep)
 
     def store_contents(self, n_pages: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The global store (its first n_pages pages per head, default all) as contiguous tensors: k, v
         (B, Hkv, C, D) and g (B, Hkv, C); slot s of a head holds a token for s < global_len, anything after."""
         M = self.page_table.shape[-1] if n_pages is None else n_pages
-        return tuple(kernels.gather_store(x, self.page_table, M) for x in (self.pool.k, self.pool.v, self.pool.g))
+        return tuple(gather_store(x, self.page_table, M) for x in (self.pool.k, self.pool.v, self.pool.g))
 
     def counts(self) -> dict[str, Tensor]:
         """Per (batch, KV head) token counts, as device tensors (B, Hkv): read them after generation."""

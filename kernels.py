@@ -24,6 +24,8 @@ import triton.language as tl       # noqa: E402
 from torch.library import triton_op, wrap_triton   # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction   # noqa: E402
 
+from pages import pool_rows, store_room   # noqa: E402
+
 
 # partial_attention_ref's .item() becomes a symbolic size in the compiled graph instead of a graph break.
 torch._dynamo.config.capture_scalar_outputs = True
@@ -158,63 +160,6 @@ def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: T
     return out.view(B, Hq, Tq, D).to(q.dtype)
 
 
-# --- the paged global store -------------------------------------------------------------------
-# The admitted tokens of every (layer, batch row, KV head) live in pages of P token slots drawn from one
-# pool: pool_k, pool_v (N + 1, P, D) and pool_g (N + 1, P). A head's row of page_table (B, Hkv, M) lists its
-# pages in order: its store slot s is pool row page_table[s // P] * P + s % P, global_len (B, Hkv) says how
-# many slots hold a token, and it holds ceil(len / P) pages, none of them empty. The per-head capacity is
-# C = M * P. Page N is scratch: it is never handed out, unused table entries point at it, and the writes of
-# heads that write nothing go there, so that every write is unconditional and no two heads write the same
-# row. free_pages (N + 1,) is a stack whose first n_free (1,) entries are the free pages (its last entry is
-# scratch as well).
-
-def pool_rows(page_table: Tensor, slots: Tensor, page_size: int) -> Tensor:
-    """Flat pool rows (page * P + offset) of store slots: page_table (B, Hkv, M), slots (B, Hkv, S) -> (B, Hkv, S)."""
-    pages = page_table.gather(2, (slots // page_size).clamp(max=page_table.shape[-1] - 1))
-    return pages * page_size + slots % page_size
-
-
-def gather_store(pool: Tensor, page_table: Tensor, n_pages: int) -> Tensor:
-    """The first n_pages pages of every head's store: pool (N + 1, P, ...) -> (B, Hkv, n_pages * P, ...)."""
-    return pool[page_table[:, :, :n_pages]].flatten(2, 3)
-
-
-def grant_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, held: Tensor, want: Tensor) -> Tensor:
-    """Hand pages from the free stack to the heads that want them, in (batch, head) order, on the device.
-
-    held, want: (B, Hkv) pages each head holds and how many more it wants. The table entries
-    [held, held + got) receive the pages; a head asking past its table or past what is left gets fewer.
-    Returns got (B, Hkv). No host sync: prefix sums, a gather and a select.
-    """
-    M = page_table.shape[-1]
-    want = torch.minimum(want, M - held).flatten()                                          # (B*Hkv,)
-    before = (want.cumsum(0) - want).view_as(held)                                          # wanted by earlier heads
-    got = (n_free - before).clamp(min=0).minimum(want.view_as(held))                        # (B, Hkv)
-    new = torch.arange(M, device=held.device) - held[..., None]                             # (B, Hkv, M) rank among the new pages
-    entry = (n_free - 1 - before[..., None] - new).clamp(0, free_pages.shape[0] - 1)         # (B, Hkv, M) stack entries
-    page_table.copy_(torch.where((new >= 0) & (new < got[..., None]), free_pages[entry], page_table))
-    n_free.sub_(got.sum())
-    return got
-
-
-def release_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int,
-                  keep: Tensor | None = None) -> None:
-    """Shorten each head's store to its first keep (B, Hkv) tokens (default: none) and give the pages it no
-    longer needs back to the free stack, on the device."""
-    N, M = free_pages.shape[0] - 1, page_table.shape[-1]
-    keep = torch.zeros_like(global_len) if keep is None else keep
-    kept = (keep + page_size - 1) // page_size                                              # (B, Hkv) pages still needed
-    freed = (global_len + page_size - 1) // page_size - kept                                # (B, Hkv) pages given back
-    before = (freed.flatten().cumsum(0) - freed.flatten()).view_as(freed)                   # (B, Hkv)
-    col = torch.arange(M, device=keep.device) - kept[..., None]                             # (B, Hkv, M) rank among the freed
-    dest = torch.where((col >= 0) & (col < freed[..., None]), n_free + before[..., None] + col, N)   # the rest to scratch
-    free_pages.scatter_(0, dest.flatten(), page_table.flatten())
-    free_pages[N] = N
-    n_free.add_(freed.sum())
-    page_table.masked_fill_(col >= 0, N)
-    global_len.copy_(keep)
-
-
 def paged_attention_ref(q: Tensor, pool_k: Tensor, pool_v: Tensor, page_table: Tensor, lengths: Tensor,
                         scale: float) -> tuple[Tensor, Tensor]:
     """Decode attention over the first `lengths` tokens of each head's paged store, read in place.
@@ -275,16 +220,6 @@ def kept_positions(g: Tensor, admitted_idx: Tensor, admitted_count: Tensor, room
     ranked = torch.where(admitted, g.gather(2, admitted_idx), torch.full_like(g, -1.0))
     best = admitted_idx.gather(2, ranked.sort(dim=-1, descending=True, stable=True).indices)
     return torch.where((admitted_count <= room)[..., None], admitted_idx, best)
-
-
-def store_room(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int,
-               wanted: Tensor) -> Tensor:
-    """Pages for `wanted` (B, Hkv) more tokens per head; returns the free slots each head then has (B, Hkv)."""
-    P = page_size
-    held = (global_len + P - 1) // P
-    want = (global_len + wanted + P - 1) // P - held
-    got = grant_pages(free_pages, n_free, page_table, held, want)
-    return (held + got) * P - global_len
 
 
 def store_admitted_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,

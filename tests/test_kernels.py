@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kernels
+import pages
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}   # atol = rtol; outputs are O(1)
@@ -171,7 +172,7 @@ def test_decode_attention(G, D, dtype, W, ring_len, lengths, page_size):
     assert out.shape == ref.shape and out.dtype == dtype
     assert_close(out, ref, dtype)
     # The paged reference is plain attention over each head's ring and stored tokens.
-    keys, values = kernels.gather_store(pool_k, page_table, page_table.shape[-1]), kernels.gather_store(pool_v, page_table, page_table.shape[-1])
+    keys, values = pages.gather_store(pool_k, page_table, page_table.shape[-1]), pages.gather_store(pool_v, page_table, page_table.shape[-1])
     for b in range(B):
         for h in range(Hkv):
             n = int(global_len[b, h])
@@ -209,7 +210,7 @@ def test_store_admitted(T, C, page_size, lengths, spare, dtype):
     glen, before = state[6], torch.tensor(lengths, device=DEVICE)
     assert int((glen - before).max()) > 0 and torch.equal(glen[1, 1], before[1, 1])
     # Each head's new tokens: all its admitted ones, or as many as it had room for, the highest g first.
-    stored_k = kernels.gather_store(state[0], state[5], state[5].shape[-1])
+    stored_k = pages.gather_store(state[0], state[5], state[5].shape[-1])
     for b in range(B):
         for h in range(Hkv):
             n0, n = int(before[b, h]), int(glen[b, h])
@@ -225,7 +226,7 @@ def test_promote():
     B, Hkv, C, D, P = 2, 3, 20, 128, 4
     state = paged_store([[0, 19, 20], [20, 5, 8]], C, P, D, torch.bfloat16, spare_pages=2)
     pool_g, page_table = state[2], state[5]
-    lowest = kernels.pool_rows(page_table, torch.tensor([7, 13]).expand(B, Hkv, 2), P)[1, 0]
+    lowest = pages.pool_rows(page_table, torch.tensor([7, 13]).expand(B, Hkv, 2), P)[1, 0]
     pool_g.view(-1)[lowest] = 0.55                       # a tie for the lowest: the first slot goes
     ref_state = [x.clone() for x in state]
     for step in range(6):
