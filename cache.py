@@ -486,7 +486,7 @@ class Eviction:
         if step % self.every:
             return
         P = self.pool.page_size
-        claimable = sum((c.page_table.shape[-1] - (c.global_len + P - 1) // P).sum() for c in self.caches)
+        claimable = sum((c.page_table.shape[-1] - pages_for(c.global_len, P)).sum() for c in self.caches)
         free, claimable = torch.stack((self.pool.n_free[0], claimable)).tolist()
         if free >= min(self.low_water, claimable):
             return
@@ -514,8 +514,8 @@ class Eviction:
         compete with everything the pool holds of this sequence (this cache's own store included) by the
         policy's score. Returns the admitted tokens to store (idx, count as compact_admitted gives them)."""
         P = self.pool.page_size
-        held = (cache.global_len + P - 1) // P
-        need = int(((cache.global_len + count).clamp(max=cache.capacity).add(P - 1).div(P, rounding_mode="floor") - held).sum())
+        held = pages_for(cache.global_len, P)                                                  # (B, Hkv)
+        need = int((pages_for((cache.global_len + count).clamp(max=cache.capacity), P) - held).sum())
         if need <= int(self.pool.n_free):
             return cache.within_capacity(g, idx, count)
         i = self.caches.index(cache)

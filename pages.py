@@ -26,7 +26,8 @@ def dynamic_sizes(*dims: tuple[Tensor, int]) -> None:
         torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
-def pages_for(tokens: int, page_size: int) -> int:
+def pages_for(tokens: int | Tensor, page_size: int) -> int | Tensor:
+    """Pages that hold `tokens` tokens, ceil(tokens / page_size): of an int, or of each element of an integer tensor."""
     return -(-tokens // page_size)
 
 
@@ -100,8 +101,8 @@ def release_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global
     longer needs back to the free stack, on the device."""
     N, M = free_pages.shape[0] - 1, page_table.shape[-1]
     keep = torch.zeros_like(global_len) if keep is None else keep
-    kept = (keep + page_size - 1) // page_size                                              # (B, Hkv) pages still needed
-    freed = (global_len + page_size - 1) // page_size - kept                                # (B, Hkv) pages given back
+    kept = pages_for(keep, page_size)                                                       # (B, Hkv) pages still needed
+    freed = pages_for(global_len, page_size) - kept                                         # (B, Hkv) pages given back
     before = (freed.flatten().cumsum(0) - freed.flatten()).view_as(freed)                   # (B, Hkv)
     col = torch.arange(M, device=keep.device) - kept[..., None]                             # (B, Hkv, M) rank among the freed
     dest = torch.where((col >= 0) & (col < freed[..., None]), n_free + before[..., None] + col, N)   # the rest to scratch
@@ -115,8 +116,7 @@ def release_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global
 def store_room(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int,
                wanted: Tensor) -> Tensor:
     """Pages for `wanted` (B, Hkv) more tokens per head; returns the free slots each head then has (B, Hkv)."""
-    P = page_size
-    held = (global_len + P - 1) // P
-    want = (global_len + wanted + P - 1) // P - held
+    held = pages_for(global_len, page_size)                                                 # (B, Hkv)
+    want = pages_for(global_len + wanted, page_size) - held
     got = grant_pages(free_pages, n_free, page_table, held, want)
-    return (held + got) * P - global_len
+    return (held + got) * page_size - global_len
