@@ -107,12 +107,9 @@ def attend_after(q: Tensor, k_held: Tensor, v_held: Tensor, k: Tensor, v: Tensor
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The kernels.BACKENDS name to use: 'auto' is Triton on CUDA when it is there, else the PyTorch reference."""
+    """The kernels.BACKENDS name to use: 'auto' is Triton on CUDA, else the PyTorch reference."""
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" and "triton" in kernels.BACKENDS else "torch"
-    if backend == "triton" and backend not in kernels.BACKENDS:
-        raise ValueError("attention backend 'triton': the Triton kernels are not available here "
-                         f"(available: {', '.join(kernels.BACKENDS)})")
+        return "triton" if torch.device(device).type == "cuda" else "torch"
     if backend not in kernels.BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r} (available: auto, {', '.join(kernels.BACKENDS)})")
     return backend
