@@ -258,22 +258,25 @@ class WriteGatedCache(nn.Module):
         if not bool((self.global_len + count > self.capacity).any()):                         # host read: not decode
             return idx, count
         pages = self.global_len.numel() * pages_for(self.capacity, self.pool.page_size)        # no pool limit
+        contenders = self.with_candidates(self.where_stored(self.store_contents()[2]), g, idx, count)
+        kept, = keep_highest([contenders], [self.capacity], pages, self.pool.page_size)
         # Displaced store tokens count as capacity drops, as promote's replacements do.
-        return self.compete([], self.where_stored(self.store_contents()[2]), g, g, idx, count, pages, "n_capacity_drops")
+        return self.settle(kept, g, "n_capacity_drops")
 
-    def compete(self, others: list[tuple["WriteGatedCache", Tensor]], held: Tensor, score: Tensor, g: Tensor,
-                idx: Tensor, count: Tensor, pages: int, counter: str = "n_evicted") -> tuple[Tensor, Tensor]:
-        """Admitted candidates (idx, count over g (B, Hkv, S)) compete with this store's tokens and the other
-        stores' for `pages` pages, by score (keep_highest): held (B, Hkv, C) scores this store's slots, score
-        (B, Hkv, S) the candidates, others pairs each other cache with its stores' scores. The losers held are
-        dropped (counted in `counter`); returns the candidates to store, as compact_admitted gives them."""
-        C = held.shape[-1]
+    def with_candidates(self, held: Tensor, score: Tensor, idx: Tensor, count: Tensor) -> Tensor:
+        """This store and the admitted candidates (idx, count over S tokens) as one store's scores for keep_highest:
+        held (B, Hkv, C) scores the store's slots, score (B, Hkv, S) the candidates; -inf where a token is not one.
+        Returns (B, Hkv, C + S), the store's slots first."""
         candidates = score.float().masked_fill(~admitted_by_position(idx, count), float("-inf"))
-        *kept_others, kept_own = keep_stores([*others, (self, torch.cat((held, candidates), dim=-1))], pages)
-        for (c, _), kept in zip(others, kept_others):
-            c.drop(kept)
-        self.drop(kept_own[..., :C], counter)
-        return self.ops.compact_admitted(torch.where(kept_own[..., C:], g, -1.0), self.threshold, self.window)
+        return torch.cat((held, candidates), dim=-1)
+
+    def settle(self, kept: Tensor, g: Tensor, counter: str = "n_evicted") -> tuple[Tensor, Tensor]:
+        """Apply what keep_highest kept (B, Hkv, C + S) of with_candidates' scores: the store's tokens not kept are
+        dropped (counted in `counter`). Returns the candidates kept (g: (B, Hkv, S)), to store, as compact_admitted
+        gives them."""
+        C = self.capacity
+        self.drop(kept[..., :C], counter)
+        return self.ops.compact_admitted(torch.where(kept[..., C:], g, -1.0), self.threshold, self.window)
 
     def where_stored(self, score: Tensor, empty: float = float("-inf")) -> Tensor:
         """score (B, Hkv, C) over the store's slots, with `empty` on each slot past its head's length."""
@@ -431,12 +434,6 @@ def keep_highest(scores: list[Tensor], capacity: list[int], pages: int, page_siz
     return [part.view_as(s) for part, s in zip(kept.split([h * s.shape[-1] for h, s in zip(heads, scores)]), scores)]
 
 
-def keep_stores(scored: list[tuple[WriteGatedCache, Tensor]], pages: int) -> list[Tensor]:
-    """keep_highest over (cache, scores) pairs of caches that share one pool, each cache's capacity its heads'
-    limit."""
-    return keep_highest([s for _, s in scored], [c.capacity for c, _ in scored], pages, scored[0][0].pool.page_size)
-
-
 class Eviction:
     """--evict: what makes room in a model's page pool, shared by its layers' caches, when it runs short.
 
@@ -498,7 +495,8 @@ class Eviction:
             # Until the low-water mark is free again, but never more than half the pool in one pass.
             N = self.pool.n_pages
             pages = max(N - self.low_water, N // 2)
-            for cache, kept in zip(self.caches, keep_stores([(c, self.stored_scores(c)) for c in self.caches], pages)):
+            scores = [self.stored_scores(c) for c in self.caches]
+            for cache, kept in zip(self.caches, self.keep(self.caches, scores, pages)):
                 cache.drop(kept)
         self.passes += 1
 
@@ -525,5 +523,14 @@ class Eviction:
         others = self.caches[:i] if fresh else [c for c in self.caches if c is not cache]
         self.passes += 1
         # The cache's own store and its candidates compete as one store: its slots, then the candidates.
-        return cache.compete([(c, self.stored_scores(c)) for c in others], self.stored_scores(cache), own, g,
-                             idx, count, self.pool.n_pages)
+        contenders = cache.with_candidates(self.stored_scores(cache), own, idx, count)
+        *kept_others, kept_own = self.keep([*others, cache], [*(self.stored_scores(c) for c in others), contenders],
+                                           self.pool.n_pages)
+        for other, kept in zip(others, kept_others):
+            other.drop(kept)
+        return cache.settle(kept_own, g)
+
+    def keep(self, caches: list["WriteGatedCache"], scores: list[Tensor], pages: int) -> list[Tensor]:
+        """keep_highest over the stores of these caches of the pool, scored by scores (one (B, Hkv, S) each), for
+        `pages` pages: each head of a cache holds at most that cache's capacity."""
+        return keep_highest(scores, [c.capacity for c in caches], pages, self.pool.page_size)
