@@ -312,22 +312,19 @@ class WriteGatedCache(nn.Module):
         return y[:, :, None]
 
     def snapkv_scores(self, pooling: int) -> Tensor:
-        """SnapKV's importance of every store slot (B, Hkv, C): the attention the observed queries pay it,
-        each query's softmax taken over the ring and the store, summed over the queries and the KV head's
-        query heads, then max-pooled over `pooling` neighbouring slots. Empty slots score 0."""
+        """SnapKV's importance of every store slot (B, Hkv, C) (snapkv_importance): the attention the observed
+        queries pay it, each query's softmax taken over the ring and the store, summed over the queries and the KV
+        head's query heads, then max-pooled over `pooling` neighbouring slots. Empty slots score 0."""
         B, H, W, D = self.ring_k.shape
         k_store = self.store_contents()[0]                                                     # (B, Hkv, C, D)
         C = k_store.shape[2]
         Hq, O = self.recent_q.shape[1], self.observe
-        q = self.recent_q.float().view(B, H, (Hq // H) * O, D)                                # (B, Hkv, G*O, D)
-        keys = torch.cat((self.ring_k, k_store), dim=2).float()                                # (B, Hkv, W + C, D)
+        q = self.recent_q.view(B, H, (Hq // H) * O, D)                                         # (B, Hkv, G*O, D)
+        keys = torch.cat((self.ring_k, k_store), dim=2)                                        # (B, Hkv, W + C, D)
         stored = torch.arange(C, device=q.device) < self.global_len[..., None]                 # (B, Hkv, C)
-        visible = torch.cat((self.ring_g >= 0, stored), dim=-1)                                # (B, Hkv, W + C)
-        logits = (q @ keys.transpose(-1, -2) * self.scale).masked_fill(~visible[:, :, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)                                  # (B, Hkv, G*O, W + C)
         observed = (self.recent_pos >= 0).repeat(1, Hq // H)                                   # (B, G*O)
-        score = (probs[..., W:] * observed[:, None, :, None]).sum(2).masked_fill(~stored, 0.0)  # (B, Hkv, C)
-        return torch.nn.functional.max_pool1d(score, pooling, stride=1, padding=pooling // 2)[..., :C].masked_fill(~stored, 0.0)
+        visible = torch.cat((self.ring_g >= 0, stored), dim=-1)[:, :, None] & observed[:, None, :, None]  # (B, Hkv, G*O, W + C)
+        return snapkv_importance(q, keys, visible, self.scale, pooling, skip=W)[..., :C].masked_fill(~stored, 0.0)
 
     def drop(self, kept: Tensor, counter: str = "n_evicted") -> None:
         """Keep only the stored tokens where kept (B, Hkv, C) is true: the survivors move up in their order,
@@ -384,19 +381,28 @@ def allocated_bytes(caches: list[nn.Module]) -> int:
     return sum(c.bytes_allocated() for c in caches) + sum(p.bytes_allocated() for p in pools.values())
 
 
+def snapkv_importance(q: Tensor, k: Tensor, visible: Tensor, scale: float, pooling: int, skip: int = 0) -> Tensor:
+    """SnapKV's importance of keys: the attention the observed queries pay each, every query's softmax taken over
+    the keys it sees, summed over the queries, then max-pooled over `pooling` neighbouring keys. q: (B, Hkv, N, D),
+    the observed queries of each KV head's query heads; k: (B, Hkv, S, D); visible: bool, broadcast to
+    (B, Hkv, N, S) (a query that sees no key adds nothing). The first `skip` keys take part in the softmax but
+    are not scored. Returns (B, Hkv, S - skip) float32."""
+    logits = (q.float() @ k.float().transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))  # (B, Hkv, N, S)
+    score = torch.softmax(logits, dim=-1).nan_to_num(0.0)[..., skip:].sum(2)                          # (B, Hkv, S - skip)
+    return F.max_pool1d(score, pooling, stride=1, padding=pooling // 2)
+
+
 def prompt_snapkv_scores(q: Tensor, k: Tensor, scale: float, observe: int, pooling: int) -> Tensor:
-    """SnapKV's importance of every key: the attention the last `observe` queries pay it (causal softmax), summed
-    over those queries and the KV head's query heads, max-pooled over `pooling` neighbours. q: (B, Hq, Tq, D),
-    the queries of the last Tq of the keys k: (B, Hkv, T, D) (a prompt: Tq = T) -> (B, Hkv, T) float32."""
+    """SnapKV's importance of every key of a prompt (snapkv_importance): the attention the last `observe` queries
+    pay it under the causal mask. q: (B, Hq, Tq, D), the queries of the last Tq of the keys k: (B, Hkv, T, D)
+    (a prompt: Tq = T) -> (B, Hkv, T) float32."""
     B, Hq, Tq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     n = min(observe, Tq)
-    qo = q[:, :, Tq - n:].float().view(B, Hkv, Hq // Hkv, n, D)                                # (B, Hkv, G, n, D)
-    s = torch.einsum("bhgnd,bhtd->bhgnt", qo, k.float()) * scale                                # (B, Hkv, G, n, T)
+    qo = q[:, :, Tq - n:].reshape(B, Hkv, Hq // Hkv * n, D)                                     # (B, Hkv, G*n, D)
     pos = torch.arange(T, device=q.device)
-    causal = pos[None, :] <= pos[T - n:, None]                                                  # (n, T)
-    score = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=(2, 3))        # (B, Hkv, T)
-    return F.max_pool1d(score, pooling, stride=1, padding=pooling // 2)
+    causal = (pos[None, :] <= pos[T - n:, None]).repeat(Hq // Hkv, 1)                           # (G*n, T)
+    return snapkv_importance(qo, k, causal, scale, pooling)
 
 
 def admitted_by_position(idx: Tensor, count: Tensor) -> Tensor:
