@@ -3,6 +3,8 @@
     python bench_gpu.py              # one H200, under 6 minutes; the tables are printed last (stdout)
     python bench_gpu.py --sweep      # also time tile alternatives of the two attention kernels (about +1 minute)
     python bench_gpu.py --dry-run    # the same script on the CPU at tiny shapes, in Triton's interpreter (CI)
+    python bench_gpu.py --random-cases 1000 [--seed 0]   # instead: 1,000 seeded random cases per paged-store
+                                     # kernel against its reference, on the CPU (Triton's interpreter)
 
 1. Correctness of each Triton kernel against its PyTorch reference (kernels.py) at Llama-3.1-8B
    attention shapes (Hq 32, Hkv 8, D 128, bf16), plus the decode ops compiled into a CUDA graph.
@@ -22,6 +24,7 @@ Progress goes to stderr.
 """
 import argparse
 import math
+import random
 import statistics
 import sys
 import time
@@ -33,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
 from cache import allocated_bytes
+from pages import pages_for
 # After kernels, which chooses Triton's interpreter on a machine without a GPU before anything imports Triton
 # (this module does, and imported first it left the interpreter's kernels failing).
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
@@ -143,27 +147,33 @@ def random_gates(B, Hkv, T, fraction, device):
     return torch.where(torch.rand(B, Hkv, T, device=device) < fraction, 0.9, 0.01)             # (B, Hkv, T)
 
 
-def paged_store(lengths, capacity, page, D, spare_pages, device, dtype=torch.bfloat16):
-    """A paged global store holding random K/V/g (g in [0.5, 1)) for the store lengths (B, Hkv), in the
-    kernels' argument order: [pool_k, pool_v, pool_g, free_pages, n_free, page_table, global_len].
+def paged_store(lengths, capacity, page, D, spare_pages, dtype=torch.bfloat16, generator=None, g_floor=0.5):
+    """A paged global store holding random K/V and g in [g_floor, 1) for the store lengths (B, Hkv), on their
+    device (drawn from generator, if given), in the kernels' argument order:
+    [pool_k, pool_v, pool_g, free_pages, n_free, page_table, global_len].
     The pool has exactly the pages the heads hold plus spare_pages free ones, all in a random order, so
     that the kernels follow page tables that are nothing like contiguous, as in a cache that has run a while."""
-    B, Hkv = lengths.shape
-    held = (lengths + page - 1) // page                                                        # (B, Hkv) pages
+    device = lengths.device
+    held = pages_for(lengths, page)                                                            # (B, Hkv) pages
     N, taken = int(held.sum()) + spare_pages, int(held.sum())
-    order = torch.cat((torch.randperm(N, device=device), torch.tensor([N], device=device)))   # (N + 1,) scratch last
+    order = torch.cat((torch.randperm(N, generator=generator, device=device),
+                       torch.tensor([N], device=device)))                                      # (N + 1,) scratch last
     first = held.flatten().cumsum(0).view_as(held) - held                                      # (B, Hkv) into order
-    col = torch.arange(-(-capacity // page), device=device)                                    # (M,)
+    col = torch.arange(pages_for(capacity, page), device=device)                               # (M,)
     page_table = torch.where(col < held[..., None], order[(first[..., None] + col).clamp(max=N)], N)   # (B, Hkv, M)
     free_pages = torch.cat((order[taken:N], torch.full((taken + 1,), N, device=device)))       # (N + 1,)
-    pool_k, pool_v = (torch.randn(N + 1, page, D, device=device, dtype=dtype) for _ in range(2))   # (N + 1, P, D)
-    pool_g = torch.rand(N + 1, page, device=device) * 0.5 + 0.5                                # (N + 1, P)
+    pool_k, pool_v = (torch.randn(N + 1, page, D, generator=generator, device=device).to(dtype)
+                      for _ in range(2))                                                       # (N + 1, P, D)
+    pool_g = torch.rand(N + 1, page, generator=generator, device=device) * (1 - g_floor) + g_floor   # (N + 1, P)
     return [pool_k, pool_v, pool_g, free_pages, torch.tensor([spare_pages], device=device), page_table, lengths.clone()]
 
 
 def same_store(got, want):
-    """Equal paged stores but for the scratch page (the pool's last), which only the references write."""
-    return all(torch.equal(x[:-1], y[:-1]) if i < 3 else torch.equal(x, y) for i, (x, y) in enumerate(zip(got, want)))
+    """Exactly equal paged stores (NaN equal to NaN: a test fills a pool with NaN to see what is written) but
+    for the scratch page (the pool's last), which only the references write."""
+    def same(x, y):
+        return torch.equal(x.isnan(), y.isnan()) and torch.equal(x.masked_fill(x.isnan(), 0), y.masked_fill(y.isnan(), 0))
+    return all(same(x[:-1], y[:-1]) if i < 3 else same(x, y) for i, (x, y) in enumerate(zip(got, want)))
 
 
 # --- 1. correctness -------------------------------------------------------------------------
@@ -186,17 +196,17 @@ def check_kernels(s: Sizes):
     rows.append(("gated_prefill_attention", f"T {T}, W {W}", f"rel err {err:.1e}" + ("" if err < 2e-2 else " FAIL"), ""))
 
     P, empty = s.page, torch.zeros(1, Hkv, dtype=torch.int64, device=dev)
-    need = (count + P - 1) // P                                                                # (1, Hkv) pages for all
+    need = pages_for(count, P)                                                                 # (1, Hkv) pages for all
     # Everything fits / a head's capacity overflows and it keeps its highest g / the pool runs out part-way
     # through the heads, which then keep their highest g in what they got.
     for C, spare, case in ((2 * T, int(need.sum()), "fits"), (T // 8, int(need.sum()), "over capacity"),
                            (2 * T, int(need.sum()) // 2, "pool for half")):
-        store = paged_store(empty, C, P, D, spare, dev)
+        store = paged_store(empty, C, P, D, spare)
         ref_store = [x.clone() for x in store]
         kernels.store_admitted(*store, k, v, g, idx, count)
         kernels.store_admitted_ref(*ref_store, k, v, g, idx, count)
         ok = same_store(store, ref_store)
-        rows.append(("store_admitted", f"T {T}, C {-(-C // P) * P}, P {P}, {case}", "exact" if ok else "FAIL", ""))
+        rows.append(("store_admitted", f"T {T}, C {pages_for(C, P) * P}, P {P}, {case}", "exact" if ok else "FAIL", ""))
 
     C = s.check_C
     # Full, partial, empty, one key; C // 2 (and 0) end on a page edge: an admitted token there needs a new page.
@@ -204,7 +214,7 @@ def check_kernels(s: Sizes):
     qd = torch.randn(1, s.Hq, D, device=dev, dtype=dt)
     ring_k, ring_v = (torch.randn(1, Hkv, W, D, device=dev, dtype=dt) for _ in range(2))
     # One spare page: the first head at a page edge takes it, the next finds the pool empty.
-    state = paged_store(lengths, C, P, D, 1, dev)
+    state = paged_store(lengths, C, P, D, 1)
     pool_k, pool_v, page_table = state[0], state[1], state[5]
     for ring_len in (W, W // 3):
         args = (qd, ring_k, ring_v, torch.tensor(ring_len, device=dev), pool_k, pool_v, page_table, lengths, D ** -0.5)
@@ -224,7 +234,7 @@ def check_kernels(s: Sizes):
                  "exact" if ok else "FAIL", ""))
 
     if dev == "cuda":   # the decode ops compiled into a CUDA graph on buffers, as the cache uses them
-        state = paged_store(lengths, C, P, D, 2 * Hkv, dev)   # pages to grant inside the graph
+        state = paged_store(lengths, C, P, D, 2 * Hkv)   # pages to grant inside the graph
         eager, graphed = DecodeOps(state, D ** -0.5), DecodeOps(state, D ** -0.5)
         compiled = torch.compile(graphed, fullgraph=True, mode="reduce-overhead")
         skips_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
@@ -264,6 +274,127 @@ class DecodeOps(torch.nn.Module):
                                         self.global_len, self.scale)
 
 
+# --- --random-cases: the paged-store kernels on seeded random shapes ------------------------
+# Each case draws its shapes: batch 1-3, KV heads 1-4, GQA ratios 1-8, head dims 16-128, float32 / bfloat16 /
+# float16, pages of 1-16 tokens, capacities of 1-64 tokens, store lengths ragged per head (0, whole pages,
+# a full capacity, anything between), page tables shuffled over the pool, and pools from exhausted (no free
+# page) to roomy. store_admitted and promote must leave exactly the reference's store (scratch page aside);
+# decode_attention must agree within the float tolerance of its dtype. CPU tensors: Triton's interpreter.
+
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}   # atol = rtol; outputs are O(1)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+RANDOM_TAU = 0.5
+
+
+def draw_lengths(rng: random.Random, B: int, H: int, capacity: int, page: int) -> list[list[int]]:
+    """Store lengths per (batch, head): empty, whole pages, full, or anything in between."""
+    def one():
+        kind = rng.random()
+        if kind < 0.2:
+            return 0
+        if kind < 0.4:
+            return min(capacity, page * rng.randint(0, pages_for(capacity, page)))
+        if kind < 0.5:
+            return capacity
+        return rng.randint(0, capacity)
+    return [[one() for _ in range(H)] for _ in range(B)]
+
+
+def shapes(rng: random.Random) -> dict:
+    page = rng.choice([1, 2, 3, 4, 5, 8, 16])
+    return dict(B=rng.randint(1, 3), H=rng.randint(1, 4), G=rng.choice([1, 2, 3, 4, 8]), D=rng.choice([16, 32, 64, 128]),
+                dtype=rng.choice(DTYPES), page=page, capacity=rng.randint(1, 64), spare=rng.choice([0, 0, 1, 2, 3, 8]))
+
+
+def random_store(gen: torch.Generator, s: dict, lengths: list[list[int]], spare: int) -> list[torch.Tensor]:
+    """paged_store for a case's shapes s, drawn from gen."""
+    return paged_store(torch.tensor(lengths), s["capacity"], s["page"], s["D"], spare, s["dtype"], gen)
+
+
+def case_decode(rng: random.Random, gen: torch.Generator) -> tuple[dict, float, bool]:
+    s = shapes(rng)
+    lengths = draw_lengths(rng, s["B"], s["H"], s["capacity"], s["page"])
+    pool_k, pool_v, _, _, _, page_table, global_len = random_store(gen, s, lengths, s["spare"])
+    W = rng.randint(1, 20)
+    s.update(lengths=lengths, W=W, ring_len=rng.randint(0, W))
+    q = torch.randn(s["B"], s["H"] * s["G"], s["D"], generator=gen).to(s["dtype"])
+    ring_k = torch.randn(s["B"], s["H"], W, s["D"], generator=gen).to(s["dtype"])
+    ring_v = torch.randn(s["B"], s["H"], W, s["D"], generator=gen).to(s["dtype"])
+    args = (q, ring_k, ring_v, torch.tensor(s["ring_len"]), pool_k, pool_v, page_table, global_len, s["D"] ** -0.5)
+    out, ref = kernels.decode_attention(*args).float(), kernels.decode_attention_ref(*args).float()
+    # The error as a share of assert_close's bound (atol = rtol = the dtype's tolerance): at most 1 passes.
+    err = float(((out - ref).abs() / (TOL[s["dtype"]] * (1 + ref.abs()))).max()) if out.numel() else 0.0
+    return s, err, err <= 1.0
+
+
+def case_store(rng: random.Random, gen: torch.Generator) -> tuple[dict, float, bool]:
+    s = shapes(rng)
+    lengths = draw_lengths(rng, s["B"], s["H"], s["capacity"], s["page"])
+    T = rng.randint(1, 60)
+    W = rng.randint(1, T + 5)
+    s.update(lengths=lengths, T=T, W=W)
+    state = random_store(gen, s, lengths, s["spare"] + rng.randint(0, 12))
+    k = torch.randn(s["B"], s["H"], T, s["D"], generator=gen).to(s["dtype"])
+    v = torch.randn(s["B"], T, s["H"], s["D"], generator=gen).to(s["dtype"]).transpose(1, 2)   # another layout
+    g = torch.rand(s["B"], s["H"], T, generator=gen)
+    if rng.random() < 0.3:
+        g[rng.randrange(s["B"]), rng.randrange(s["H"])] = rng.choice([0.05, 0.95])   # a head admitting none or all
+    idx, count = kernels.compact_admitted_ref(g, RANDOM_TAU, W)
+    ref_state = [x.clone() for x in state]
+    kernels.store_admitted(*state, k, v, g, idx, count)
+    kernels.store_admitted_ref(*ref_state, k, v, g, idx, count)
+    return s, 0.0, same_store(state, ref_state)
+
+
+def case_promote(rng: random.Random, gen: torch.Generator) -> tuple[dict, float, bool]:
+    s = shapes(rng)
+    lengths = draw_lengths(rng, s["B"], s["H"], s["capacity"], s["page"])
+    steps = rng.randint(1, 5)
+    s.update(lengths=lengths, steps=steps)
+    state = random_store(gen, s, lengths, s["spare"])
+    ref_state = [x.clone() for x in state]
+    ok = True
+    for _ in range(steps):
+        k_out = torch.randn(s["B"], s["H"], s["D"], generator=gen).to(s["dtype"])
+        v_out = torch.randn(s["B"], s["H"], s["D"], generator=gen).to(s["dtype"])
+        # An empty ring slot (-1), rejected, admitted below the stores' gates, admitted above.
+        g_out = torch.tensor([rng.choice([-1.0, 0.2, 0.55, 0.9, rng.random()]) for _ in range(s["B"] * s["H"])])
+        g_out = g_out.view(s["B"], s["H"])
+        kernels.promote(*state, k_out, v_out, g_out, RANDOM_TAU)
+        kernels.promote_ref(*ref_state, k_out, v_out, g_out, RANDOM_TAU)
+        ok = ok and same_store(state, ref_state)
+    return s, 0.0, ok
+
+
+RANDOM_CASES = {"decode_attention": case_decode, "store_admitted": case_store, "promote": case_promote}
+
+
+def random_cases(n_cases: int, seed: int, report=None) -> dict[str, tuple[int, int, float]]:
+    """{kernel: (cases, mismatches, largest error)}; report(kernel, case) is called on each mismatch."""
+    results = {}
+    for name, run in RANDOM_CASES.items():
+        rng, gen = random.Random(f"{seed}/{name}"), torch.Generator().manual_seed(seed)
+        bad, worst = 0, 0.0
+        for _ in range(n_cases):
+            case, err, ok = run(rng, gen)
+            worst = max(worst, err)
+            if not ok:
+                bad += 1
+                if report is not None:
+                    report(name, case)
+        results[name] = (n_cases, bad, worst)
+    return results
+
+
+def print_random_cases(n_cases: int, seed: int) -> int:
+    """A line per kernel on stdout, each mismatch's case on stderr; returns the exit code, 1 on any mismatch."""
+    results = random_cases(n_cases, seed, report=lambda name, case: log(f"MISMATCH {name}: {case}"))
+    for name, (n, bad, worst) in results.items():
+        print(f"{name}: {n} cases, {bad} mismatches" + (f", largest error {worst:.2f} of the tolerance"
+                                                         if name == "decode_attention" else ", exact"))
+    return 1 if any(bad for _, bad, _ in results.values()) else 0
+
+
 # --- 2. decode attention --------------------------------------------------------------------
 
 def decode_layers(s: Sizes, n):
@@ -275,7 +406,7 @@ def decode_layers(s: Sizes, n):
     lengths = (shares * 0.2 / shares.mean() * n).long().to(dev)[None]                          # (1, Hkv)
     layers = []
     for _ in range(s.decode_layers):
-        pool_k, pool_v, _, _, _, page_table, global_len = paged_store(lengths, int(lengths.max()), s.page, D, 0, dev)
+        pool_k, pool_v, _, _, _, page_table, global_len = paged_store(lengths, int(lengths.max()), s.page, D, 0)
         layers.append((torch.randn(1, s.Hq, D, device=dev, dtype=dt),
                        torch.randn(1, Hkv, W, D, device=dev, dtype=dt), torch.randn(1, Hkv, W, D, device=dev, dtype=dt),
                        torch.tensor(W, device=dev), pool_k, pool_v, page_table, global_len, D ** -0.5))
@@ -549,7 +680,10 @@ def section(name, fn, *args):
         return [("error", message)]
 
 
-def main(dry_run: bool = False, sweep: bool = False, budget_s: float = 330.0) -> None:
+def main(dry_run: bool = False, sweep: bool = False, budget_s: float = 330.0, random_cases: int | None = None,
+         seed: int = 0) -> None:
+    if random_cases is not None:
+        sys.exit(print_random_cases(random_cases, seed))
     s = DRY if dry_run else GPU
     if s.device == "cuda" and not torch.cuda.is_available():
         print("bench_gpu.py: no CUDA device here (use --dry-run for the CPU check)", file=sys.stderr)
@@ -590,5 +724,12 @@ if __name__ == "__main__":
                         help="also time tile alternatives of the prefill and decode kernels at the largest sizes")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="skip end-to-end contexts predicted to end later than this many seconds after the start")
+    parser.add_argument("--random-cases", type=int, metavar="N",
+                        help="instead of the benchmark: N seeded random cases per paged-store kernel (decode_attention, "
+                             "store_admitted, promote) against its reference, on the CPU; exit code 1 on a mismatch")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --random-cases (default: 0)")
     args = parser.parse_args()
+    if args.random_cases is not None and args.random_cases < 1:
+        print("bench_gpu.py: error: --random-cases must be at least 1", file=sys.stderr)
+        sys.exit(2)
     main(**vars(args))

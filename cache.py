@@ -17,18 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-
-# One compiled decode step for every cache size (--max-seq-len): the size dims of the caches' buffers are
-# marked dynamic below, which torch.compile honours for module buffers only with this flag off (it treats
-# buffers as parameters, whose shapes it otherwise fixes). Parameters keep their static shapes: nothing
-# marks them dynamic and they never change size.
-torch._dynamo.config.force_parameter_static_shapes = False
-
-
-def dynamic_sizes(*dims: tuple[Tensor, int]) -> None:
-    """Mark the (buffer, dim) pairs dynamic for torch.compile; a size of 0 or 1 may still be specialised."""
-    for tensor, dim in dims:
-        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+from pages import PagePool, dynamic_sizes, gather_store, pages_for, pool_rows, release_pages
 
 
 @contextlib.contextmanager
@@ -118,54 +107,13 @@ def attend_after(q: Tensor, k_held: Tensor, v_held: Tensor, k: Tensor, v: Tensor
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The kernels.BACKENDS name to use: 'auto' is Triton on CUDA when it is there, else the PyTorch reference."""
+    """The kernels.BACKENDS name to use: 'auto' is Triton on CUDA, else the PyTorch reference."""
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" and "triton" in kernels.BACKENDS else "torch"
-    if backend == "triton" and backend not in kernels.BACKENDS:
-        raise ValueError("attention backend 'triton': the Triton kernels are not available here "
-                         f"(available: {', '.join(kernels.BACKENDS)})")
+        return "triton" if torch.device(device).type == "cuda" else "torch"
     if backend not in kernels.BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r} (available: auto, {', '.join(kernels.BACKENDS)})")
     return backend
 
-
-class PagePool(nn.Module):
-    """Pages of `page_size` token slots that the global stores of every layer, batch row and KV head draw from.
-
-    One pool per model, shared by the layers' WriteGatedCaches: a head takes a page when its last one is
-    full, so memory follows what the gate admits, head by head, instead of a worst case per head. Page
-    n_pages is scratch (see kernels.py); the free stack and its count live on the device.
-    """
-
-    def __init__(self, n_pages: int, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        super().__init__()
-        if n_pages < 0 or page_size < 1:
-            raise ValueError(f"a page pool needs n_pages >= 0 and page_size >= 1, not {n_pages} and {page_size}")
-        self.page_size = page_size
-        N, P, D = n_pages, page_size, head_dim
-        self.register_buffer("k", torch.zeros(N + 1, P, D, dtype=dtype, device=device), persistent=False)        # (N+1, P, D)
-        self.register_buffer("v", torch.zeros(N + 1, P, D, dtype=dtype, device=device), persistent=False)        # (N+1, P, D)
-        self.register_buffer("g", torch.zeros(N + 1, P, dtype=torch.float32, device=device), persistent=False)   # (N+1, P)
-        self.register_buffer("free_pages", torch.empty(N + 1, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("n_free", torch.empty(1, dtype=torch.int64, device=device), persistent=False)
-        dynamic_sizes((self.k, 0), (self.v, 0), (self.g, 0), (self.free_pages, 0))
-        self.reset()
-
-    @property
-    def n_pages(self) -> int:
-        return self.k.shape[0] - 1
-
-    def reset(self) -> None:
-        """Every page free; the stack hands out pages 0, 1, 2... first (any order would do)."""
-        self.free_pages.copy_(torch.arange(self.n_pages, -1, -1, device=self.free_pages.device).roll(-1))
-        self.n_free.fill_(self.n_pages)
-
-    def bytes_allocated(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-
-def pages_for(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
 
 
 class WriteGatedCache(nn.Module):
@@ -236,8 +184,7 @@ class WriteGatedCache(nn.Module):
     def reset(self) -> None:
         """Empty the cache for the next sequence, giving its pages back to the pool (an append at position 0
         does this itself; a decode step never does)."""
-        kernels.release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len,
-                              self.pool.page_size)
+        release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, self.pool.page_size)
         self.ring_g.fill_(-1.0)
         for name in ("n_left", "n_admitted", "n_capacity_drops", "n_evicted"):
             getattr(self, name).zero_()
@@ -311,22 +258,25 @@ class WriteGatedCache(nn.Module):
         if not bool((self.global_len + count > self.capacity).any()):                         # host read: not decode
             return idx, count
         pages = self.global_len.numel() * pages_for(self.capacity, self.pool.page_size)        # no pool limit
+        contenders = self.with_candidates(self.where_stored(self.store_contents()[2]), g, idx, count)
+        kept, = keep_highest([contenders], [self.capacity], pages, self.pool.page_size)
         # Displaced store tokens count as capacity drops, as promote's replacements do.
-        return self.compete([], self.where_stored(self.store_contents()[2]), g, g, idx, count, pages, "n_capacity_drops")
+        return self.settle(kept, g, "n_capacity_drops")
 
-    def compete(self, others: list[tuple["WriteGatedCache", Tensor]], held: Tensor, score: Tensor, g: Tensor,
-                idx: Tensor, count: Tensor, pages: int, counter: str = "n_evicted") -> tuple[Tensor, Tensor]:
-        """Admitted candidates (idx, count over g (B, Hkv, S)) compete with this store's tokens and the other
-        stores' for `pages` pages, by score (keep_highest): held (B, Hkv, C) scores this store's slots, score
-        (B, Hkv, S) the candidates, others pairs each other cache with its stores' scores. The losers held are
-        dropped (counted in `counter`); returns the candidates to store, as compact_admitted gives them."""
-        C = held.shape[-1]
+    def with_candidates(self, held: Tensor, score: Tensor, idx: Tensor, count: Tensor) -> Tensor:
+        """This store and the admitted candidates (idx, count over S tokens) as one store's scores for keep_highest:
+        held (B, Hkv, C) scores the store's slots, score (B, Hkv, S) the candidates; -inf where a token is not one.
+        Returns (B, Hkv, C + S), the store's slots first."""
         candidates = score.float().masked_fill(~admitted_by_position(idx, count), float("-inf"))
-        *kept_others, kept_own = keep_stores([*others, (self, torch.cat((held, candidates), dim=-1))], pages)
-        for (c, _), kept in zip(others, kept_others):
-            c.drop(kept)
-        self.drop(kept_own[..., :C], counter)
-        return self.ops.compact_admitted(torch.where(kept_own[..., C:], g, -1.0), self.threshold, self.window)
+        return torch.cat((held, candidates), dim=-1)
+
+    def settle(self, kept: Tensor, g: Tensor, counter: str = "n_evicted") -> tuple[Tensor, Tensor]:
+        """Apply what keep_highest kept (B, Hkv, C + S) of with_candidates' scores: the store's tokens not kept are
+        dropped (counted in `counter`). Returns the candidates kept (g: (B, Hkv, S)), to store, as compact_admitted
+        gives them."""
+        C = self.capacity
+        self.drop(kept[..., :C], counter)
+        return self.ops.compact_admitted(torch.where(kept[..., C:], g, -1.0), self.threshold, self.window)
 
     def where_stored(self, score: Tensor, empty: float = float("-inf")) -> Tensor:
         """score (B, Hkv, C) over the store's slots, with `empty` on each slot past its head's length."""
@@ -362,22 +312,19 @@ class WriteGatedCache(nn.Module):
         return y[:, :, None]
 
     def snapkv_scores(self, pooling: int) -> Tensor:
-        """SnapKV's importance of every store slot (B, Hkv, C): the attention the observed queries pay it,
-        each query's softmax taken over the ring and the store, summed over the queries and the KV head's
-        query heads, then max-pooled over `pooling` neighbouring slots. Empty slots score 0."""
+        """SnapKV's importance of every store slot (B, Hkv, C) (snapkv_importance): the attention the observed
+        queries pay it, each query's softmax taken over the ring and the store, summed over the queries and the KV
+        head's query heads, then max-pooled over `pooling` neighbouring slots. Empty slots score 0."""
         B, H, W, D = self.ring_k.shape
         k_store = self.store_contents()[0]                                                     # (B, Hkv, C, D)
         C = k_store.shape[2]
         Hq, O = self.recent_q.shape[1], self.observe
-        q = self.recent_q.float().view(B, H, (Hq // H) * O, D)                                # (B, Hkv, G*O, D)
-        keys = torch.cat((self.ring_k, k_store), dim=2).float()                                # (B, Hkv, W + C, D)
+        q = self.recent_q.view(B, H, (Hq // H) * O, D)                                         # (B, Hkv, G*O, D)
+        keys = torch.cat((self.ring_k, k_store), dim=2)                                        # (B, Hkv, W + C, D)
         stored = torch.arange(C, device=q.device) < self.global_len[..., None]                 # (B, Hkv, C)
-        visible = torch.cat((self.ring_g >= 0, stored), dim=-1)                                # (B, Hkv, W + C)
-        logits = (q @ keys.transpose(-1, -2) * self.scale).masked_fill(~visible[:, :, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)                                  # (B, Hkv, G*O, W + C)
         observed = (self.recent_pos >= 0).repeat(1, Hq // H)                                   # (B, G*O)
-        score = (probs[..., W:] * observed[:, None, :, None]).sum(2).masked_fill(~stored, 0.0)  # (B, Hkv, C)
-        return torch.nn.functional.max_pool1d(score, pooling, stride=1, padding=pooling // 2)[..., :C].masked_fill(~stored, 0.0)
+        visible = torch.cat((self.ring_g >= 0, stored), dim=-1)[:, :, None] & observed[:, None, :, None]  # (B, Hkv, G*O, W + C)
+        return snapkv_importance(q, keys, visible, self.scale, pooling, skip=W)[..., :C].masked_fill(~stored, 0.0)
 
     def drop(self, kept: Tensor, counter: str = "n_evicted") -> None:
         """Keep only the stored tokens where kept (B, Hkv, C) is true: the survivors move up in their order,
@@ -388,19 +335,19 @@ class WriteGatedCache(nn.Module):
         kept = kept & (slots < self.global_len[..., None])                                     # (B, Hkv, C)
         keep = kept.sum(-1)                                                                    # (B, Hkv)
         order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices                # survivors first, in order
-        src = kernels.pool_rows(self.page_table, order, P)                                     # (B, Hkv, C)
-        dst = torch.where(slots < keep[..., None], kernels.pool_rows(self.page_table, slots.expand_as(order), P), N * P)
+        src = pool_rows(self.page_table, order, P)                                             # (B, Hkv, C)
+        dst = torch.where(slots < keep[..., None], pool_rows(self.page_table, slots.expand_as(order), P), N * P)
         for rows in (self.pool.k.view(-1, self.pool.k.shape[-1]), self.pool.v.view(-1, self.pool.v.shape[-1]),
                      self.pool.g.view(-1)):
             rows[dst.flatten()] = rows[src.flatten()]
         getattr(self, counter).add_(self.global_len - keep)
-        kernels.release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, P, keep)
+        release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, P, keep)
 
     def store_contents(self, n_pages: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The global store (its first n_pages pages per head, default all) as contiguous tensors: k, v
         (B, Hkv, C, D) and g (B, Hkv, C); slot s of a head holds a token for s < global_len, anything after."""
         M = self.page_table.shape[-1] if n_pages is None else n_pages
-        return tuple(kernels.gather_store(x, self.page_table, M) for x in (self.pool.k, self.pool.v, self.pool.g))
+        return tuple(gather_store(x, self.page_table, M) for x in (self.pool.k, self.pool.v, self.pool.g))
 
     def counts(self) -> dict[str, Tensor]:
         """Per (batch, KV head) token counts, as device tensors (B, Hkv): read them after generation."""
@@ -434,19 +381,28 @@ def allocated_bytes(caches: list[nn.Module]) -> int:
     return sum(c.bytes_allocated() for c in caches) + sum(p.bytes_allocated() for p in pools.values())
 
 
+def snapkv_importance(q: Tensor, k: Tensor, visible: Tensor, scale: float, pooling: int, skip: int = 0) -> Tensor:
+    """SnapKV's importance of keys: the attention the observed queries pay each, every query's softmax taken over
+    the keys it sees, summed over the queries, then max-pooled over `pooling` neighbouring keys. q: (B, Hkv, N, D),
+    the observed queries of each KV head's query heads; k: (B, Hkv, S, D); visible: bool, broadcast to
+    (B, Hkv, N, S) (a query that sees no key adds nothing). The first `skip` keys take part in the softmax but
+    are not scored. Returns (B, Hkv, S - skip) float32."""
+    logits = (q.float() @ k.float().transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))  # (B, Hkv, N, S)
+    score = torch.softmax(logits, dim=-1).nan_to_num(0.0)[..., skip:].sum(2)                          # (B, Hkv, S - skip)
+    return F.max_pool1d(score, pooling, stride=1, padding=pooling // 2)
+
+
 def prompt_snapkv_scores(q: Tensor, k: Tensor, scale: float, observe: int, pooling: int) -> Tensor:
-    """SnapKV's importance of every key: the attention the last `observe` queries pay it (causal softmax), summed
-    over those queries and the KV head's query heads, max-pooled over `pooling` neighbours. q: (B, Hq, Tq, D),
-    the queries of the last Tq of the keys k: (B, Hkv, T, D) (a prompt: Tq = T) -> (B, Hkv, T) float32."""
+    """SnapKV's importance of every key of a prompt (snapkv_importance): the attention the last `observe` queries
+    pay it under the causal mask. q: (B, Hq, Tq, D), the queries of the last Tq of the keys k: (B, Hkv, T, D)
+    (a prompt: Tq = T) -> (B, Hkv, T) float32."""
     B, Hq, Tq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     n = min(observe, Tq)
-    qo = q[:, :, Tq - n:].float().view(B, Hkv, Hq // Hkv, n, D)                                # (B, Hkv, G, n, D)
-    s = torch.einsum("bhgnd,bhtd->bhgnt", qo, k.float()) * scale                                # (B, Hkv, G, n, T)
+    qo = q[:, :, Tq - n:].reshape(B, Hkv, Hq // Hkv * n, D)                                     # (B, Hkv, G*n, D)
     pos = torch.arange(T, device=q.device)
-    causal = pos[None, :] <= pos[T - n:, None]                                                  # (n, T)
-    score = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=(2, 3))        # (B, Hkv, T)
-    return F.max_pool1d(score, pooling, stride=1, padding=pooling // 2)
+    causal = (pos[None, :] <= pos[T - n:, None]).repeat(Hq // Hkv, 1)                           # (G*n, T)
+    return snapkv_importance(qo, k, causal, scale, pooling)
 
 
 def admitted_by_position(idx: Tensor, count: Tensor) -> Tensor:
@@ -482,12 +438,6 @@ def keep_highest(scores: list[Tensor], capacity: list[int], pages: int, page_siz
     kept = torch.empty_like(wanted)
     kept[order] = wanted & (used[opener] <= pages)
     return [part.view_as(s) for part, s in zip(kept.split([h * s.shape[-1] for h, s in zip(heads, scores)]), scores)]
-
-
-def keep_stores(scored: list[tuple[WriteGatedCache, Tensor]], pages: int) -> list[Tensor]:
-    """keep_highest over (cache, scores) pairs of caches that share one pool, each cache's capacity its heads'
-    limit."""
-    return keep_highest([s for _, s in scored], [c.capacity for c, _ in scored], pages, scored[0][0].pool.page_size)
 
 
 class Eviction:
@@ -536,7 +486,7 @@ class Eviction:
         if step % self.every:
             return
         P = self.pool.page_size
-        claimable = sum((c.page_table.shape[-1] - (c.global_len + P - 1) // P).sum() for c in self.caches)
+        claimable = sum((c.page_table.shape[-1] - pages_for(c.global_len, P)).sum() for c in self.caches)
         free, claimable = torch.stack((self.pool.n_free[0], claimable)).tolist()
         if free >= min(self.low_water, claimable):
             return
@@ -551,7 +501,8 @@ class Eviction:
             # Until the low-water mark is free again, but never more than half the pool in one pass.
             N = self.pool.n_pages
             pages = max(N - self.low_water, N // 2)
-            for cache, kept in zip(self.caches, keep_stores([(c, self.stored_scores(c)) for c in self.caches], pages)):
+            scores = [self.stored_scores(c) for c in self.caches]
+            for cache, kept in zip(self.caches, self.keep(self.caches, scores, pages)):
                 cache.drop(kept)
         self.passes += 1
 
@@ -564,8 +515,8 @@ class Eviction:
         compete with everything the pool holds of this sequence (this cache's own store included) by the
         policy's score. Returns the admitted tokens to store (idx, count as compact_admitted gives them)."""
         P = self.pool.page_size
-        held = (cache.global_len + P - 1) // P
-        need = int(((cache.global_len + count).clamp(max=cache.capacity).add(P - 1).div(P, rounding_mode="floor") - held).sum())
+        held = pages_for(cache.global_len, P)                                                  # (B, Hkv)
+        need = int((pages_for((cache.global_len + count).clamp(max=cache.capacity), P) - held).sum())
         if need <= int(self.pool.n_free):
             return cache.within_capacity(g, idx, count)
         i = self.caches.index(cache)
@@ -578,5 +529,14 @@ class Eviction:
         others = self.caches[:i] if fresh else [c for c in self.caches if c is not cache]
         self.passes += 1
         # The cache's own store and its candidates compete as one store: its slots, then the candidates.
-        return cache.compete([(c, self.stored_scores(c)) for c in others], self.stored_scores(cache), own, g,
-                             idx, count, self.pool.n_pages)
+        contenders = cache.with_candidates(self.stored_scores(cache), own, idx, count)
+        *kept_others, kept_own = self.keep([*others, cache], [*(self.stored_scores(c) for c in others), contenders],
+                                           self.pool.n_pages)
+        for other, kept in zip(others, kept_others):
+            other.drop(kept)
+        return cache.settle(kept_own, g)
+
+    def keep(self, caches: list["WriteGatedCache"], scores: list[Tensor], pages: int) -> list[Tensor]:
+        """keep_highest over the stores of these caches of the pool, scored by scores (one (B, Hkv, S) each), for
+        `pages` pages: each head of a cache holds at most that cache's capacity."""
+        return keep_highest(scores, [c.capacity for c in caches], pages, self.pool.page_size)

@@ -1,9 +1,11 @@
-"""Attention over the write-gated cache: the plain-PyTorch reference of every kernel, then the Triton kernels.
+"""Attention over the write-gated cache, op by op: each operation's plain-PyTorch reference, then its
+Triton kernel and the kernel's launcher, as the Triton tutorials lay them out.
 
 The references are the CPU path and the oracle of the Triton kernels. All attention math runs in
 float32; partial results carry their log-sum-exp (lse) so two key sets merge exactly.
-The Triton kernels have the same signatures and are PyTorch custom ops (BACKENDS["triton"]), so
+The launchers have the references' signatures and are PyTorch custom ops (BACKENDS["triton"]), so
 torch.compile traces through them and a decode step that calls them is captured by a CUDA graph.
+The pages the global stores live in, and their allocator, are pages.py's.
 
 Visibility (SPEC.md): query i sees key j iff j <= i and (i - j < W or g_j > tau).
 """
@@ -24,10 +26,14 @@ import triton.language as tl       # noqa: E402
 from torch.library import triton_op, wrap_triton   # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction   # noqa: E402
 
+from pages import pool_rows, store_room   # noqa: E402
+
 
 # partial_attention_ref's .item() becomes a symbolic size in the compiled graph instead of a graph break.
 torch._dynamo.config.capture_scalar_outputs = True
 
+
+# --- attention with its log-sum-exp, in PyTorch: what the references share ---------------------
 
 def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Decode attention over the first `lengths` keys of each (batch, KV head).
@@ -74,21 +80,6 @@ def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple
     return torch.addcmul(o1 * w1[..., None], o2, w2[..., None]), lse
 
 
-def compact_admitted_ref(g: Tensor, threshold: float, window: int) -> tuple[Tensor, Tensor]:
-    """Positions of the tokens of a sequence that leave the window admitted, ascending, per (batch, KV head).
-
-    g: (B, Hkv, T). A token j < T - W with g_j > tau is admitted. Returns idx: (B, Hkv, T) int64 whose
-    first count[b, h] entries are those positions (the rest is padding), and count: (B, Hkv) int64.
-    Over an append's keys (what the cache holds, then the new tokens) these are the keys gated prefill
-    attention reads beyond the band; over the ring's and the new tokens, those the global store takes.
-    """
-    T = g.shape[-1]
-    admitted = (g > threshold) & (torch.arange(T, device=g.device) < T - window)           # (B, Hkv, T)
-    # A stable sort of "not admitted" moves the admitted positions to the front in their order.
-    idx = torch.sort((~admitted).to(torch.int8), dim=-1, stable=True).indices              # (B, Hkv, T)
-    return idx, admitted.sum(-1)
-
-
 def attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor | None = None,
                   causal: bool = False) -> tuple[Tensor, Tensor]:
     """Softmax attention with its lse, in float32: q (B, H, M, D), k, v (B, H, S, D); visible (M, S) bool, or
@@ -109,6 +100,151 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor
     lse = scores.logsumexp(-1)                                                               # (B, H, M)
     return scores.sub_(lse[..., None]).exp_() @ v, lse
 
+
+# --- what the Triton kernels share -------------------------------------------------------------
+# Scores are kept in log2 units (scale * log2 e folded in) so softmax uses exp2.
+# On a GPU, bf16/fp16 tiles feed the tensor cores directly; the interpreter's tl.dot is wrong on
+# bfloat16 operands, so there every tile is upcast to float32 first (UPCAST). Float arguments are
+# cast to float32 on entry: Inductor passes a Python float as fp64, which would make the score
+# arithmetic fp64 and compare g against a threshold other than PyTorch's float32 one.
+
+LOG2E = 1.4426950408889634
+# Tiles on a GPU, chosen from the sm_90 compiler's report (no register spills, K/V loads pipelined
+# into shared memory), not yet from timings. Prefill: BLOCK_M query rows (positions x the group's
+# query heads) by BLOCK_N keys. Decode: BLOCK_N keys per tile, a grid of programs_per_sm programs
+# per multiprocessor. bench_gpu.py --sweep times alternatives.
+PREFILL_TILES = dict(BLOCK_M=128, BLOCK_N=64, SEARCH_LANES=128, num_warps=8, num_stages=3)
+DECODE_TILES = dict(BLOCK_N=64, programs_per_sm=2, num_warps=4, num_stages=3)
+# float32 tiles take twice the shared memory and registers: the 16-bit prefill tiles would not fit.
+PREFILL_TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, SEARCH_LANES=128, num_warps=4, num_stages=2)
+# In the interpreter: small tiles, so that small tests cross tile edges; a search of several steps;
+# and a grid of 3 programs, so that heads straddle programs.
+INTERPRETER_PREFILL_TILES = dict(BLOCK_M=32, BLOCK_N=16, SEARCH_LANES=4)
+INTERPRETER_DECODE_TILES = dict(BLOCK_N=16, programs_per_sm=3)
+
+
+def _launch(kernel):
+    """wrap_triton, except for the interpreter's kernels, which torch < 2.13 refuses to wrap (they only run eagerly)."""
+    return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)
+
+
+def _dot_options(x: Tensor) -> dict:
+    """UPCAST in the interpreter. float32 inputs on a GPU use three tf32 products per dot (tf32x3), as
+    accurate as float32 for these sums and on the tensor cores; plain tf32 would be 1e-3 off the references."""
+    if x.device.type != "cuda":
+        return dict(UPCAST=True, PRECISION="ieee")
+    return dict(UPCAST=False, PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x with a unit stride in its last dimension, as the kernels index it."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_pool(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, page_table: Tensor, global_len: Tensor) -> None:
+    assert pool_k.is_contiguous() and pool_v.is_contiguous() and pool_g.is_contiguous(), "the pool is indexed by flat row"
+    assert page_table.stride(-1) == 1 and global_len.is_contiguous()
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, k, v, visible, qk_scale,
+            MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the online softmax. q: (M, D); k, v: (N, D); visible: (M, N) or broadcastable."""
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale                        # (M, N)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    # m_i starts finite (-1e30), so a row that sees nothing yet gets exp2(-inf) = 0, never NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)
+    if UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _count_at_most(ptr, n, limit, LANES: tl.constexpr, STEPS: tl.constexpr):
+    """How many of the n ascending values at ptr are <= limit: a search that samples LANES values per
+    step (the last of LANES equal chunks of the candidate range), so 400k values take 3 dependent loads."""
+    lanes = tl.arange(0, LANES)
+    lo = n * 0                       # the answer lies in [lo, lo + width]; values past it are > limit
+    width = n
+    for _ in tl.static_range(STEPS):
+        step = tl.cdiv(width, LANES)
+        last = lo + (lanes + 1) * step - 1
+        below = tl.load(ptr + last, mask=last < n, other=0) <= limit
+        lo += tl.sum((below & (last < n)).to(tl.int32), 0) * step   # whole chunks at or below the limit
+        width = step
+    return lo
+
+
+# --- admission: prefill compaction ------------------------------------------------------------
+
+def compact_admitted_ref(g: Tensor, threshold: float, window: int) -> tuple[Tensor, Tensor]:
+    """Positions of the tokens of a sequence that leave the window admitted, ascending, per (batch, KV head).
+
+    g: (B, Hkv, T). A token j < T - W with g_j > tau is admitted. Returns idx: (B, Hkv, T) int64 whose
+    first count[b, h] entries are those positions (the rest is padding), and count: (B, Hkv) int64.
+    Over an append's keys (what the cache holds, then the new tokens) these are the keys gated prefill
+    attention reads beyond the band; over the ring's and the new tokens, those the global store takes.
+    """
+    T = g.shape[-1]
+    admitted = (g > threshold) & (torch.arange(T, device=g.device) < T - window)           # (B, Hkv, T)
+    # A stable sort of "not admitted" moves the admitted positions to the front in their order.
+    idx = torch.sort((~admitted).to(torch.int8), dim=-1, stable=True).indices              # (B, Hkv, T)
+    return idx, admitted.sum(-1)
+
+
+@triton.jit
+def _compact_kernel(G, IDX, COUNT, stride_gb, stride_gh, T, threshold, window,
+                    HKV: tl.constexpr, BLOCK_T: tl.constexpr):
+    bh = tl.program_id(0)
+    threshold = tl.cast(threshold, tl.float32)
+    g_row = G + (bh // HKV).to(tl.int64) * stride_gb + (bh % HKV) * stride_gh
+    idx_row = IDX + bh.to(tl.int64) * T
+    offs = tl.arange(0, BLOCK_T)
+    count = 0
+    for start in range(0, T, BLOCK_T):
+        j = start + offs
+        admitted = (tl.load(g_row + j, mask=j < T, other=0.0) > threshold) & (j < T - window)
+        count += tl.sum(admitted.to(tl.int32))
+    # A stable partition, as the reference's stable sort: admitted positions first, then the rest, each in order.
+    before = 0
+    for start in range(0, T, BLOCK_T):
+        j = start + offs
+        admitted = (tl.load(g_row + j, mask=j < T, other=0.0) > threshold) & (j < T - window)
+        a = admitted.to(tl.int32)
+        rank = before + tl.cumsum(a, 0) - a                                                  # admitted before j
+        tl.store(idx_row + tl.where(admitted, rank, count + j - rank), j.to(tl.int64), mask=j < T)
+        before += tl.sum(a)
+    tl.store(COUNT + bh, count.to(tl.int64))
+
+
+@triton_op("wgkv::compact_admitted", mutates_args=())
+def compact_admitted(g: Tensor, threshold: float, window: int) -> tuple[Tensor, Tensor]:
+    """compact_admitted_ref as one kernel: per (batch, KV head) a prefix sum over g > tau, two passes over g."""
+    g = _rows(g)
+    B, Hkv, T = g.shape
+    idx = torch.empty(B, Hkv, T, dtype=torch.int64, device=g.device)                        # (B, Hkv, T)
+    count = torch.empty(B, Hkv, dtype=torch.int64, device=g.device)                         # (B, Hkv)
+    block = 1024 if g.device.type == "cuda" else 16
+    _launch(_compact_kernel)[(B * Hkv,)](g, idx, count, g.stride(0), g.stride(1), T, threshold, window,
+                                         HKV=Hkv, BLOCK_T=block)
+    return idx, count
+
+
+# --- gated prefill attention ------------------------------------------------------------------
 
 def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, admitted_count: Tensor,
                                 window: int, scale: float, block: int = 128) -> Tensor:
@@ -156,322 +292,6 @@ def gated_prefill_attention_ref(q: Tensor, k: Tensor, v: Tensor, admitted_idx: T
                     o, lse = merge_attention(o, lse, o_all, lse_all)
                 out[b, h, :, start:end] = o.view(G, end - start, D)
     return out.view(B, Hq, Tq, D).to(q.dtype)
-
-
-# --- the paged global store -------------------------------------------------------------------
-# The admitted tokens of every (layer, batch row, KV head) live in pages of P token slots drawn from one
-# pool: pool_k, pool_v (N + 1, P, D) and pool_g (N + 1, P). A head's row of page_table (B, Hkv, M) lists its
-# pages in order: its store slot s is pool row page_table[s // P] * P + s % P, global_len (B, Hkv) says how
-# many slots hold a token, and it holds ceil(len / P) pages, none of them empty. The per-head capacity is
-# C = M * P. Page N is scratch: it is never handed out, unused table entries point at it, and the writes of
-# heads that write nothing go there, so that every write is unconditional and no two heads write the same
-# row. free_pages (N + 1,) is a stack whose first n_free (1,) entries are the free pages (its last entry is
-# scratch as well).
-
-def pool_rows(page_table: Tensor, slots: Tensor, page_size: int) -> Tensor:
-    """Flat pool rows (page * P + offset) of store slots: page_table (B, Hkv, M), slots (B, Hkv, S) -> (B, Hkv, S)."""
-    pages = page_table.gather(2, (slots // page_size).clamp(max=page_table.shape[-1] - 1))
-    return pages * page_size + slots % page_size
-
-
-def gather_store(pool: Tensor, page_table: Tensor, n_pages: int) -> Tensor:
-    """The first n_pages pages of every head's store: pool (N + 1, P, ...) -> (B, Hkv, n_pages * P, ...)."""
-    return pool[page_table[:, :, :n_pages]].flatten(2, 3)
-
-
-def grant_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, held: Tensor, want: Tensor) -> Tensor:
-    """Hand pages from the free stack to the heads that want them, in (batch, head) order, on the device.
-
-    held, want: (B, Hkv) pages each head holds and how many more it wants. The table entries
-    [held, held + got) receive the pages; a head asking past its table or past what is left gets fewer.
-    Returns got (B, Hkv). No host sync: prefix sums, a gather and a select.
-    """
-    M = page_table.shape[-1]
-    want = torch.minimum(want, M - held).flatten()                                          # (B*Hkv,)
-    before = (want.cumsum(0) - want).view_as(held)                                          # wanted by earlier heads
-    got = (n_free - before).clamp(min=0).minimum(want.view_as(held))                        # (B, Hkv)
-    new = torch.arange(M, device=held.device) - held[..., None]                             # (B, Hkv, M) rank among the new pages
-    entry = (n_free - 1 - before[..., None] - new).clamp(0, free_pages.shape[0] - 1)         # (B, Hkv, M) stack entries
-    page_table.copy_(torch.where((new >= 0) & (new < got[..., None]), free_pages[entry], page_table))
-    n_free.sub_(got.sum())
-    return got
-
-
-def release_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int,
-                  keep: Tensor | None = None) -> None:
-    """Shorten each head's store to its first keep (B, Hkv) tokens (default: none) and give the pages it no
-    longer needs back to the free stack, on the device."""
-    N, M = free_pages.shape[0] - 1, page_table.shape[-1]
-    keep = torch.zeros_like(global_len) if keep is None else keep
-    kept = (keep + page_size - 1) // page_size                                              # (B, Hkv) pages still needed
-    freed = (global_len + page_size - 1) // page_size - kept                                # (B, Hkv) pages given back
-    before = (freed.flatten().cumsum(0) - freed.flatten()).view_as(freed)                   # (B, Hkv)
-    col = torch.arange(M, device=keep.device) - kept[..., None]                             # (B, Hkv, M) rank among the freed
-    dest = torch.where((col >= 0) & (col < freed[..., None]), n_free + before[..., None] + col, N)   # the rest to scratch
-    free_pages.scatter_(0, dest.flatten(), page_table.flatten())
-    free_pages[N] = N
-    n_free.add_(freed.sum())
-    page_table.masked_fill_(col >= 0, N)
-    global_len.copy_(keep)
-
-
-def paged_attention_ref(q: Tensor, pool_k: Tensor, pool_v: Tensor, page_table: Tensor, lengths: Tensor,
-                        scale: float) -> tuple[Tensor, Tensor]:
-    """Decode attention over the first `lengths` tokens of each head's paged store, read in place.
-
-    q: (B, Hq, D); pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); lengths: (B, Hkv).
-    Returns o: (B, Hq, D) float32 and lse: (B, Hq) float32, as partial_attention_ref.
-    Neither product copies the pages out first: the scores are a product-sum over rows picked from the pool,
-    which Inductor fuses into one loop, and the weighted sum of V rows is an embedding bag (a gather-reduce
-    kernel). The weights are rounded to the store's dtype there, as the Triton kernel rounds them.
-    """
-    B, Hkv, M = page_table.shape
-    Hq, (P, D) = q.shape[1], pool_k.shape[1:]
-    G, S = Hq // Hkv, M * P
-    if q.device.type == "cpu" or not torch.compiler.is_compiling():
-        # Read only the slots in use (a host read, as partial_attention_ref's, and for the same reasons).
-        # At least two when the store has two, so that compiled code knows the keys are not one row.
-        shortest = min(2, S)
-        S = lengths.max().clamp(min=shortest).item()
-        torch._check(S >= 1)
-        torch._check(S >= shortest)
-        torch._check(S <= M * P)
-    rows = pool_rows(page_table, torch.arange(S, device=q.device).expand(B, Hkv, S), P)     # (B, Hkv, S)
-    k = pool_k.view(-1, D)[rows]                                                            # (B, Hkv, S, D) fused, not stored
-    qg = q.float().view(B, Hkv, G, 1, D)
-    scores = (qg * k[:, :, None].float()).sum(-1).mul_(scale)                               # (B, Hkv, G, S)
-    scores.masked_fill_(torch.arange(S, device=q.device) >= lengths[..., None, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)                                     # (B, Hkv, G, 1)
-    # An empty store has lse = -inf; subtracting a finite floor instead keeps its weights at 0, not NaN.
-    weights = scores.sub_(lse.clamp(min=torch.finfo(torch.float32).min)).exp_()             # (B, Hkv, G, S)
-    bags = rows[:, :, None].expand(B, Hkv, G, S).reshape(B * Hq, S)                         # (B*Hq, S) V rows per query
-    o = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
-                        per_sample_weights=weights.reshape(B * Hq, S).to(pool_v.dtype))    # (B*Hq, D)
-    return o.view(B, Hq, D).float(), lse.view(B, Hq)
-
-
-def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
-                         pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
-    """One decode query over the ring (its first ring_len slots) and the paged global store (ragged).
-
-    q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (B,) per batch row (rows at different positions),
-    or () for all; pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); global_len: (B, Hkv).
-    Returns (B, Hq, D) in q's dtype.
-    """
-    o_ring, lse_ring = partial_attention_ref(q, ring_k, ring_v, ring_len.expand(q.shape[0])[:, None], scale)
-    o_glob, lse_glob = paged_attention_ref(q, pool_k, pool_v, page_table, global_len, scale)
-    return merge_attention(o_ring, lse_ring, o_glob, lse_glob)[0].to(q.dtype)
-
-
-def kept_positions(g: Tensor, admitted_idx: Tensor, admitted_count: Tensor, room: Tensor) -> Tensor:
-    """The positions of the admitted tokens a store with `room` free slots per head keeps, in the order to store them.
-
-    g, admitted_idx: (B, Hkv, T); admitted_count, room: (B, Hkv). Returns (B, Hkv, T) int64 whose first
-    min(count, room) entries are kept: every admitted position in order where they fit, else the admitted
-    tokens by descending g (ties by position), so that the first `room` are the highest.
-    """
-    T = g.shape[-1]
-    admitted = torch.arange(T, device=g.device) < admitted_count[..., None]                # (B, Hkv, T) in idx order
-    ranked = torch.where(admitted, g.gather(2, admitted_idx), torch.full_like(g, -1.0))
-    best = admitted_idx.gather(2, ranked.sort(dim=-1, descending=True, stable=True).indices)
-    return torch.where((admitted_count <= room)[..., None], admitted_idx, best)
-
-
-def store_room(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int,
-               wanted: Tensor) -> Tensor:
-    """Pages for `wanted` (B, Hkv) more tokens per head; returns the free slots each head then has (B, Hkv)."""
-    P = page_size
-    held = (global_len + P - 1) // P
-    want = (global_len + wanted + P - 1) // P - held
-    got = grant_pages(free_pages, n_free, page_table, held, want)
-    return (held + got) * P - global_len
-
-
-def store_admitted_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
-                       page_table: Tensor, global_len: Tensor, k: Tensor, v: Tensor, g: Tensor,
-                       admitted_idx: Tensor, admitted_count: Tensor) -> None:
-    """An append: add the admitted tokens to each head's store, taking the pages they need, in place.
-
-    k, v: (B, Hkv, T, D); g: (B, Hkv, T); admitted_idx, admitted_count from compact_admitted_ref. A head
-    whose capacity, or the pool, runs out keeps its highest-g admitted tokens that fit.
-    """
-    B, Hkv, T, D = k.shape
-    P = pool_k.shape[1]
-    room = store_room(free_pages, n_free, page_table, global_len, P, admitted_count)       # (B, Hkv)
-    n_keep = admitted_count.minimum(room)
-    keep = kept_positions(g, admitted_idx, admitted_count, room)                           # (B, Hkv, T)
-    s = torch.arange(T, device=k.device)
-    rows = pool_rows(page_table, global_len[..., None] + s, P)                             # (B, Hkv, T)
-    rows = torch.where(s < n_keep[..., None], rows, (pool_k.shape[0] - 1) * P).flatten()    # the rest to scratch
-    pool_k.view(-1, D)[rows] = k.gather(2, keep[..., None].expand(B, Hkv, T, D)).flatten(0, 2).to(pool_k.dtype)
-    pool_v.view(-1, D)[rows] = v.gather(2, keep[..., None].expand(B, Hkv, T, D)).flatten(0, 2).to(pool_v.dtype)
-    pool_g.view(-1)[rows] = g.gather(2, keep).flatten().to(pool_g.dtype)
-    global_len.add_(n_keep)
-
-
-def promote_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
-                page_table: Tensor, global_len: Tensor, k_out: Tensor, v_out: Tensor, g_out: Tensor,
-                threshold: float) -> None:
-    """Decode: the token leaving the ring enters its head's store if g > tau, in place, no host sync.
-
-    k_out, v_out: (B, Hkv, D); g_out: (B, Hkv) (an empty ring slot has g = -1, never admitted). A head
-    whose last page is full takes a new page; when its capacity or the pool has none left, the token
-    replaces the head's lowest-g entry, and only if its own g is higher.
-    """
-    B, Hkv, M = page_table.shape
-    P, D = pool_k.shape[1:]
-    admitted = g_out > threshold                                                            # (B, Hkv)
-    room = store_room(free_pages, n_free, page_table, global_len, P, admitted.long()) > 0   # (B, Hkv)
-    slots = torch.arange(M * P, device=g_out.device).expand(B, Hkv, -1)                    # (B, Hkv, C)
-    held_g = torch.where(slots < global_len[..., None], pool_g.view(-1)[pool_rows(page_table, slots, P)], float("inf"))
-    lowest_g, lowest = held_g.min(-1)                                                       # (B, Hkv)
-    write = admitted & (room | (g_out > lowest_g))
-    slot = torch.where(room, global_len, lowest)
-    row = torch.where(write, pool_rows(page_table, slot[..., None], P)[..., 0], (pool_k.shape[0] - 1) * P).flatten()
-    pool_k.view(-1, D)[row] = k_out.flatten(0, 1).to(pool_k.dtype)
-    pool_v.view(-1, D)[row] = v_out.flatten(0, 1).to(pool_v.dtype)
-    pool_g.view(-1)[row] = g_out.flatten().to(pool_g.dtype)
-    global_len.add_((write & room).to(global_len.dtype))
-
-
-class AttentionOps(NamedTuple):
-    """The five operations the write-gated cache needs; one implementation per backend, same signatures."""
-    compact_admitted: Callable
-    gated_prefill_attention: Callable
-    store_admitted: Callable
-    decode_attention: Callable
-    promote: Callable
-
-
-BACKENDS = {
-    "torch": AttentionOps(compact_admitted_ref, gated_prefill_attention_ref, store_admitted_ref,
-                          decode_attention_ref, promote_ref),
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Triton kernels. Scores are kept in log2 units (scale * log2 e folded in) so softmax uses exp2.
-# On a GPU, bf16/fp16 tiles feed the tensor cores directly; the interpreter's tl.dot is wrong on
-# bfloat16 operands, so there every tile is upcast to float32 first (UPCAST). Float arguments are
-# cast to float32 on entry: Inductor passes a Python float as fp64, which would make the score
-# arithmetic fp64 and compare g against a threshold other than PyTorch's float32 one.
-
-LOG2E = 1.4426950408889634
-# Tiles on a GPU, chosen from the sm_90 compiler's report (no register spills, K/V loads pipelined
-# into shared memory), not yet from timings. Prefill: BLOCK_M query rows (positions x the group's
-# query heads) by BLOCK_N keys. Decode: BLOCK_N keys per tile, a grid of programs_per_sm programs
-# per multiprocessor. bench_gpu.py --sweep times alternatives.
-PREFILL_TILES = dict(BLOCK_M=128, BLOCK_N=64, SEARCH_LANES=128, num_warps=8, num_stages=3)
-DECODE_TILES = dict(BLOCK_N=64, programs_per_sm=2, num_warps=4, num_stages=3)
-# float32 tiles take twice the shared memory and registers: the 16-bit prefill tiles would not fit.
-PREFILL_TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, SEARCH_LANES=128, num_warps=4, num_stages=2)
-# In the interpreter: small tiles, so that small tests cross tile edges; a search of several steps;
-# and a grid of 3 programs, so that heads straddle programs.
-INTERPRETER_PREFILL_TILES = dict(BLOCK_M=32, BLOCK_N=16, SEARCH_LANES=4)
-INTERPRETER_DECODE_TILES = dict(BLOCK_N=16, programs_per_sm=3)
-
-
-def _launch(kernel):
-    """wrap_triton, except for the interpreter's kernels, which torch < 2.13 refuses to wrap (they only run eagerly)."""
-    return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)
-
-
-def _dot_options(x: Tensor) -> dict:
-    """UPCAST in the interpreter. float32 inputs on a GPU use three tf32 products per dot (tf32x3), as
-    accurate as float32 for these sums and on the tensor cores; plain tf32 would be 1e-3 off the references."""
-    if x.device.type != "cuda":
-        return dict(UPCAST=True, PRECISION="ieee")
-    return dict(UPCAST=False, PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
-
-
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-def _rows(x: Tensor) -> Tensor:
-    """x with a unit stride in its last dimension, as the kernels index it."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-@triton.jit
-def _attend(acc, l_i, m_i, q, k, v, visible, qk_scale,
-            MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One key tile of the online softmax. q: (M, D); k, v: (N, D); visible: (M, N) or broadcastable."""
-    if UPCAST:
-        q = q.to(tl.float32)
-        k = k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale                        # (M, N)
-    if MASKED:
-        s = tl.where(visible, s, float("-inf"))
-    # m_i starts finite (-1e30), so a row that sees nothing yet gets exp2(-inf) = 0, never NaN.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(v.dtype)
-    if UPCAST:
-        p = p.to(tl.float32)
-        v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-    return acc, l_i, m_new
-
-
-# --- admission: prefill compaction ------------------------------------------------------------
-
-@triton.jit
-def _compact_kernel(G, IDX, COUNT, stride_gb, stride_gh, T, threshold, window,
-                    HKV: tl.constexpr, BLOCK_T: tl.constexpr):
-    bh = tl.program_id(0)
-    threshold = tl.cast(threshold, tl.float32)
-    g_row = G + (bh // HKV).to(tl.int64) * stride_gb + (bh % HKV) * stride_gh
-    idx_row = IDX + bh.to(tl.int64) * T
-    offs = tl.arange(0, BLOCK_T)
-    count = 0
-    for start in range(0, T, BLOCK_T):
-        j = start + offs
-        admitted = (tl.load(g_row + j, mask=j < T, other=0.0) > threshold) & (j < T - window)
-        count += tl.sum(admitted.to(tl.int32))
-    # A stable partition, as the reference's stable sort: admitted positions first, then the rest, each in order.
-    before = 0
-    for start in range(0, T, BLOCK_T):
-        j = start + offs
-        admitted = (tl.load(g_row + j, mask=j < T, other=0.0) > threshold) & (j < T - window)
-        a = admitted.to(tl.int32)
-        rank = before + tl.cumsum(a, 0) - a                                                  # admitted before j
-        tl.store(idx_row + tl.where(admitted, rank, count + j - rank), j.to(tl.int64), mask=j < T)
-        before += tl.sum(a)
-    tl.store(COUNT + bh, count.to(tl.int64))
-
-
-@triton_op("wgkv::compact_admitted", mutates_args=())
-def compact_admitted(g: Tensor, threshold: float, window: int) -> tuple[Tensor, Tensor]:
-    """compact_admitted_ref as one kernel: per (batch, KV head) a prefix sum over g > tau, two passes over g."""
-    g = _rows(g)
-    B, Hkv, T = g.shape
-    idx = torch.empty(B, Hkv, T, dtype=torch.int64, device=g.device)                        # (B, Hkv, T)
-    count = torch.empty(B, Hkv, dtype=torch.int64, device=g.device)                         # (B, Hkv)
-    block = 1024 if g.device.type == "cuda" else 16
-    _launch(_compact_kernel)[(B * Hkv,)](g, idx, count, g.stride(0), g.stride(1), T, threshold, window,
-                                         HKV=Hkv, BLOCK_T=block)
-    return idx, count
-
-
-# --- gated prefill attention ------------------------------------------------------------------
-
-@triton.jit
-def _count_at_most(ptr, n, limit, LANES: tl.constexpr, STEPS: tl.constexpr):
-    """How many of the n ascending values at ptr are <= limit: a search that samples LANES values per
-    step (the last of LANES equal chunks of the candidate range), so 400k values take 3 dependent loads."""
-    lanes = tl.arange(0, LANES)
-    lo = n * 0                       # the answer lies in [lo, lo + width]; values past it are > limit
-    width = n
-    for _ in tl.static_range(STEPS):
-        step = tl.cdiv(width, LANES)
-        last = lo + (lanes + 1) * step - 1
-        below = tl.load(ptr + last, mask=last < n, other=0) <= limit
-        lo += tl.sum((below & (last < n)).to(tl.int32), 0) * step   # whole chunks at or below the limit
-        width = step
-    return lo
 
 
 @triton.jit
@@ -575,6 +395,42 @@ def gated_prefill_tiled(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, a
 
 # --- admission: prefill store -----------------------------------------------------------------
 
+def kept_positions(g: Tensor, admitted_idx: Tensor, admitted_count: Tensor, room: Tensor) -> Tensor:
+    """The positions of the admitted tokens a store with `room` free slots per head keeps, in the order to store them.
+
+    g, admitted_idx: (B, Hkv, T); admitted_count, room: (B, Hkv). Returns (B, Hkv, T) int64 whose first
+    min(count, room) entries are kept: every admitted position in order where they fit, else the admitted
+    tokens by descending g (ties by position), so that the first `room` are the highest.
+    """
+    T = g.shape[-1]
+    admitted = torch.arange(T, device=g.device) < admitted_count[..., None]                # (B, Hkv, T) in idx order
+    ranked = torch.where(admitted, g.gather(2, admitted_idx), torch.full_like(g, -1.0))
+    best = admitted_idx.gather(2, ranked.sort(dim=-1, descending=True, stable=True).indices)
+    return torch.where((admitted_count <= room)[..., None], admitted_idx, best)
+
+
+def store_admitted_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
+                       page_table: Tensor, global_len: Tensor, k: Tensor, v: Tensor, g: Tensor,
+                       admitted_idx: Tensor, admitted_count: Tensor) -> None:
+    """An append: add the admitted tokens to each head's store, taking the pages they need, in place.
+
+    k, v: (B, Hkv, T, D); g: (B, Hkv, T); admitted_idx, admitted_count from compact_admitted_ref. A head
+    whose capacity, or the pool, runs out keeps its highest-g admitted tokens that fit.
+    """
+    B, Hkv, T, D = k.shape
+    P = pool_k.shape[1]
+    room = store_room(free_pages, n_free, page_table, global_len, P, admitted_count)       # (B, Hkv)
+    n_keep = admitted_count.minimum(room)
+    keep = kept_positions(g, admitted_idx, admitted_count, room)                           # (B, Hkv, T)
+    s = torch.arange(T, device=k.device)
+    rows = pool_rows(page_table, global_len[..., None] + s, P)                             # (B, Hkv, T)
+    rows = torch.where(s < n_keep[..., None], rows, (pool_k.shape[0] - 1) * P).flatten()    # the rest to scratch
+    pool_k.view(-1, D)[rows] = k.gather(2, keep[..., None].expand(B, Hkv, T, D)).flatten(0, 2).to(pool_k.dtype)
+    pool_v.view(-1, D)[rows] = v.gather(2, keep[..., None].expand(B, Hkv, T, D)).flatten(0, 2).to(pool_v.dtype)
+    pool_g.view(-1)[rows] = g.gather(2, keep).flatten().to(pool_g.dtype)
+    global_len.add_(n_keep)
+
+
 @triton.jit
 def _store_kernel(PK, PV, PG, TABLE, GLEN, K, V, GSRC, KEEP, NKEEP,
                   stride_tb, stride_th, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -597,11 +453,6 @@ def _store_kernel(PK, PV, PG, TABLE, GLEN, K, V, GSRC, KEEP, NKEEP,
     tl.store(PK + row[:, None] * D + d[None, :], tl.load(K + from_k, mask=ok[:, None]), mask=ok[:, None])
     tl.store(PV + row[:, None] * D + d[None, :], tl.load(V + from_v, mask=ok[:, None]), mask=ok[:, None])
     tl.store(PG + row, tl.load(GSRC + b * stride_gb + h * stride_gh + src, mask=ok), mask=ok)
-
-
-def _check_pool(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, page_table: Tensor, global_len: Tensor) -> None:
-    assert pool_k.is_contiguous() and pool_v.is_contiguous() and pool_g.is_contiguous(), "the pool is indexed by flat row"
-    assert page_table.stride(-1) == 1 and global_len.is_contiguous()
 
 
 @triton_op("wgkv::store_admitted",
@@ -633,6 +484,31 @@ def store_admitted(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: T
 
 
 # --- admission: ring-exit promotion -----------------------------------------------------------
+
+def promote_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
+                page_table: Tensor, global_len: Tensor, k_out: Tensor, v_out: Tensor, g_out: Tensor,
+                threshold: float) -> None:
+    """Decode: the token leaving the ring enters its head's store if g > tau, in place, no host sync.
+
+    k_out, v_out: (B, Hkv, D); g_out: (B, Hkv) (an empty ring slot has g = -1, never admitted). A head
+    whose last page is full takes a new page; when its capacity or the pool has none left, the token
+    replaces the head's lowest-g entry, and only if its own g is higher.
+    """
+    B, Hkv, M = page_table.shape
+    P, D = pool_k.shape[1:]
+    admitted = g_out > threshold                                                            # (B, Hkv)
+    room = store_room(free_pages, n_free, page_table, global_len, P, admitted.long()) > 0   # (B, Hkv)
+    slots = torch.arange(M * P, device=g_out.device).expand(B, Hkv, -1)                    # (B, Hkv, C)
+    held_g = torch.where(slots < global_len[..., None], pool_g.view(-1)[pool_rows(page_table, slots, P)], float("inf"))
+    lowest_g, lowest = held_g.min(-1)                                                       # (B, Hkv)
+    write = admitted & (room | (g_out > lowest_g))
+    slot = torch.where(room, global_len, lowest)
+    row = torch.where(write, pool_rows(page_table, slot[..., None], P)[..., 0], (pool_k.shape[0] - 1) * P).flatten()
+    pool_k.view(-1, D)[row] = k_out.flatten(0, 1).to(pool_k.dtype)
+    pool_v.view(-1, D)[row] = v_out.flatten(0, 1).to(pool_v.dtype)
+    pool_g.view(-1)[row] = g_out.flatten().to(pool_g.dtype)
+    global_len.add_((write & room).to(global_len.dtype))
+
 
 @triton.jit
 def _promote_kernel(PK, PV, PG, TABLE, GLEN, ROOM, KO, VO, GO,
@@ -693,6 +569,55 @@ def promote(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, 
 
 
 # --- dual-cache decode attention --------------------------------------------------------------
+
+def paged_attention_ref(q: Tensor, pool_k: Tensor, pool_v: Tensor, page_table: Tensor, lengths: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    """Decode attention over the first `lengths` tokens of each head's paged store, read in place.
+
+    q: (B, Hq, D); pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); lengths: (B, Hkv).
+    Returns o: (B, Hq, D) float32 and lse: (B, Hq) float32, as partial_attention_ref.
+    Neither product copies the pages out first: the scores are a product-sum over rows picked from the pool,
+    which Inductor fuses into one loop, and the weighted sum of V rows is an embedding bag (a gather-reduce
+    kernel). The weights are rounded to the store's dtype there, as the Triton kernel rounds them.
+    """
+    B, Hkv, M = page_table.shape
+    Hq, (P, D) = q.shape[1], pool_k.shape[1:]
+    G, S = Hq // Hkv, M * P
+    if q.device.type == "cpu" or not torch.compiler.is_compiling():
+        # Read only the slots in use (a host read, as partial_attention_ref's, and for the same reasons).
+        # At least two when the store has two, so that compiled code knows the keys are not one row.
+        shortest = min(2, S)
+        S = lengths.max().clamp(min=shortest).item()
+        torch._check(S >= 1)
+        torch._check(S >= shortest)
+        torch._check(S <= M * P)
+    rows = pool_rows(page_table, torch.arange(S, device=q.device).expand(B, Hkv, S), P)     # (B, Hkv, S)
+    k = pool_k.view(-1, D)[rows]                                                            # (B, Hkv, S, D) fused, not stored
+    qg = q.float().view(B, Hkv, G, 1, D)
+    scores = (qg * k[:, :, None].float()).sum(-1).mul_(scale)                               # (B, Hkv, G, S)
+    scores.masked_fill_(torch.arange(S, device=q.device) >= lengths[..., None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)                                     # (B, Hkv, G, 1)
+    # An empty store has lse = -inf; subtracting a finite floor instead keeps its weights at 0, not NaN.
+    weights = scores.sub_(lse.clamp(min=torch.finfo(torch.float32).min)).exp_()             # (B, Hkv, G, S)
+    bags = rows[:, :, None].expand(B, Hkv, G, S).reshape(B * Hq, S)                         # (B*Hq, S) V rows per query
+    o = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
+                        per_sample_weights=weights.reshape(B * Hq, S).to(pool_v.dtype))    # (B*Hq, D)
+    return o.view(B, Hq, D).float(), lse.view(B, Hq)
+
+
+def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
+                         pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
+    """One decode query over the ring (its first ring_len slots) and the paged global store (ragged).
+
+    q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (B,) per batch row (rows at different positions),
+    or () for all; pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); global_len: (B, Hkv).
+    Returns (B, Hq, D) in q's dtype.
+    """
+    o_ring, lse_ring = partial_attention_ref(q, ring_k, ring_v, ring_len.expand(q.shape[0])[:, None], scale)
+    o_glob, lse_glob = paged_attention_ref(q, pool_k, pool_v, page_table, global_len, scale)
+    return merge_attention(o_ring, lse_ring, o_glob, lse_glob)[0].to(q.dtype)
+
+
 # Split-K over a fixed grid: the keys of all heads (ring, then global store) are cut into tiles
 # of BLOCK_N, the tiles of all (batch, KV head) pairs are laid end to end and every program takes
 # the same number of consecutive tiles, whatever the lengths, read on the device. A program emits
@@ -835,5 +760,17 @@ def decode_attention_tiled(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: 
     return out
 
 
-BACKENDS["triton"] = AttentionOps(compact_admitted, gated_prefill_attention, store_admitted,
-                                  decode_attention, promote)
+class AttentionOps(NamedTuple):
+    """The five operations the write-gated cache needs; one implementation per backend, same signatures."""
+    compact_admitted: Callable
+    gated_prefill_attention: Callable
+    store_admitted: Callable
+    decode_attention: Callable
+    promote: Callable
+
+
+BACKENDS = {
+    "torch": AttentionOps(compact_admitted_ref, gated_prefill_attention_ref, store_admitted_ref,
+                          decode_attention_ref, promote_ref),
+    "triton": AttentionOps(compact_admitted, gated_prefill_attention, store_admitted, decode_attention, promote),
+}

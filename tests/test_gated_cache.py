@@ -397,12 +397,6 @@ def test_backend_names():
         resolve_backend("cuda", "cpu")
 
 
-@pytest.mark.skipif("triton" in __import__("kernels").BACKENDS, reason="the Triton kernels exist")
-def test_missing_triton_backend_says_so():
-    with pytest.raises(ValueError, match="Triton kernels are not available"):
-        WriteGatedCache(1, 1, 4, window=2, threshold=0.1, capacity=2, dtype=torch.float32, backend="triton")
-
-
 def test_snapkv_eviction_matches_a_plain_reference():
     """Scores from the observed queries' softmax over ring + store, max-pooled over neighbouring slots; each
     head drops ceil(share x length) lowest (ties: the later slot goes), survivors keep their order, and the

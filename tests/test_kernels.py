@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench_gpu
 import kernels
+import pages
+from bench_gpu import TOL, same_store
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}   # atol = rtol; outputs are O(1)
 TAU = 0.5
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import sweep_paged  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -127,18 +127,11 @@ def test_attention_lse(mask):
 
 
 def paged_store(lengths, capacity, page_size, D, dtype, spare_pages=0, seed=0):
-    """scripts/sweep_paged.py's paged state (shuffled page tables, spare_pages free pages) on DEVICE, its
+    """bench_gpu.paged_store's random store (shuffled page tables, spare_pages free pages), seeded, on DEVICE, its
     gates in [0.6, 1) so that a test can plant the lowest one."""
-    state = sweep_paged.paged_store(torch.Generator().manual_seed(seed), lengths, capacity, page_size, D, dtype,
-                                    spare_pages, g_floor=0.6)
+    state = bench_gpu.paged_store(torch.tensor(lengths), capacity, page_size, D, spare_pages, dtype,
+                                  torch.Generator().manual_seed(seed), g_floor=0.6)
     return [x.to(DEVICE) for x in state]
-
-
-def assert_same_state(got, want):
-    """Exactly equal stores, except the scratch page (the last of the pool), which only the reference writes."""
-    for i, (x, y) in enumerate(zip(got, want)):
-        x, y = (x[:-1], y[:-1]) if i < 3 else (x, y)
-        torch.testing.assert_close(x, y, atol=0, rtol=0, equal_nan=True)
 
 
 # (G, D, dtype, ring capacity W, ring_len (one for every row, or one per row), global lengths per (batch, head),
@@ -171,7 +164,7 @@ def test_decode_attention(G, D, dtype, W, ring_len, lengths, page_size):
     assert out.shape == ref.shape and out.dtype == dtype
     assert_close(out, ref, dtype)
     # The paged reference is plain attention over each head's ring and stored tokens.
-    keys, values = kernels.gather_store(pool_k, page_table, page_table.shape[-1]), kernels.gather_store(pool_v, page_table, page_table.shape[-1])
+    keys, values = pages.gather_store(pool_k, page_table, page_table.shape[-1]), pages.gather_store(pool_v, page_table, page_table.shape[-1])
     for b in range(B):
         for h in range(Hkv):
             n = int(global_len[b, h])
@@ -205,11 +198,11 @@ def test_store_admitted(T, C, page_size, lengths, spare, dtype):
     with poisoned_allocations():
         kernels.store_admitted(*state, k, v, g, idx, count)
     kernels.store_admitted_ref(*ref_state, k, v, g, idx, count)
-    assert_same_state(state, ref_state)
+    assert same_store(state, ref_state)
     glen, before = state[6], torch.tensor(lengths, device=DEVICE)
     assert int((glen - before).max()) > 0 and torch.equal(glen[1, 1], before[1, 1])
     # Each head's new tokens: all its admitted ones, or as many as it had room for, the highest g first.
-    stored_k = kernels.gather_store(state[0], state[5], state[5].shape[-1])
+    stored_k = pages.gather_store(state[0], state[5], state[5].shape[-1])
     for b in range(B):
         for h in range(Hkv):
             n0, n = int(before[b, h]), int(glen[b, h])
@@ -225,7 +218,7 @@ def test_promote():
     B, Hkv, C, D, P = 2, 3, 20, 128, 4
     state = paged_store([[0, 19, 20], [20, 5, 8]], C, P, D, torch.bfloat16, spare_pages=2)
     pool_g, page_table = state[2], state[5]
-    lowest = kernels.pool_rows(page_table, torch.tensor([7, 13]).expand(B, Hkv, 2), P)[1, 0]
+    lowest = pages.pool_rows(page_table, torch.tensor([7, 13]).expand(B, Hkv, 2), P)[1, 0]
     pool_g.view(-1)[lowest] = 0.55                       # a tie for the lowest: the first slot goes
     ref_state = [x.clone() for x in state]
     for step in range(6):
@@ -234,15 +227,15 @@ def test_promote():
         g_out = torch.tensor([[-1.0, 0.2, 0.51], [0.7, 0.95, 0.9]], device=DEVICE).roll(step, dims=1)
         kernels.promote(*state, k_out, v_out, g_out, TAU)
         kernels.promote_ref(*ref_state, k_out, v_out, g_out, TAU)
-        assert_same_state(state, ref_state)
+        assert same_store(state, ref_state)
     assert int(state[4]) == 0 and int(state[6][0, 1]) == 20 and int(state[6][0, 0]) > 0
 
 
 def test_paged_sweep_a_few_dozen_cases():
-    """scripts/sweep_paged.py's random cases (the README's run has 1,000 per kernel), a dozen per kernel."""
+    """bench_gpu.py --random-cases (the README's run has 1,000 per kernel), a dozen per kernel."""
     mismatches = []
-    results = sweep_paged.sweep(12, seed=1, report=lambda name, case: mismatches.append((name, case)))
-    assert not mismatches and {name: n for name, (n, _, _) in results.items()} == dict.fromkeys(sweep_paged.CASES, 12)
+    results = bench_gpu.random_cases(12, seed=1, report=lambda name, case: mismatches.append((name, case)))
+    assert not mismatches and {name: n for name, (n, _, _) in results.items()} == dict.fromkeys(bench_gpu.RANDOM_CASES, 12)
 
 
 @pytest.mark.parametrize("capacity", [None, 3])

@@ -1,0 +1,122 @@
+"""The page pool that the write-gated caches' global stores draw from, and its allocator.
+
+The admitted tokens of every (layer, batch row, KV head) live in pages of P token slots drawn from one
+pool: pool_k, pool_v (N + 1, P, D) and pool_g (N + 1, P). A head's row of page_table (B, Hkv, M) lists its
+pages in order: its store slot s is pool row page_table[s // P] * P + s % P, global_len (B, Hkv) says how
+many slots hold a token, and it holds ceil(len / P) pages, none of them empty. The per-head capacity is
+C = M * P. Page N is scratch: it is never handed out, unused table entries point at it, and the writes of
+heads that write nothing go there, so that every write is unconditional and no two heads write the same
+row. free_pages (N + 1,) is a stack whose first n_free (1,) entries are the free pages (its last entry is
+scratch as well).
+"""
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+# One compiled decode step for every cache size (--max-seq-len): the size dims of the caches' and the pool's
+# buffers are marked dynamic (dynamic_sizes), which torch.compile honours for module buffers only with this
+# flag off (it treats buffers as parameters, whose shapes it otherwise fixes). Parameters keep their static
+# shapes: nothing marks them dynamic and they never change size.
+torch._dynamo.config.force_parameter_static_shapes = False
+
+
+def dynamic_sizes(*dims: tuple[Tensor, int]) -> None:
+    """Mark the (buffer, dim) pairs dynamic for torch.compile; a size of 0 or 1 may still be specialised."""
+    for tensor, dim in dims:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def pages_for(tokens: int | Tensor, page_size: int) -> int | Tensor:
+    """Pages that hold `tokens` tokens, ceil(tokens / page_size): of an int, or of each element of an integer tensor."""
+    return -(-tokens // page_size)
+
+
+class PagePool(nn.Module):
+    """Pages of `page_size` token slots that the global stores of every layer, batch row and KV head draw from.
+
+    One pool per model, shared by the layers' WriteGatedCaches: a head takes a page when its last one is
+    full, so memory follows what the gate admits, head by head, instead of a worst case per head. Page
+    n_pages is scratch (see above); the free stack and its count live on the device.
+    """
+
+    def __init__(self, n_pages: int, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        if n_pages < 0 or page_size < 1:
+            raise ValueError(f"a page pool needs n_pages >= 0 and page_size >= 1, not {n_pages} and {page_size}")
+        self.page_size = page_size
+        N, P, D = n_pages, page_size, head_dim
+        self.register_buffer("k", torch.zeros(N + 1, P, D, dtype=dtype, device=device), persistent=False)        # (N+1, P, D)
+        self.register_buffer("v", torch.zeros(N + 1, P, D, dtype=dtype, device=device), persistent=False)        # (N+1, P, D)
+        self.register_buffer("g", torch.zeros(N + 1, P, dtype=torch.float32, device=device), persistent=False)   # (N+1, P)
+        self.register_buffer("free_pages", torch.empty(N + 1, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("n_free", torch.empty(1, dtype=torch.int64, device=device), persistent=False)
+        dynamic_sizes((self.k, 0), (self.v, 0), (self.g, 0), (self.free_pages, 0))
+        self.reset()
+
+    @property
+    def n_pages(self) -> int:
+        return self.k.shape[0] - 1
+
+    def reset(self) -> None:
+        """Every page free; the stack hands out pages 0, 1, 2... first (any order would do)."""
+        self.free_pages.copy_(torch.arange(self.n_pages, -1, -1, device=self.free_pages.device).roll(-1))
+        self.n_free.fill_(self.n_pages)
+
+    def bytes_allocated(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def pool_rows(page_table: Tensor, slots: Tensor, page_size: int) -> Tensor:
+    """Flat pool rows (page * P + offset) of store slots: page_table (B, Hkv, M), slots (B, Hkv, S) -> (B, Hkv, S)."""
+    pages = page_table.gather(2, (slots // page_size).clamp(max=page_table.shape[-1] - 1))
+    return pages * page_size + slots % page_size
+
+
+def gather_store(pool: Tensor, page_table: Tensor, n_pages: int) -> Tensor:
+    """The first n_pages pages of every head's store: pool (N + 1, P, ...) -> (B, Hkv, n_pages * P, ...)."""
+    return pool[page_table[:, :, :n_pages]].flatten(2, 3)
+
+
+def grant_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, held: Tensor, want: Tensor) -> Tensor:
+    """Hand pages from the free stack to the heads that want them, in (batch, head) order, on the device.
+
+    held, want: (B, Hkv) pages each head holds and how many more it wants. The table entries
+    [held, held + got) receive the pages; a head asking past its table or past what is left gets fewer.
+    Returns got (B, Hkv). No host sync: prefix sums, a gather and a select.
+    """
+    M = page_table.shape[-1]
+    want = torch.minimum(want, M - held).flatten()                                          # (B*Hkv,)
+    before = (want.cumsum(0) - want).view_as(held)                                          # wanted by earlier heads
+    got = (n_free - before).clamp(min=0).minimum(want.view_as(held))                        # (B, Hkv)
+    new = torch.arange(M, device=held.device) - held[..., None]                             # (B, Hkv, M) rank among the new pages
+    entry = (n_free - 1 - before[..., None] - new).clamp(0, free_pages.shape[0] - 1)         # (B, Hkv, M) stack entries
+    page_table.copy_(torch.where((new >= 0) & (new < got[..., None]), free_pages[entry], page_table))
+    n_free.sub_(got.sum())
+    return got
+
+
+def release_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int,
+                  keep: Tensor | None = None) -> None:
+    """Shorten each head's store to its first keep (B, Hkv) tokens (default: none) and give the pages it no
+    longer needs back to the free stack, on the device."""
+    N, M = free_pages.shape[0] - 1, page_table.shape[-1]
+    keep = torch.zeros_like(global_len) if keep is None else keep
+    kept = pages_for(keep, page_size)                                                       # (B, Hkv) pages still needed
+    freed = pages_for(global_len, page_size) - kept                                         # (B, Hkv) pages given back
+    before = (freed.flatten().cumsum(0) - freed.flatten()).view_as(freed)                   # (B, Hkv)
+    col = torch.arange(M, device=keep.device) - kept[..., None]                             # (B, Hkv, M) rank among the freed
+    dest = torch.where((col >= 0) & (col < freed[..., None]), n_free + before[..., None] + col, N)   # the rest to scratch
+    free_pages.scatter_(0, dest.flatten(), page_table.flatten())
+    free_pages[N] = N
+    n_free.add_(freed.sum())
+    page_table.masked_fill_(col >= 0, N)
+    global_len.copy_(keep)
+
+
+def store_room(free_pages: Tensor, n_free: Tensor, page_table: Tensor, global_len: Tensor, page_size: int,
+               wanted: Tensor) -> Tensor:
+    """Pages for `wanted` (B, Hkv) more tokens per head; returns the free slots each head then has (B, Hkv)."""
+    held = pages_for(global_len, page_size)                                                 # (B, Hkv)
+    want = pages_for(global_len + wanted, page_size) - held
+    got = grant_pages(free_pages, n_free, page_table, held, want)
+    return (held + got) * page_size - global_len
