@@ -34,8 +34,9 @@ DEFAULT_PROMPT = "What is the capital of France?"
 DEFAULT_PREFILL_CHUNK = 2048
 # --interactive: the positions a conversation may take, unless --max-seq-len says otherwise.
 DEFAULT_CHAT_LEN = 4096
-# The embedded model runs with its trained gate unless --gate says otherwise (dense: the dense cache).
-DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-0.16-tau0.46.safetensors"
+# The embedded model runs with its trained gate unless --gate says otherwise (dense: the dense cache): the
+# lambda 0.16 gate, at the file's default setting (20% admitted).
+DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-lambda0.16.safetensors"
 
 
 class BadInput(ValueError):
