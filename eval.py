@@ -6,8 +6,8 @@
     python eval.py --lengths 2048 --passkey-lengths 2048 --out 2k.json   # the full grid in pieces, then
     python eval.py --merge 2k.json 4k.json 8k.json --out eval.json     # the tables one run would print
 
-Policies, each through the cache it runs with: `dense` (DenseCache); every gate file under --gates-dir
-and each --gate (WriteGatedCache, no capacity limit); `random ~ G`: G's own admissions on the same
+Policies, each through the cache it runs with: `dense` (DenseCache); every setting of every gate file under
+--gates-dir and each --gate (WriteGatedCache, no capacity limit); `random ~ G`: G's own admissions on the same
 sequence moved to random positions (per layer and KV head, among the tokens older than the window and
 among those inside it, separately), so it holds exactly G's KV bytes; `snapkv ~ G`: eviction at G's
 budget (SnapKVCache below); `none` (the window alone); `sink:N` (StreamingLLM). Then, per --budgets share of
@@ -57,7 +57,7 @@ import kernels
 from cache import (DenseCache, Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, prompt_snapkv_scores,
                    resolve_backend)
 from data import DataError, chat_prefix, make_samples, read_documents
-from gate import (DEFAULT_PAGE_SIZE, DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, install, load_gates,
+from gate import (DEFAULT_PAGE_SIZE, DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, gate_settings, install,
                   parse_budget, setup_write_gated)
 from model import Transformer
 from tokenizer import Tokenizer
@@ -737,14 +737,9 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
     tok = Tokenizer(checkpoint)
 
-    files = sorted(p for p in Path(gates_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".pth")) \
+    files = sorted(str(p) for p in Path(gates_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".pth")) \
         if Path(gates_dir).is_dir() else []
-    files += [Path(g) for g in gate]
-    gate_meta = {}
-    for path in {p.resolve(): p for p in files}.values():   # a --gate also under --gates-dir runs once
-        loaded, metadata = load_gates(path)
-        check_fits(loaded, model, f"gate file {path}")
-        gate_meta[path.stem if path.stem not in gate_meta else str(path)] = (str(path), metadata)
+    gate_meta = gate_settings(files + gate, model)   # a --gate also under --gates-dir runs once
     if window is None:
         window = next((m["window"] for _, m in gate_meta.values() if "window" in m), DEFAULT_WINDOW)
     for name, (path, metadata) in gate_meta.items():
@@ -922,8 +917,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="Hugging Face Llama directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--data", default="data/heldout", help="held-out documents (default: data/heldout, see data.py)")
-    parser.add_argument("--gates-dir", default="gates", help="every .safetensors/.pt gate file here is a policy (default: gates)")
-    parser.add_argument("--gate", action="append", default=[], help="another gate file to evaluate (repeatable)")
+    parser.add_argument("--gates-dir", default="gates",
+                        help="every setting of every .safetensors/.pt gate file here is a policy (default: gates)")
+    parser.add_argument("--gate", action="append", default=[],
+                        help="another gate file to evaluate: every setting of FILE, or FILE@SETTING's one (repeatable)")
     parser.add_argument("--quick", action="store_true", help=f"the small grid {QUICK} instead of {FULL}")
     parser.add_argument("--lengths", type=int, nargs="*", help="perplexity / decode lengths in tokens")
     parser.add_argument("--docs", type=int, help="held-out documents per length")

@@ -4,17 +4,18 @@
     g = max(sigmoid(w2_h . gelu(W1_h x + b1_h) + b2_h), 1e-3)
 
 Also here: the gate file (safetensors with the authors' tensor names and shapes, metadata in the
-header; their .pt files load too), the baseline policies (full, none, random:P, sink:N) that stand in
-for a learned gate, and the one-call setup of gates and write-gated caches in a model.
+header, among it the file's sparsity settings; their .pt files load too), the baseline policies (full,
+none, random:P, sink:N) that stand in for a learned gate, and the one-call setup of gates and
+write-gated caches in a model.
 
-    python gate.py FILE      # prints a gate file's metadata and shapes
+    python gate.py FILE      # prints a gate file's metadata, its settings and its shapes
 """
 import argparse
 import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -87,18 +88,29 @@ class WriteGate(nn.Module):
 
 # -------------------------------------------------------------------------------------------------
 # The gate file: model.layers.{i}.self_attn.g_predictors.<name>, exactly as the authors write them.
+#
+# One trained gate serves several sparsities: a higher tau admits fewer tokens with the same weights. The
+# header holds them as its settings, each picked by name (FILE@NAME) or by tau (--threshold):
+#   settings         {"40%": {"threshold": 0.1, "admitted_per_layer": [...]}, "20%": {"threshold": 0.46, ...}}
+#   default_setting  "20%"    (what FILE alone runs at)
+# admitted_per_layer: the share of tokens with g > tau per layer, measured on the training split; it sizes
+# the default page pool. Files from before settings (a single threshold and admitted_per_layer in the
+# header; the authors' .pt, none) load as one setting named after their tau, e.g. "tau0.1".
 
 _KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.g_predictors\.(.+)")
 _NAMES = ("pre_key_norm.weight", "post_key_norm.weight", "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
-# Header fields that are numbers; every other field (base_model, training, ...) is free-form text.
-_TYPED_METADATA = {"window": int, "threshold": float, "lambda": float, "admitted_per_layer": json.loads}
+# Header fields that are numbers or JSON; every other field (base_model, training, ...) is free-form text.
+_TYPED_METADATA = {"window": int, "lambda": float, "settings": json.loads,
+                   "threshold": float, "admitted_per_layer": json.loads}   # the last two: files from before settings
 
 
 def save_gates(path: str | Path, gates: list[WriteGate], metadata: dict | None = None,
                dtype: torch.dtype = torch.float32) -> None:
-    """Write a gate file. metadata: window, threshold, lambda, base_model, training (any value; non-strings go as JSON).
+    """Write a gate file. metadata: window, lambda, base_model, settings, default_setting, training (any value;
+    non-strings go as JSON); settings are checked as load_gates checks them.
     Written beside and then renamed over path, so a reader never sees half a file (exports rewrite files in place)."""
     from safetensors.torch import save_file
+    with_settings(metadata or {}, path)
     tensors = {f"model.layers.{i}.self_attn.g_predictors.{name}": t.to("cpu", dtype).contiguous()
                for i, gate in enumerate(gates) for name, t in gate.official_state().items()}
     header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if v is not None}
@@ -126,7 +138,7 @@ def load_gates(path: str | Path) -> tuple[list[WriteGate], dict]:
             try:
                 metadata[k] = _TYPED_METADATA[k](v) if k in _TYPED_METADATA else v
             except ValueError:
-                raise GateError(f"gate file {path}: metadata {k}={v!r} is not a number") from None
+                raise GateError(f"gate file {path}: metadata {k}={v!r} is not a number or JSON") from None
     elif path.suffix in (".pt", ".pth"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -139,7 +151,58 @@ def load_gates(path: str | Path) -> tuple[list[WriteGate], dict]:
         metadata = {"base_model": named[1], "lambda": float(named[2])} if named else {}
     else:
         raise GateError(f"gate file {path}: unknown type {path.suffix!r} (expected .safetensors or .pt)")
-    return _gates_from_state(state, path), metadata
+    return _gates_from_state(state, path), with_settings(metadata, path)
+
+
+def with_settings(metadata: dict, source: str | Path) -> dict:
+    """metadata with its settings and default_setting, checked (GateError, one line); a file from before settings
+    gets its one setting from its threshold (DEFAULT_THRESHOLD if none) and admitted_per_layer."""
+    metadata = dict(metadata)
+    threshold, admitted = metadata.pop("threshold", None), metadata.pop("admitted_per_layer", None)
+    if "settings" not in metadata:
+        tau = DEFAULT_THRESHOLD if threshold is None else threshold
+        measured = {} if admitted is None else {"admitted_per_layer": admitted}
+        metadata["settings"] = {f"tau{tau:g}": {"threshold": tau} | measured}
+        metadata["default_setting"] = f"tau{tau:g}"
+    settings = metadata["settings"]
+    if not isinstance(settings, dict) or not settings:
+        raise GateError(f"gate file {source}: settings {settings!r} is not a mapping of names to settings")
+    share = lambda x: isinstance(x, (int, float)) and 0 <= x <= 1
+    for name, setting in settings.items():
+        tau = setting.get("threshold") if isinstance(setting, dict) else None
+        admitted = setting.get("admitted_per_layer") if isinstance(setting, dict) else None
+        if (not name or "@" in name or not share(tau)
+                or not (admitted is None or isinstance(admitted, list) and all(map(share, admitted)))):
+            raise GateError(f"gate file {source}: setting {name!r} needs a name without '@', a threshold in [0, 1] "
+                            f"and, if any, admitted_per_layer as shares in [0, 1] (got {setting!r})")
+    if metadata.get("default_setting") not in settings:
+        raise GateError(f"gate file {source}: default_setting {metadata.get('default_setting')!r} is none of its "
+                        f"settings ({', '.join(settings)})")
+    return metadata
+
+
+def describe_settings(metadata: dict) -> str:
+    """The settings on one line, for messages: '40% (tau 0.1), 20% (tau 0.46, the default)'."""
+    return ", ".join(f"{name} (tau {s['threshold']:g}{', the default' if name == metadata['default_setting'] else ''})"
+                     for name, s in metadata["settings"].items())
+
+
+def choose_setting(metadata: dict, name: str | None, threshold: float | None, source: str | Path) -> tuple[str, dict]:
+    """The setting a gate file runs at, as (name, {threshold, admitted_per_layer if measured}): the one named
+    (FILE@NAME), else the one at the given tau (--threshold), else the file's default. A tau the file has no
+    setting for runs as one without a measured admission, named after it."""
+    settings = metadata["settings"]
+    if name is not None:
+        if name not in settings:
+            raise GateError(f"gate file {source} has no setting {name!r}; its settings: {describe_settings(metadata)}")
+        if threshold is not None and threshold != settings[name]["threshold"]:
+            raise GateError(f"--threshold {threshold:g} contradicts {source}@{name}, whose tau is "
+                            f"{settings[name]['threshold']:g}: give one of them")
+        return name, settings[name]
+    if threshold is None:
+        return metadata["default_setting"], settings[metadata["default_setting"]]
+    named = [n for n, s in settings.items() if s["threshold"] == threshold]
+    return (named[0], settings[named[0]]) if named else (f"tau{threshold:g}", {"threshold": threshold})
 
 
 def _gates_from_state(state: dict[str, Tensor], source: Path) -> list[WriteGate]:
@@ -249,15 +312,18 @@ class RandomGate(nn.Module):
 class Policy:
     kind: str                 # "file", "full", "none", "random" or "sink"
     path: Path | None = None  # the gate file, for kind "file"
+    setting: str | None = None   # PATH@SETTING: one of the file's settings (None: chosen by tau, else its default)
     fraction: float = 0.0     # random:P
     n_sink: int = 0           # sink:N
 
     def __str__(self) -> str:
-        return {"file": str(self.path), "random": f"random:{self.fraction:g}", "sink": f"sink:{self.n_sink}"}.get(self.kind, self.kind)
+        if self.kind == "file":
+            return f"{self.path}@{self.setting}" if self.setting else str(self.path)
+        return {"random": f"random:{self.fraction:g}", "sink": f"sink:{self.n_sink}"}.get(self.kind, self.kind)
 
 
 def parse_policy(spec: str) -> Policy:
-    """The --gate value: PATH | full | none | random:P | sink:N."""
+    """The --gate value: PATH | PATH@SETTING | full | none | random:P | sink:N."""
     if spec in ("full", "none"):
         return Policy(spec)
     kind, _, arg = spec.partition(":")
@@ -273,9 +339,13 @@ def parse_policy(spec: str) -> Policy:
         if not arg.isdigit():
             raise GateError(f"gate policy {spec!r}: sink:N needs a whole number of tokens N >= 0")
         return Policy("sink", n_sink=int(arg))
-    if not Path(spec).is_file():
-        raise GateError(f"gate {spec!r} is neither a file nor a policy (expected PATH, full, none, random:P or sink:N)")
-    return Policy("file", path=Path(spec))
+    if Path(spec).is_file():
+        return Policy("file", path=Path(spec))
+    path, at, setting = spec.rpartition("@")
+    if at and setting and Path(path).is_file():
+        return Policy("file", path=Path(path), setting=setting)
+    raise GateError(f"gate {spec!r} is neither a file nor a policy "
+                    "(expected PATH, PATH@SETTING, full, none, random:P or sink:N)")
 
 
 def make_gates(policy: Policy, model: Transformer, seed: int = 0) -> tuple[list[nn.Module], dict]:
@@ -290,6 +360,28 @@ def make_gates(policy: Policy, model: Transformer, seed: int = 0) -> tuple[list[
     if policy.kind == "sink":
         return [SinkGate(policy.n_sink) for _ in range(c.n_layers)], {}
     return [ConstantGate(1.0 if policy.kind == "full" else 0.0) for _ in range(c.n_layers)], {}
+
+
+def gate_settings(specs: list[str], model: Transformer) -> dict[str, tuple[str, dict]]:
+    """The gate files' settings as policies of a table that compares them: {name: (PATH@SETTING, metadata)},
+    every setting of a PATH, the one of a PATH@SETTING. name: the file's stem, with @SETTING where the file
+    has several (its path where two files share a stem). A setting given twice runs once."""
+    policies, seen = {}, set()
+    for spec in specs:
+        policy = parse_policy(spec)
+        if policy.kind != "file":
+            raise GateError(f"gate {spec!r} is a built-in policy, not a gate file (expected PATH or PATH@SETTING)")
+        _, metadata = make_gates(policy, model)   # checks that the gates fit the model
+        if policy.setting is not None:
+            choose_setting(metadata, policy.setting, None, policy.path)   # a setting the file lacks: GateError
+        for setting in [policy.setting] if policy.setting else metadata["settings"]:
+            if (policy.path.resolve(), setting) in seen:
+                continue
+            seen.add((policy.path.resolve(), setting))
+            suffix = f"@{setting}" if len(metadata["settings"]) > 1 else ""
+            name = policy.path.stem + suffix if policy.path.stem + suffix not in policies else f"{policy.path}{suffix}"
+            policies[name] = (f"{policy.path}@{setting}", metadata)
+    return policies
 
 
 # -------------------------------------------------------------------------------------------------
@@ -397,11 +489,12 @@ def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq
                       seed: int = 0) -> GatedSetup:
     """Install gates and a WriteGatedCache in every layer, their stores drawing on one PagePool.
 
-    gate: the --gate spec (PATH | full | none | random:P | sink:N). window and threshold default to the
-    gate file's metadata, else W = 256, tau = 0.1; the capacity per head defaults to what max_seq_len
-    needs (the built-in policies that admit less get less); kv_budget (parse_budget's forms) sizes the
-    pool, by default from the gate file's recorded admission. evict: lowest-g or snapkv, the Eviction that
-    makes room when the pool runs short (cache.Eviction). Bad input raises
+    gate: the --gate spec (PATH | PATH@SETTING | full | none | random:P | sink:N). A gate file runs at the
+    setting named, else at the one of the given threshold, else at its default (choose_setting); window
+    defaults to the file's, else W = 256, and threshold to the setting's, else tau = 0.1. The capacity per
+    head defaults to what max_seq_len needs (the built-in policies that admit less get less); kv_budget
+    (parse_budget's forms) sizes the pool, by default from the setting's measured admission. evict: lowest-g
+    or snapkv, the Eviction that makes room when the pool runs short (cache.Eviction). Bad input raises
     GateError (one line); an unavailable backend raises ValueError (one line).
     """
     if evict not in EVICTION:
@@ -410,7 +503,12 @@ def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq
     budget = parse_budget(kv_budget)
     gates, metadata = make_gates(policy, model, seed)
     window = window if window is not None else metadata.get("window", DEFAULT_WINDOW)
-    threshold = threshold if threshold is not None else metadata.get("threshold", DEFAULT_THRESHOLD)
+    admitted = None
+    if policy.kind == "file":
+        name, setting = choose_setting(metadata, policy.setting, threshold, policy.path)
+        policy = replace(policy, setting=name)
+        threshold, admitted = setting["threshold"], setting.get("admitted_per_layer")
+    threshold = threshold if threshold is not None else DEFAULT_THRESHOLD
     if window < 1:
         raise GateError(f"window {window} must be at least 1")
     if page_size < 1:
@@ -430,7 +528,7 @@ def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq
     n_pages, how = pool_pages(budget, n_layers=c.n_layers, batch_size=batch_size, n_kv_heads=c.n_kv_heads,
                               head_dim=c.head_dim, capacity=capacity, page_size=page_size, dense_tokens=max_seq_len,
                               element_size=torch.empty((), dtype=dtype).element_size(),
-                              admitted_per_layer=metadata.get("admitted_per_layer") if policy.kind == "file" else None)
+                              admitted_per_layer=admitted)
     pool = PagePool(n_pages, page_size, c.head_dim, dtype, device)
     # A window longer than the sequence sees the same keys as one of max_seq_len slots: allocate no more.
     ring = min(window, max_seq_len)
@@ -494,8 +592,17 @@ def main(file: str) -> None:
     except GateError as e:
         print(e, file=sys.stderr)
         sys.exit(2)
-    for key, value in metadata.items():
-        print(f"{key}: {value}")
+    for key, value in sorted(metadata.items()):   # the header's order is the writer's map order, not the file's
+        if key not in ("settings", "default_setting"):
+            print(f"{key}: {value}")
+    print("settings (run one with --gate FILE@NAME or --threshold TAU; FILE alone runs the default):")
+    print(f"  {'NAME':8} {'TAU':6} {'DEFAULT':8} {'ADMITTED':9} PER LAYER (measured on the training split)")
+    for name, setting in metadata["settings"].items():
+        admitted = setting.get("admitted_per_layer")
+        mean = f"{sum(admitted) / len(admitted):.1%}" if admitted else "-"
+        per_layer = " ".join(f"{a:.2f}" for a in admitted) if admitted else "not measured"
+        default = "yes" if name == metadata["default_setting"] else ""
+        print(f"  {name:8} {setting['threshold']:<6g} {default:8} {mean:9} {per_layer}")
     g = gates[0]
     n_params = sum(p.numel() for gate in gates for p in gate.parameters())
     print(f"layers: {len(gates)}, KV heads: {g.n_kv_heads}, head dim: {g.head_dim}, hidden: {g.hidden}, parameters: {n_params:,}")
@@ -504,6 +611,6 @@ def main(file: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Print a write-gate file's metadata and shapes.")
+    parser = argparse.ArgumentParser(description="Print a write-gate file's metadata, settings and shapes.")
     parser.add_argument("file", help="a gate file (.safetensors, or the authors' .pt)")
     main(**vars(parser.parse_args()))

@@ -34,8 +34,9 @@ DEFAULT_PROMPT = "What is the capital of France?"
 DEFAULT_PREFILL_CHUNK = 2048
 # --interactive: the positions a conversation may take, unless --max-seq-len says otherwise.
 DEFAULT_CHAT_LEN = 4096
-# The embedded model runs with its trained gate unless --gate says otherwise (dense: the dense cache).
-DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-0.16-tau0.46.safetensors"
+# The embedded model runs with its trained gate unless --gate says otherwise (dense: the dense cache): the
+# lambda 0.16 gate, at the file's default setting (20% admitted).
+DEFAULT_GATE = Path(__file__).resolve().parent / "gates" / "smollm2-135m-instruct-lambda0.16.safetensors"
 
 
 class BadInput(ValueError):
@@ -604,16 +605,18 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--max-seq-len", type=int, help="longest prompt plus completion (default: exactly that)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
-    parser.add_argument("--gate", help="write-gated KV cache: a gate file (.safetensors, or the authors' .pt), a built-in "
+    parser.add_argument("--gate", help="write-gated KV cache: a gate file (.safetensors, or the authors' .pt) at its "
+                        "default setting, FILE@SETTING at another (python gate.py FILE lists them), a built-in "
                         "policy: full, none (window only), random:P, sink:N; or dense, the dense cache (default: "
-                        f"gates/{DEFAULT_GATE.name} on the embedded model, else dense)")
+                        f"gates/{DEFAULT_GATE.name}, 20%%, on the embedded model, else dense)")
     parser.add_argument("--window", type=int, help="local window W (default: the gate file's, else 256)")
-    parser.add_argument("--threshold", type=float, help="admission threshold tau (default: the gate file's, else 0.1)")
+    parser.add_argument("--threshold", type=float, help="admission threshold tau: picks the gate file's setting at "
+                        "that tau; at another, the default pool is the full need (default: the setting's, else 0.1)")
     parser.add_argument("--global-capacity", type=int, help="tokens per KV head in the global store, rounded up to "
                         "whole pages (default: all that --max-seq-len can need; fewer keeps the highest-g tokens)")
     parser.add_argument("--kv-budget", help="size of the page pool that every layer's store draws on: bytes (300MiB), "
                         "tokens (20000), a share of the dense cache (40%%) or unlimited (default: from the admission "
-                        "the gate file recorded in training, else unlimited)")
+                        "the gate file recorded at the chosen setting, else unlimited)")
     parser.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE,
                         help=f"tokens per page of the pool (default: {DEFAULT_PAGE_SIZE})")
     parser.add_argument("--evict", default=EVICTION[0], choices=EVICTION,

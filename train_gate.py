@@ -9,7 +9,8 @@ regularizer. AdamW (lr 1e-3, wd 0.01), 10% linear warm-up then cosine to 0; gate
     python train_gate.py --lambda 0.16                    # the embedded SmolLM2 on data/train
     python train_gate.py --out runs/gate-0.16 --resume    # continue from the run's last checkpoint
     torchrun --nproc_per_node 2 train_gate.py --lambda 0.16   # data parallel (gloo on CPU, NCCL on GPU)
-    python train_gate.py --out runs/gate-0.16 --export gates/smollm2-135m-instruct-0.16.safetensors
+    python train_gate.py --out runs/gate-0.16 --export gates/my-gate.safetensors --setting 40%
+    python train_gate.py --record-admission gates/my-gate.safetensors --threshold 0.46 --setting 20%   # a 2nd setting
 
 Progress goes to stderr (one line per step) and to OUT/log.jsonl; OUT/checkpoint.pt is rewritten
 atomically every --save-every steps, on Ctrl-C and at the end, when OUT/gate.safetensors is written too.
@@ -275,21 +276,25 @@ def tokenized_documents(checkpoint: str, data: str) -> tuple[Tokenizer, list, li
 
 
 def record_admission(path: str, checkpoint: str | None, data: str | None, seq_len: int | None, device: str | None,
-                     threshold: float | None = None) -> list[float]:
+                     threshold: float | None = None, setting: str | None = None) -> list[float]:
     """Measure a gate file's admission per layer on the training split (measure_admission on the first
     ADMISSION_SAMPLES samples of a seed-0 run's order, at the sequence length it was trained at unless
-    given) and write it into the file's metadata, for gate files exported before the record existed.
+    given) at one tau, and write it into the file as the setting of that tau, which becomes the file's default
+    (as --export's one setting is). The tau: threshold, else the setting named's, else the default setting's.
 
-    threshold: a new tau for the file, at which admission is measured; the file keeps its trained tau under
-    training.threshold and adds this command to its training.commands (the gate file's twin of --export's).
-    A file without training.threshold is an export from before that record, which always wrote the trained tau."""
+    The setting at that tau, if the file has one, is replaced (and renamed to setting, if given); else one is
+    added, named setting or after its admission ("20%"). The file keeps its trained tau under training.threshold
+    and adds this command to its training.commands (the gate file's twin of --export's). A file without
+    training.threshold is an export from before that record, whose single tau was always the trained one."""
+    check_file_setting(threshold, setting)
     gates, metadata = load_gates(path)
+    settings, default = metadata["settings"], metadata["default_setting"]
+    tau = threshold if threshold is not None else settings.get(setting, settings[default])["threshold"]
+    name = setting or next((n for n, s in settings.items() if s["threshold"] == tau), None)
+    check_setting_free(settings, name, tau, path)       # before the measurement, which takes minutes
     training = json.loads(metadata.get("training", "{}"))
-    if threshold is not None:
-        check_file_threshold(threshold)
-        training.setdefault("threshold", metadata.get("threshold", TRAJECTORY["threshold"]))
-        training["commands"] = training.get("commands", []) + [command_line()]
-        metadata = metadata | {"threshold": threshold, "training": training}
+    training.setdefault("threshold", settings[default]["threshold"])
+    training["commands"] = training.get("commands", []) + [command_line()]
     if checkpoint is None:
         from convert_gguf import ensure_default_checkpoint
         checkpoint = str(ensure_default_checkpoint())
@@ -300,23 +305,49 @@ def record_admission(path: str, checkpoint: str | None, data: str | None, seq_le
     tok, _, ids = tokenized_documents(checkpoint, data or TRAJECTORY["data"])
     samples = make_samples(ids, chat_prefix(tok), seq_len)                                    # (N, seq_len)
     rows = [sample_index(i, samples.shape[0], 0) for i in range(min(ADMISSION_SAMPLES, samples.shape[0]))]
-    window, threshold = metadata.get("window", TRAJECTORY["window"]), metadata.get("threshold", TRAJECTORY["threshold"])
     gates = nn.ModuleList(gates).to(device)
-    admitted = measure_admission(Distiller(model, gates, window, threshold), samples, rows, device)
+    admitted = measure_admission(Distiller(model, gates, metadata.get("window", TRAJECTORY["window"]), tau),
+                                 samples, rows, device)
+    name = name or admission_name(admitted)
+    check_setting_free(settings, name, tau, path)
     from safetensors.torch import load_file
     dtype = next(iter(load_file(path).values())).dtype                                        # keep the file's precision
-    save_gates(path, list(gates), metadata | {"admitted_per_layer": admitted}, dtype=dtype)
+    save_gates(path, list(gates), metadata | {"settings": put_setting(settings, name, tau, admitted),
+                                              "default_setting": name, "training": training}, dtype=dtype)
     return admitted
 
 
+def admission_name(admitted_per_layer: list[float]) -> str:
+    """A setting's name when none is given: its measured admission in whole percent, e.g. "20%"."""
+    return f"{round(100 * sum(admitted_per_layer) / len(admitted_per_layer))}%"
+
+
+def check_setting_free(settings: dict, name: str | None, tau: float, path: str) -> None:
+    """A setting is its tau: a name held by another tau would make FILE@NAME mean two things."""
+    if name in settings and settings[name]["threshold"] != tau:
+        raise TrainError(f"{path} has the setting {name} at tau {settings[name]['threshold']:g} already; "
+                         f"name the one at tau {tau:g} with another --setting")
+
+
+def put_setting(settings: dict, name: str, tau: float, admitted_per_layer: list[float]) -> dict:
+    """settings with name at tau, in the place of the setting at tau if there is one (renamed), else added last."""
+    new = {name: {"threshold": tau, "admitted_per_layer": admitted_per_layer}}
+    placed = {}
+    for n, s in settings.items():
+        placed |= new if s["threshold"] == tau else {n: s}
+    return placed if name in placed else placed | new
+
+
 def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype: torch.dtype,
-                 admitted_per_layer: list[float], threshold: float | None = None) -> None:
-    """Write the gate file (gate.py's format) with what a reader needs to know of its training; threshold (default:
-    the trained one) is the tau the file asks for, at which admitted_per_layer was measured."""
+                 admitted_per_layer: list[float], threshold: float | None = None, setting: str | None = None) -> None:
+    """Write the gate file (gate.py's format) with what a reader needs to know of its training, and one setting,
+    its default: threshold (default: the trained one), at which admitted_per_layer was measured, named setting
+    (default: after its admission, "20%"); --record-admission adds others."""
     a = state["args"]
+    tau, name = a["threshold"] if threshold is None else threshold, setting or admission_name(admitted_per_layer)
     metadata = {
-        "window": a["window"], "threshold": a["threshold"] if threshold is None else threshold, "lambda": a["lam"],
-        "admitted_per_layer": admitted_per_layer,
+        "window": a["window"], "lambda": a["lam"],
+        "settings": {name: {"threshold": tau, "admitted_per_layer": admitted_per_layer}}, "default_setting": name,
         "base_model": Path(a["checkpoint"]).name,
         "training": {"steps": state["step"], "of_steps": a["steps"], "seq_len": a["seq_len"], "batch_size": a["batch_size"],
                      "threshold": a["threshold"],
@@ -332,10 +363,13 @@ def export_gates(run: Path, gates: nn.ModuleList, state: dict, path: Path, dtype
     save_gates(path, list(gates), metadata, dtype=dtype)
 
 
-def check_file_threshold(threshold: float) -> None:
-    """The tau a gate file asks for (--export, --record-admission): admission needs 0 < tau < 1."""
-    if not 0 < threshold < 1:
+def check_file_setting(threshold: float | None, setting: str | None) -> None:
+    """The setting a gate file gets (--export, --record-admission): admission needs 0 < tau < 1, and FILE@NAME a
+    name without '@'."""
+    if threshold is not None and not 0 < threshold < 1:
         raise TrainError(f"need 0 < --threshold < 1 (got {threshold})")
+    if setting is not None and (not setting or "@" in setting):
+        raise TrainError(f"--setting {setting!r}: a name without '@' (--gate FILE@NAME picks it)")
 
 
 def command_line() -> str:
@@ -359,7 +393,8 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
           warmup: float | None = None, hidden: int | None = None, seed: int | None = None, dtype: str | None = None,
           retrieval_mix: float | None = None, retrieval_samples: int | None = None, answer_weight: float | None = None,
           init: str | None = None, device: str | None = None, activation_checkpointing: bool = False, block: int = 256, save_every: int = 25,
-          threads: int = 0, resume: bool = False, export: str | None = None, export_dtype: str = "float16") -> None:
+          threads: int = 0, resume: bool = False, export: str | None = None, export_dtype: str = "float16",
+          setting: str | None = None) -> None:
     """Train (or, with export, write a run's latest gates); None takes the default or the resumed run's value."""
     given = {k: v for k, v in locals().items() if k in TRAJECTORY and v is not None}
     run = Path(out if out is not None else f"runs/gate-{given.get('lam', TRAJECTORY['lam']):g}")
@@ -372,14 +407,14 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
         if changed := changed_settings(trained, given, free=("threshold",)):
             raise TrainError(f"--export writes {run} as it was trained, so only --threshold may differ ({'; '.join(changed)})")
         threshold = given.get("threshold", trained["threshold"])
-        check_file_threshold(threshold)
+        check_file_setting(threshold, setting)
         gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
         gates.load_state_dict(state["gates"])
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         admitted = run_admission(run, gates, trained | {"threshold": threshold}, device)
         # the file's commands end with this one: how it was written (its tau, say) is part of its record
         export_gates(run, gates, state | {"commands": state.get("commands", []) + [command_line()]}, Path(export),
-                     getattr(torch, export_dtype), admitted, threshold)
+                     getattr(torch, export_dtype), admitted, threshold, setting)
         print(export)
         print(f"exported step {state['step']}/{state['args']['steps']} of {run} ({export_dtype}, tau {threshold:g})", file=sys.stderr)
         return
@@ -604,7 +639,7 @@ def main(record_admission_file: str | None = None, **kwargs) -> None:
             if kwargs["threads"]:
                 torch.set_num_threads(kwargs["threads"])
             admitted = record_admission(record_admission_file, kwargs["checkpoint"], kwargs["data"], kwargs["seq_len"],
-                                        kwargs["device"], kwargs["threshold"])
+                                        kwargs["device"], kwargs["threshold"], kwargs["setting"])
             print(record_admission_file)
             print(f"admitted per layer: {' '.join(f'{a:.2f}' for a in admitted)}", file=sys.stderr)
             return
@@ -626,8 +661,8 @@ if __name__ == "__main__":
     p.add_argument("--lambda", dest="lam", type=float, help="weight of the sparsity regularizer" + d("lam"))
     p.add_argument("--window", type=int, help="W: every token is visible to the next W-1 queries" + d("window"))
     p.add_argument("--threshold", type=float, help="tau: a token is admitted when g > tau" + d("threshold")
-                   + "; with --export or --record-admission, the tau the file asks for, admission per layer measured "
-                   "at it (default: the run's or the file's own)")
+                   + "; with --export or --record-admission, the tau of the file's setting, admission per layer "
+                   "measured at it (default: the run's, or the file's default setting's)")
     p.add_argument("--lr", type=float, help="AdamW peak learning rate" + d("lr"))
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay" + d("weight_decay"))
     p.add_argument("--warmup", type=float, help="share of the steps with linear warm-up, then cosine to 0" + d("warmup"))
@@ -651,9 +686,12 @@ if __name__ == "__main__":
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--export", help="write OUT's latest checkpoint as a gate file at this path and exit")
     p.add_argument("--record-admission", dest="record_admission_file", metavar="GATE_FILE",
-                   help="measure a gate file's admission per layer on --data (the training split) at its tau (or "
-                   "at --threshold, which the file then asks for) and write it into the file's metadata, which sizes "
-                   "generate.py's default --kv-budget; then exit")
+                   help="measure a gate file's admission per layer on --data (the training split) at --threshold (else "
+                   "at the tau of --setting, else of its default setting) and write it into the file as the setting "
+                   "of that tau, replacing one there or adding one, which becomes the file's default; the admission "
+                   "sizes generate.py's default --kv-budget; then exit")
+    p.add_argument("--setting", help="with --export or --record-admission: the name of the setting written, which "
+                   "--gate FILE@NAME picks (default: the one at its tau, else its admission in whole percent: 20%%)")
     p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="precision of the exported gate file (default: float16)")
     main(**vars(p.parse_args()))

@@ -1,5 +1,6 @@
 """The gate file format, the authors' .pt import, the mismatch errors and the built-in policies."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 import gate
 from model import LlamaConfig, Transformer
+from tiny import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 # random:0.3, seed 0, layer 1, head 0, positions 0..31 (see test_random_policy_admits_about_p_deterministically).
@@ -56,7 +58,9 @@ def authors_checkpoint(path, n_layers=2, n_kv_heads=2, head_dim=16, hidden=24):
 def test_authors_pt_and_our_safetensors_give_identical_g(tmp_path):
     authors = authors_checkpoint(tmp_path / "tiny-0.16.pt")
     gates, metadata = gate.load_gates(tmp_path / "tiny-0.16.pt")
-    assert metadata == {"base_model": "tiny", "lambda": 0.16}
+    # no tau in the authors' files: one setting at the default tau, no admission measured
+    assert metadata == {"base_model": "tiny", "lambda": 0.16, "settings": {"tau0.1": {"threshold": 0.1}},
+                        "default_setting": "tau0.1"}
     gate.save_gates(tmp_path / "g.safetensors", gates, {"window": 4})
     ours, _ = gate.load_gates(tmp_path / "g.safetensors")
     k_pre, k_post = torch.randn(2, 2, 7, 16) * 3, torch.randn(2, 2, 7, 16) * 3
@@ -84,23 +88,120 @@ def test_file_has_the_authors_names_and_shapes(tmp_path):
 
 
 def test_metadata_round_trips_and_sets_the_defaults(tmp_path):
+    """A file from before settings: its single tau and admission load as its one setting."""
     training = {"steps": 100, "data": "prose"}
     gates = [gate.WriteGate(2, 16) for _ in range(2)]
     gate.save_gates(tmp_path / "g.safetensors", gates, {"window": 6, "threshold": 0.2, "lambda": 0.16,
-                                                         "base_model": "tiny", "training": training})
+                                                         "base_model": "tiny", "training": training,
+                                                         "admitted_per_layer": [0.25, 0.5]})
     _, metadata = gate.load_gates(tmp_path / "g.safetensors")
-    assert metadata == {"window": 6, "threshold": 0.2, "lambda": 0.16, "base_model": "tiny", "training": json.dumps(training)}
+    assert metadata == {"window": 6, "lambda": 0.16, "base_model": "tiny", "training": json.dumps(training),
+                        "settings": {"tau0.2": {"threshold": 0.2, "admitted_per_layer": [0.25, 0.5]}},
+                        "default_setting": "tau0.2"}
     model = tiny_model()
     setup = gate.setup_write_gated(model, str(tmp_path / "g.safetensors"), batch_size=1, max_seq_len=20,
                                    dtype=torch.float32, device="cpu", page_size=1)
     assert (setup.window, setup.threshold, setup.capacity) == (6, 0.2, 14)
     assert model.layers[0].attention.cache.window == 6
+    assert setup.policy == f"{tmp_path / 'g.safetensors'}@tau0.2" and "admission in training" in setup.budget
     setup = gate.setup_write_gated(model, str(tmp_path / "g.safetensors"), batch_size=1, max_seq_len=20,
                                    dtype=torch.float32, device="cpu", window=3, threshold=0.5, global_capacity=2, page_size=1)
     assert (setup.window, setup.threshold, setup.capacity) == (3, 0.5, 2)
+    assert "records no admission rate" in setup.budget   # measured at 0.2, not at 0.5
     setup = gate.setup_write_gated(model, str(tmp_path / "g.safetensors"), batch_size=1, max_seq_len=20,
                                    dtype=torch.float32, device="cpu", global_capacity=2, page_size=16)
     assert setup.capacity == 16   # whole pages
+
+
+# One gate at two sparsities, as the shipped lambda 0.16 gate holds them.
+SETTINGS = {"40%": {"threshold": 0.1, "admitted_per_layer": [0.4, 0.3]},
+            "20%": {"threshold": 0.46, "admitted_per_layer": [0.2, 0.1]}}
+LISTED = "40% (tau 0.1), 20% (tau 0.46, the default)"
+
+
+def settings_file(path: Path) -> Path:
+    gate.save_gates(path, [gate.WriteGate(2, 16) for _ in range(2)], {"window": 4, "settings": SETTINGS,
+                                                                      "default_setting": "20%"})
+    return path
+
+
+def test_a_setting_is_picked_by_name_or_tau_and_sizes_the_pool(tmp_path):
+    path = settings_file(tmp_path / "g.safetensors")
+    _, metadata = gate.load_gates(path)
+    assert metadata == {"window": 4, "settings": SETTINGS, "default_setting": "20%"}
+    model = tiny_model()
+
+    def setup(spec: str, threshold: float | None = None) -> tuple[str, float, int]:
+        s = gate.setup_write_gated(model, spec, batch_size=1, max_seq_len=100, dtype=torch.float32, device="cpu",
+                                   threshold=threshold)
+        return s.policy, s.threshold, s.pool_pages
+
+    def pages(admitted: list[float] | None) -> int:   # capacity 96 = 100 - W, whole pages of 16
+        return gate.pool_pages(None, n_layers=2, batch_size=1, n_kv_heads=2, head_dim=16, capacity=96, page_size=16,
+                               dense_tokens=100, element_size=4, admitted_per_layer=admitted)[0]
+
+    assert pages([0.2, 0.1]) < pages([0.4, 0.3]) < pages(None)
+    assert setup(str(path)) == (f"{path}@20%", 0.46, pages([0.2, 0.1]))             # the file's default
+    assert setup(f"{path}@40%") == (f"{path}@40%", 0.1, pages([0.4, 0.3]))         # by name
+    assert setup(str(path), threshold=0.1) == (f"{path}@40%", 0.1, pages([0.4, 0.3]))   # by tau
+    assert setup(f"{path}@40%", threshold=0.1)[0] == f"{path}@40%"
+    # A tau the file has no setting for: no admission measured there, so the pool is the full need.
+    assert setup(str(path), threshold=0.3) == (f"{path}@tau0.3", 0.3, pages(None))
+    with pytest.raises(gate.GateError) as e:
+        setup(f"{path}@30%")
+    assert str(e.value) == f"gate file {path} has no setting '30%'; its settings: {LISTED}"
+    with pytest.raises(gate.GateError, match=r"--threshold 0.46 contradicts .*@40%, whose tau is 0.1"):
+        setup(f"{path}@40%", threshold=0.46)
+
+
+@pytest.mark.parametrize("settings, default, message", [
+    (SETTINGS, "30%", "default_setting '30%' is none of its settings (40%, 20%)"),
+    (SETTINGS, None, "default_setting None is none of its settings"),
+    ([0.1], "x", "is not a mapping of names to settings"),
+    ({"a@b": {"threshold": 0.1}}, "a@b", "needs a name without '@'"),
+    ({"x": {"admitted_per_layer": [0.1, 0.1]}}, "x", "a threshold in [0, 1]"),
+    ({"x": {"threshold": 0.1, "admitted_per_layer": [1.5, 0.1]}}, "x", "admitted_per_layer as shares in [0, 1]"),
+])
+def test_bad_settings_are_refused_in_one_line(tmp_path, settings, default, message):
+    from safetensors.torch import load_file, save_file
+    metadata = {"settings": settings} | ({"default_setting": default} if default else {})
+    with pytest.raises(gate.GateError, match=re.escape(message)):   # not written
+        gate.save_gates(tmp_path / "bad.safetensors", [gate.WriteGate(2, 16)], metadata)
+    assert not (tmp_path / "bad.safetensors").exists()
+    # nor read, when written by other means
+    tensors = load_file(settings_file(tmp_path / "good.safetensors"))
+    save_file(tensors, str(tmp_path / "bad.safetensors"), {k: v if isinstance(v, str) else json.dumps(v)
+                                                          for k, v in metadata.items()})
+    with pytest.raises(gate.GateError, match=re.escape(message)) as e:
+        gate.load_gates(tmp_path / "bad.safetensors")
+    assert "\n" not in str(e.value)
+
+
+def test_generate_lists_the_settings_of_an_unknown_one(tmp_path):
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    path = settings_file(tmp_path / "g.safetensors")
+    p = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(checkpoint), "--gate", f"{path}@30%",
+                        "--max-new-tokens", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"has no setting '30%'; its settings: {LISTED}" in p.stderr
+
+
+def test_gate_settings_are_the_policies_of_a_comparison(tmp_path):
+    two = settings_file(tmp_path / "two.safetensors")
+    (tmp_path / "sub").mkdir()
+    again = settings_file(tmp_path / "sub" / "two.safetensors")
+    one = tmp_path / "one.safetensors"
+    gate.save_gates(one, [gate.WriteGate(2, 16) for _ in range(2)], {"threshold": 0.2})
+    model = tiny_model()
+    # every setting of a file, the one of FILE@SETTING, each once; the path where two files share a stem
+    policies = gate.gate_settings([str(one), str(two), f"{two}@40%", f"{again}@20%"], model)
+    assert {name: spec for name, (spec, _) in policies.items()} == {
+        "one": f"{one}@tau0.2", "two@40%": f"{two}@40%", "two@20%": f"{two}@20%", f"{again}@20%": f"{again}@20%"}
+    assert policies["two@40%"][1]["settings"] == SETTINGS
+    with pytest.raises(gate.GateError, match="has no setting '30%'"):
+        gate.gate_settings([f"{two}@30%"], model)
+    with pytest.raises(gate.GateError, match="built-in policy, not a gate file"):
+        gate.gate_settings(["full"], model)
 
 
 @pytest.mark.parametrize("model_kwargs, message, model_shape", [
@@ -134,11 +235,18 @@ def test_bad_files_get_one_line(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_cli_prints_metadata_and_shapes(tmp_path, capsys):
+def test_cli_prints_metadata_settings_and_shapes(tmp_path, capsys):
     gate.save_gates(tmp_path / "g.safetensors", [gate.WriteGate(2, 16) for _ in range(3)], {"lambda": 0.16})
     run = subprocess.run([sys.executable, "gate.py", str(tmp_path / "g.safetensors")], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "lambda: 0.16" in run.stdout and "layers: 3, KV heads: 2, head dim: 16, hidden: 64" in run.stdout
+    assert "  tau0.1   0.1    yes      -         not measured\n" in run.stdout
+    gate.main(str(settings_file(tmp_path / "s.safetensors")))
+    out = capsys.readouterr().out
+    assert ("  NAME     TAU    DEFAULT  ADMITTED  PER LAYER (measured on the training split)\n"
+            "  40%      0.1             35.0%     0.40 0.30\n"
+            "  20%      0.46   yes      15.0%     0.20 0.10\n") in out
+    assert "window: 4" in out and "default_setting" not in out
     with pytest.raises(SystemExit) as e:   # in-process: a second interpreter start is slow
         gate.main(str(tmp_path / "missing.pt"))
     out, err = capsys.readouterr()
@@ -148,16 +256,21 @@ def test_cli_prints_metadata_and_shapes(tmp_path, capsys):
 @pytest.mark.parametrize("spec, message", [
     ("random:1.5", "fraction P in"), ("random:", "fraction P in"), ("sink:-1", "whole number"),
     ("sink:x", "whole number"), ("no/such/file.safetensors", "neither a file nor a policy"),
+    ("no/such/file.safetensors@20%", "neither a file nor a policy"),
 ])
 def test_bad_policy_specs(spec, message):
     with pytest.raises(gate.GateError, match=message):
         gate.parse_policy(spec)
 
 
-def test_policy_specs():
+def test_policy_specs(tmp_path):
     assert str(gate.parse_policy("random:0.25")) == "random:0.25"
     assert gate.parse_policy("sink:4").n_sink == 4
     assert gate.parse_policy("full").kind == "full"
+    path = settings_file(tmp_path / "g@1.safetensors")   # an '@' in the file's own name
+    assert gate.parse_policy(str(path)) == gate.Policy("file", path)
+    assert gate.parse_policy(f"{path}@40%") == gate.Policy("file", path, "40%")
+    assert str(gate.parse_policy(f"{path}@40%")) == f"{path}@40%"
 
 
 def test_random_policy_admits_about_p_deterministically():

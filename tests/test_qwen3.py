@@ -233,7 +233,8 @@ def test_authors_gate_files_at_real_shapes(tmp_path, name):
     with torch.device("meta"):
         model = Transformer(c)
     gates, metadata = gate.make_gates(gate.parse_policy(str(path)), model)
-    assert metadata == {"base_model": name, "lambda": 0.16}
+    assert metadata == {"base_model": name, "lambda": 0.16, "settings": {"tau0.1": {"threshold": 0.1}},
+                        "default_setting": "tau0.1"}   # no tau in the authors' files: the default one, unmeasured
     assert len(gates) == c.n_layers and gates[0].hidden == hidden
     # 33,825,024 (Llama) and 14,275,872 (Qwen3) parameters, as the authors' code sizes them.
     assert sum(p.numel() for g in gates for p in g.parameters()) == c.n_layers * (

@@ -229,34 +229,41 @@ def test_export_writes_a_16_bit_gate_file(tiny, tmp_path, monkeypatch):
     train_gate.train(**run_args(model_dir, docs_dir, out, steps=2, export=str(target)))
     assert {t.dtype for t in load_file(target).values()} == {torch.float16}
     gates, meta = load_gates(target)
-    assert meta["lambda"] == 0.05 and meta["threshold"] == 0.1 and json.loads(meta["training"])["steps"] == 2
+    assert meta["lambda"] == 0.05 and json.loads(meta["training"])["steps"] == 2
     full, full_meta = load_gates(out / "gate.safetensors")
     torch.testing.assert_close(gates[1].w1, full[1].w1, rtol=1e-3, atol=1e-4)
-    # The admission per layer, measured on the run's training samples, sizes the page pool by default.
-    admitted = meta["admitted_per_layer"]
-    assert len(admitted) == 2 and all(0 <= a <= 1 for a in admitted) and admitted == full_meta["admitted_per_layer"]
-    # A stricter tau at export: the same weights, the file asks for it, and its admission is measured at it.
-    strict = tmp_path / "gates" / "tiny-0.05-tau0.5.safetensors"
-    monkeypatch.setattr(sys, "argv", ["train_gate.py", "--out", str(out), "--threshold", "0.5", "--export", str(strict)])
-    train_gate.train(**run_args(model_dir, docs_dir, out, steps=2, threshold=0.5, export=str(strict)))
+    # One setting, the default, at the trained tau: the admission per layer, measured on the run's training
+    # samples, sizes the page pool by default; unnamed, it is named after that admission in whole percent.
+    admitted = full_meta["settings"][full_meta["default_setting"]]["admitted_per_layer"]
+    name = f"{round(100 * sum(admitted) / len(admitted))}%"
+    assert meta["settings"] == full_meta["settings"] == {name: {"threshold": 0.1, "admitted_per_layer": admitted}}
+    assert meta["default_setting"] == name and len(admitted) == 2 and all(0 <= a <= 1 for a in admitted)
+    # A stricter tau at export: the same weights, the file's setting at it, its admission measured there.
+    strict = tmp_path / "gates" / "tiny-0.05-strict.safetensors"
+    monkeypatch.setattr(sys, "argv", ["train_gate.py", "--out", str(out), "--threshold", "0.5", "--export", str(strict),
+                                      "--setting", "strict"])
+    train_gate.train(**run_args(model_dir, docs_dir, out, steps=2, threshold=0.5, export=str(strict), setting="strict"))
     strict_gates, strict_meta = load_gates(strict)
-    assert strict_meta["threshold"] == 0.5 and json.loads(strict_meta["training"])["threshold"] == 0.1
+    assert list(strict_meta["settings"]) == ["strict"] and strict_meta["default_setting"] == "strict"
+    assert strict_meta["settings"]["strict"]["threshold"] == 0.5
+    assert json.loads(strict_meta["training"])["threshold"] == 0.1
     # the file's record ends with the command that wrote it, after the run's own
     commands = json.loads(strict_meta["training"])["commands"]
     assert commands[:-1] == json.loads(full_meta["training"])["commands"] and len(commands) == 2
-    assert commands[-1] == f"train_gate.py --out {out} --threshold 0.5 --export {strict}"
+    assert commands[-1] == f"train_gate.py --out {out} --threshold 0.5 --export {strict} --setting strict"
     assert all(torch.equal(a, b) for g, h in zip(gates, strict_gates) for a, b in zip(g.parameters(), h.parameters()))
     distiller = train_gate.Distiller(Transformer.from_pretrained(str(model_dir), dtype=torch.float32, device="cpu"),
                                      torch.nn.ModuleList(full), window=8, threshold=0.5)   # the run's float32 gates
     samples, _, n_prose = train_gate.load_samples(out)
     rows = [train_gate.sample_row(i, n_prose, samples.shape[0] - n_prose, 0.0, seed=0) for i in range(2)]
-    assert strict_meta["admitted_per_layer"] == train_gate.measure_admission(distiller, samples, rows, "cpu")
-    assert all(s <= a for s, a in zip(strict_meta["admitted_per_layer"], admitted))
+    strict_admitted = strict_meta["settings"]["strict"]["admitted_per_layer"]
+    assert strict_admitted == train_gate.measure_admission(distiller, samples, rows, "cpu")
+    assert all(s <= a for s, a in zip(strict_admitted, admitted))
 
 
 @pytest.mark.parametrize("problem", ["missing data", "empty data", "too long", "existing run", "nothing to resume",
                                      "resume with other settings", "export with other settings",
-                                     "export with a tau out of range"])
+                                     "export with a tau out of range", "export with an '@' in the setting"])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, problem, capsys):
     model_dir, docs_dir = tiny
     (tmp_path / "empty").mkdir()
@@ -270,7 +277,9 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, problem, capsys):
              "export with other settings": dict(out=str(tmp_path / "existing"), export=str(tmp_path / "g.safetensors"),
                                                 lam=0.5),
              "export with a tau out of range": dict(out=str(tmp_path / "existing"),
-                                                    export=str(tmp_path / "g.safetensors"), threshold=1.5)}[problem]
+                                                    export=str(tmp_path / "g.safetensors"), threshold=1.5),
+             "export with an '@' in the setting": dict(out=str(tmp_path / "existing"),
+                                                       export=str(tmp_path / "g.safetensors"), setting="a@b")}[problem]
     with pytest.raises(SystemExit) as e:
         train_gate.main(**args)
     assert e.value.code == 2
@@ -454,38 +463,46 @@ def test_sigkill_resumes_from_the_last_checkpoint_on_the_uninterrupted_trajector
                                                  load_file(out / "gate.safetensors").values()))
 
 
-def test_record_admission_adds_the_record_to_an_older_gate_file(tiny, tmp_path, monkeypatch):
-    """A gate file exported before the record existed gets admitted_per_layer, measured on the training split
-    as an export measures it; its gates and other metadata are untouched."""
+def test_record_admission_adds_or_replaces_a_setting(tiny, tmp_path, monkeypatch):
+    """A gate file from before settings (one tau, no admission) gets its admission measured on the training split
+    as an export measures it; a new tau adds its setting, which becomes the default; a tau the file has measures
+    that setting again, in its place; its gates are untouched and its record grows by each command."""
     model_dir, docs_dir = tiny
     out = tmp_path / "run"
     train_gate.train(**run_args(model_dir, docs_dir, out, steps=2))
     gates, meta = load_gates(out / "gate.safetensors")
+    trained = json.loads(meta["training"])
+    # Also from before training.threshold was recorded: its single tau then was the trained one.
     old = tmp_path / "old.safetensors"
-    save_gates(old, gates, {k: v for k, v in meta.items() if k != "admitted_per_layer"}, dtype=torch.float16)
+    older = {k: v for k, v in trained.items() if k != "threshold"}
+    save_gates(old, gates, {"window": 8, "lambda": 0.05, "threshold": 0.1, "training": older}, dtype=torch.float16)
     before = load_file(old)
-    train_gate.record_admission(str(old), str(model_dir), str(docs_dir), None, "cpu")
-    after_gates, after_meta = load_gates(old)
-    assert len(after_meta["admitted_per_layer"]) == 2 and all(0 <= a <= 1 for a in after_meta["admitted_per_layer"])
-    assert {k: v for k, v in after_meta.items() if k != "admitted_per_layer"} == \
-        {k: v for k, v in meta.items() if k != "admitted_per_layer"}
-    assert all(torch.equal(before[k], t) for k, t in load_file(old).items())
-    # With --threshold the file asks for the new tau, its admission is measured there, and its record says so,
-    # also for a file from before training.threshold was recorded (its tau then was the trained one).
-    strict = tmp_path / "strict.safetensors"
-    older = {k: v for k, v in json.loads(meta["training"]).items() if k != "threshold"}
-    save_gates(strict, gates, {k: v for k, v in meta.items() if k != "admitted_per_layer"} | {"training": older},
-               dtype=torch.float16)
-    monkeypatch.setattr(sys, "argv", ["train_gate.py", "--record-admission", str(strict), "--threshold", "0.5"])
-    admitted = train_gate.record_admission(str(strict), str(model_dir), str(docs_dir), None, "cpu", threshold=0.5)
-    strict_gates, strict_meta = load_gates(strict)
-    assert strict_meta["threshold"] == 0.5 and strict_meta["admitted_per_layer"] == admitted
-    assert all(s <= a for s, a in zip(admitted, after_meta["admitted_per_layer"])) and admitted != after_meta["admitted_per_layer"]
-    training, trained = json.loads(strict_meta["training"]), json.loads(meta["training"])
-    assert training["threshold"] == 0.1 and training["commands"][:-1] == trained["commands"]
-    assert training["commands"][-1] == f"train_gate.py --record-admission {strict} --threshold 0.5"
-    assert {k: v for k, v in training.items() if k not in ("threshold", "commands")} == \
-        {k: v for k, v in trained.items() if k not in ("threshold", "commands")}
-    assert all(torch.equal(before[k], t) for k, t in load_file(strict).items())
+    record = lambda **kw: train_gate.record_admission(str(old), str(model_dir), str(docs_dir), None, "cpu", **kw)
+    monkeypatch.setattr(sys, "argv", ["train_gate.py", "--record-admission", str(old)])
+    admitted = record()
+    _, after = load_gates(old)
+    assert after["settings"] == {"tau0.1": {"threshold": 0.1, "admitted_per_layer": admitted}}
+    assert after["default_setting"] == "tau0.1" and len(admitted) == 2 and all(0 <= a <= 1 for a in admitted)
+    assert json.loads(after["training"]) == older | {"threshold": 0.1, "commands": trained["commands"] +
+                                                     [f"train_gate.py --record-admission {old}"]}
+    # A new tau: its setting is added, named after its admission, and becomes the default.
+    monkeypatch.setattr(sys, "argv", ["train_gate.py", "--record-admission", str(old), "--threshold", "0.5"])
+    strict = record(threshold=0.5)
+    name = f"{round(100 * sum(strict) / len(strict))}%"
+    _, after = load_gates(old)
+    assert after["settings"] == {"tau0.1": {"threshold": 0.1, "admitted_per_layer": admitted},
+                                 name: {"threshold": 0.5, "admitted_per_layer": strict}}
+    assert after["default_setting"] == name and strict != admitted and all(s <= a for s, a in zip(strict, admitted))
+    assert json.loads(after["training"])["commands"][-1] == f"train_gate.py --record-admission {old} --threshold 0.5"
+    # A tau the file has: measured again in its place, renamed by --setting; --setting alone picks its tau.
+    assert record(threshold=0.1, setting="loose") == admitted
+    _, after = load_gates(old)
+    assert list(after["settings"]) == ["loose", name] and after["default_setting"] == "loose"
+    assert after["settings"]["loose"] == {"threshold": 0.1, "admitted_per_layer": admitted}
+    assert record(setting=name) == strict and load_gates(old)[1]["default_setting"] == name
+    # A name that another tau holds would make FILE@NAME mean two things: refused before measuring.
+    with pytest.raises(train_gate.TrainError, match=f"has the setting {name} at tau 0.5 already"):
+        record(threshold=0.3, setting=name)
     with pytest.raises(train_gate.TrainError, match="threshold"):
-        train_gate.record_admission(str(strict), str(model_dir), str(docs_dir), None, "cpu", threshold=1.5)
+        record(threshold=1.5)
+    assert all(torch.equal(before[k], t) for k, t in load_file(old).items())
