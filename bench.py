@@ -36,7 +36,7 @@ import torch
 
 import generate
 from generate import RunStats
-from gate import admission_stats, install
+from gate import admission_stats, build_caches, install
 from model import CheckpointError
 
 
@@ -68,7 +68,7 @@ class Ours:
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> RunStats:
         if max_seq_len not in self.caches:
             gated = dict(kv_budget=self.kv_budget, backend="torch") if self.gate is not None else {}
-            _, evictor = generate.setup_caches(self.model, max_seq_len, gate=self.gate, **gated)
+            evictor = build_caches(self.model, max_seq_len, gate=self.gate, **gated).evictor
             self.caches[max_seq_len] = ([layer.attention.cache for layer in self.model.layers],
                                         [layer.attention.gate for layer in self.model.layers], evictor)
         caches, gates, evictor = self.caches[max_seq_len]
@@ -145,7 +145,7 @@ def compile_child(checkpoint: str, system: str, gate: str, sizes: list[int]) -> 
     runner = Ours(model, compiled=True, gate=gate if system == "gated-compiled" else None)
     runner.prefill_step = generate.prefill   # the decode step alone is timed
     for size in sizes:
-        generate.setup_caches(model, size, gate=runner.gate, backend="torch")
+        build_caches(model, size, gate=runner.gate, backend="torch")
         token = generate.prefill(model, torch.tensor([prompt_ids(tokenizer, 64)]), 0.0, 0, 1.0)
         t0 = time.perf_counter()
         runner.decode_step(model, token, torch.tensor([64]), 0.0, 0, 1.0)
@@ -214,7 +214,7 @@ def batch_throughput(checkpoint: str | None, systems: list[str], batch_sizes: li
         for c in contexts:
             for b in batch_sizes:
                 options = dict(gate=gate or "random:0.2", kv_budget=kv_budget, backend="torch") if gated else {}
-                _, evictor = generate.setup_caches(model, c + new_tokens, batch_size=b, **options)
+                evictor = build_caches(model, c + new_tokens, batch_size=b, **options).evictor
                 prompts = [prompt_ids(tokenizer, c - i) for i in range(b)]
                 generate.generate_rows(model, [p[:64] for p in prompts], 4, decode_step=step)    # warm-up, compiles
                 t0 = time.perf_counter()

@@ -54,11 +54,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from cache import (DenseCache, Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, prompt_snapkv_scores,
-                   resolve_backend)
+from cache import DenseCache, Eviction, WriteGatedCache, allocated_bytes, pages_for, prompt_snapkv_scores, resolve_backend
 from data import DataError, chat_prefix, make_samples, read_documents
-from gate import (DEFAULT_PAGE_SIZE, DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, check_fits, install, load_gates,
-                  parse_budget, setup_write_gated)
+from gate import (DEFAULT_PAGE_SIZE, DEFAULT_WINDOW, SNAPKV_OBSERVE, Budget, ConstantGate, build_caches, check_fits,
+                  install, load_gates, parse_budget)
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -271,12 +270,11 @@ class SnapKVCache(WriteGatedCache):
     more than W tokens, so none leaves the ring. The cache holds C + W tokens per head at most.
     """
 
-    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
-                 observe: int = 32, pooling: int = 7):
-        # Pages of one token: the store holds exactly C, the budget matched to the gate's.
-        super().__init__(batch_size, n_kv_heads, head_dim, window, 0.0, capacity, dtype, device, backend, page_size=1)
-        self.snapkv_window, self.pooling = observe, pooling
+    def __init__(self, *args, snapkv_window: int = SNAPKV_OBSERVE, pooling: int = 7, **kwargs):
+        """WriteGatedCache's arguments, with tau = 0 and pages of one token, so that the store holds exactly C (the
+        budget matched to the gate's): gate.build_caches builds it so."""
+        super().__init__(*args, **kwargs)
+        self.snapkv_window, self.pooling = snapkv_window, pooling
 
     def append(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
         """The prompt, in one call (its scores are the prompt's own, so a chunk is refused)."""
@@ -295,35 +293,33 @@ class Policy:
     evict: str = "lowest-g"     # what makes room when the pool runs short (gate, budget)
 
 
-def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int, recorded: dict,
-                   dtype: torch.dtype, device: str, backend: str, seed: int) -> Eviction | None:
-    """Gates and caches for one sequence of seq_len positions; returns the Eviction to call between decode
-    steps, if the policy has one. recorded: {gate name: per layer (Hkv, S) admissions}."""
-    c = model.config
-    H, D = c.n_kv_heads, c.head_dim
+def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int, recorded: dict, backend: str,
+                   seed: int) -> Eviction | None:
+    """Gates and caches (gate.build_caches) for one sequence of seq_len positions; returns the Eviction to call
+    between decode steps, if the policy has one. recorded: {gate name: per layer (Hkv, S) admissions}."""
     if policy.kind == "dense":
-        install(model, None)
-        model.setup_caches(lambda i: DenseCache(1, H, seq_len, D, dtype, device))
-    elif policy.kind in ("gate", "builtin", "budget"):
-        setup = setup_write_gated(model, policy.spec, batch_size=1, max_seq_len=seq_len, dtype=dtype, device=device,
-                                  window=window, backend=backend, kv_budget=policy.budget, evict=policy.evict)
+        build_caches(model, seq_len)
+        return None
+    if policy.kind in ("gate", "builtin", "budget"):
+        setup = build_caches(model, seq_len, gate=policy.spec, window=window, backend=backend, kv_budget=policy.budget,
+                             evict=policy.evict)
         install(model, [Recorder(layer.attention.gate) for layer in model.layers])
         return setup.evictor
-    elif policy.kind == "random":
+    if policy.kind == "random":
         # A fresh generator: the same gate decisions give the same shuffle in every table.
         generator = torch.Generator().manual_seed(seed)
         tables = [shuffled(a, window, generator) for a in recorded[policy.spec]]                 # per layer (Hkv, S)
-        install(model, [Recorder(TableGate(t)) for t in tables])
         # A pool of exactly the pages its store needs: the gate's bytes, allocated as tightly as they can be.
         old = max(seq_len - window, 0)
-        pool = PagePool(sum(pages_for(int(n), DEFAULT_PAGE_SIZE) for t in tables for n in t[:, :old].sum(-1)),
-                        DEFAULT_PAGE_SIZE, D, dtype, device)
-        model.setup_caches(lambda i: WriteGatedCache(1, H, D, window, DEFAULT_THRESHOLD, max(old, 1),
-                                                     dtype, device, backend, pool=pool))
-    else:
-        capacity = [matched_capacity(a, window) for a in recorded[policy.spec]]
-        install(model, [Recorder(ConstantGate(0.0)) for _ in model.layers])
-        model.setup_caches(lambda i: SnapKVCache(1, H, D, window, capacity[i], dtype, device, backend))
+        pages = sum(pages_for(int(n), DEFAULT_PAGE_SIZE) for t in tables for n in t[:, :old].sum(-1))
+        build_caches(model, seq_len, gate=[Recorder(TableGate(t)) for t in tables], window=window,
+                     global_capacity=max(old, 1), kv_budget=Budget("tokens", pages * DEFAULT_PAGE_SIZE), evict=None,
+                     backend=backend)
+        return None
+    # snapkv: every token admitted (tau 0) and scored by SnapKV, each layer's store as large as the gate's.
+    build_caches(model, seq_len, gate=[Recorder(ConstantGate(0.0)) for _ in model.layers], window=window,
+                 threshold=0.0, global_capacity=[matched_capacity(a, window) for a in recorded[policy.spec]],
+                 kv_budget="unlimited", page_size=1, evict=None, backend=backend, cache=SnapKVCache)
     return None
 
 
@@ -806,8 +802,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
                            families)
     say(f"eval: {len(policies)} policies, perplexity at {lengths} x {docs} documents, decode {decode_tokens} tokens, "
         f"passkey (and {keys} keys) at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}")
-    setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded,
-                                                             getattr(torch, dtype), device, backend, seed)
+    setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded, backend, seed)
     with torch.inference_mode():
         records = documents_task(model, policies, samples, window, decode_tokens, setup)
         records["passkey"] = passkey_task(model, tok, policies, passkey, passkey_lengths, depths, trials, window,

@@ -23,8 +23,8 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from cache import DenseCache, Eviction, allocated_bytes, one_row, summed_counts
-from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, format_stats, install, setup_write_gated
+from cache import Eviction, one_row, summed_counts
+from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, build_caches, format_stats
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -56,25 +56,19 @@ def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
 def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate: str | None = None,
                  **gated) -> tuple[int, Eviction | None]:
-    """Give every layer a fresh K/V cache for max_seq_len positions; returns its bytes in all, and the
-    Eviction to call between decode steps (None for the dense cache). gate None: the dense cache; else a
-    --gate spec, and `gated` holds setup_write_gated's options (window, threshold, global_capacity,
-    kv_budget, page_size, evict, backend)."""
-    c, w = model.config, model.output.weight
-    if gate is None:
-        install(model, None)
-        model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
-        return allocated_bytes([layer.attention.cache for layer in model.layers]), None
+    """gate.build_caches for the command line: a bad option is BadInput, and the write-gated settings are said on
+    stderr. Returns the bytes the caches allocated, and the Eviction to call between decode steps (None for the
+    dense cache). gate None: the dense cache; else a --gate spec, and `gated` holds setup_write_gated's options
+    (window, threshold, global_capacity, kv_budget, page_size, evict, backend)."""
     try:
-        setup = setup_write_gated(model, gate, batch_size=batch_size, max_seq_len=max_seq_len,
-                                  dtype=w.dtype, device=w.device, **gated)
+        built = build_caches(model, max_seq_len, batch_size=batch_size, gate=gate, **gated)
     except ValueError as e:   # a bad spec or budget, a gate that does not fit, an unavailable backend
         raise BadInput(str(e)) from None
-    allocated = allocated_bytes([layer.attention.cache for layer in model.layers])
-    print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
-          f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
-          f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}", file=sys.stderr)
-    return allocated, setup.evictor
+    if (setup := built.gated) is not None:
+        print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
+              f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
+              f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}", file=sys.stderr)
+    return built.allocated, built.evictor
 
 
 def dense_bytes(model: Transformer, max_seq_len: int, batch_size: int = 1) -> int:

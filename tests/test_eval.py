@@ -261,8 +261,7 @@ def test_dense_finds_a_key_it_sees_and_the_diagnostic_counts_the_store(smollm2_c
     filler = tok.encode((REPO / "prompts" / "with-statement.md").read_text() * 3, add_special_tokens=False)
     window, L = 128, 520
     policies = [ev.Policy("dense", "dense"), ev.Policy("none", "builtin", "none"), ev.Policy("sink:4", "builtin", "sink:4")]
-    setup = lambda policy, seq_len, recorded: ev.install_policy(model, policy, seq_len, window, recorded, torch.float32,
-                                                                "cpu", "torch", 0)
+    setup = lambda policy, seq_len, recorded: ev.install_policy(model, policy, seq_len, window, recorded, "torch", 0)
     heads = model.config.n_layers * model.config.n_kv_heads
     with torch.inference_mode():
         for task, keys in ((ev.PASSKEY, 1), (ev.MULTIKEY, 3)):
@@ -303,7 +302,7 @@ def test_snapkv_prefill_is_dense_and_keeps_the_top_scores():
     torch.manual_seed(0)
     B, Hq, Hkv, T, D, W, C = 1, 4, 2, 64, 16, 8, 10
     q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
-    cache = ev.SnapKVCache(B, Hkv, D, W, C, torch.float32, observe=6, pooling=3)
+    cache = ev.SnapKVCache(B, Hkv, D, W, 0.0, C, torch.float32, page_size=1, snapkv_window=6, pooling=3)
     y = cache(q, k, v, torch.zeros(B, Hkv, T), torch.arange(T))
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
