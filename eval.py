@@ -284,7 +284,8 @@ class SnapKVCache(WriteGatedCache):
 
 
 @dataclass
-class Policy:
+class Row:
+    """One row of the tables: its name, and the gates and caches install_policy sets up for it."""
     name: str
     kind: str          # "dense", "gate" (a file), "builtin" (none, sink:N), "random" or "snapkv" (matched to a gate),
                        # "budget" (a gate, or full, on a pool of a share of dense, with an eviction policy)
@@ -293,7 +294,7 @@ class Policy:
     evict: str = "lowest-g"     # what makes room when the pool runs short (gate, budget)
 
 
-def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int, recorded: dict, backend: str,
+def install_policy(model: Transformer, policy: Row, seq_len: int, window: int, recorded: dict, backend: str,
                    seed: int) -> Eviction | None:
     """Gates and caches (gate.build_caches) for one sequence of seq_len positions; returns the Eviction to call
     between decode steps, if the policy has one. recorded: {gate name: per layer (Hkv, S) admissions}."""
@@ -429,26 +430,26 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
 FAMILIES = ("dense", "gate", "random", "snapkv", "none", "sink", "compositions")
 
 
-def family_of(policy: Policy) -> str:
+def family_of(policy: Row) -> str:
     return {"builtin": policy.spec.split(":")[0], "budget": "compositions"}.get(policy.kind, policy.kind)
 
 
 def policy_list(gates: list[tuple[str, str]], sink: int, kv_budget: str | None = None,
-                budgets: tuple[float, ...] = (), families: tuple[str, ...] = FAMILIES) -> list[Policy]:
+                budgets: tuple[float, ...] = (), families: tuple[str, ...] = FAMILIES) -> list[Row]:
     """dense, each gate with its matched baselines, none, sink:N (a gate runs before the rows matched to it),
     then per budget (a share of dense, in %) the compositions: each gate with lowest-g and with snapkv
     eviction, and snapkv alone (every token admitted, SnapKV evicting); only the rows of the given families.
     kv_budget: the plain gate rows' pool."""
-    rows = [Policy("dense", "dense")]
+    rows = [Row("dense", "dense")]
     for name, path in gates:
-        rows += [Policy(name, "gate", path, kv_budget), Policy(f"random ~ {name}", "random", name),
-                 Policy(f"snapkv ~ {name}", "snapkv", name)]
-    rows += [Policy("none", "builtin", "none"), Policy(f"sink:{sink}", "builtin", f"sink:{sink}")]
+        rows += [Row(name, "gate", path, kv_budget), Row(f"random ~ {name}", "random", name),
+                 Row(f"snapkv ~ {name}", "snapkv", name)]
+    rows += [Row("none", "builtin", "none"), Row(f"sink:{sink}", "builtin", f"sink:{sink}")]
     for share in budgets:
         for name, path in gates:
-            rows += [Policy(f"{name} + {evict} @ {share:g}%", "budget", path, f"{share:g}%", evict)
+            rows += [Row(f"{name} + {evict} @ {share:g}%", "budget", path, f"{share:g}%", evict)
                      for evict in ("lowest-g", "snapkv")]
-        rows.append(Policy(f"snapkv alone @ {share:g}%", "budget", "full", f"{share:g}%", "snapkv"))
+        rows.append(Row(f"snapkv alone @ {share:g}%", "budget", "full", f"{share:g}%", "snapkv"))
     return [p for p in rows if family_of(p) in families]
 
 
@@ -456,7 +457,7 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def documents_task(model: Transformer, policies: list[Policy], samples: dict, window: int, decode_tokens: int,
+def documents_task(model: Transformer, policies: list[Row], samples: dict, window: int, decode_tokens: int,
                    setup) -> dict[str, list[dict]]:
     """Perplexity and agreement by one prefill per policy that one prefill measures, then the decode table for
     every policy. Neither an eviction baseline nor a budget row is in the first: a prompt's own queries read
@@ -505,7 +506,7 @@ def documents_task(model: Transformer, policies: list[Policy], samples: dict, wi
     return out
 
 
-def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Policy], passkey: Passkey, lengths: list[int],
+def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Row], passkey: Passkey, lengths: list[int],
                  depths: list[float], trials: int, window: int, seed: int, setup, n_keys: int = 1) -> list[dict]:
     """Greedy answers to retrieval prompts, one record per (length, depth, trial, policy): the passkey (one
     needle) or, with n_keys > 1, n_keys needles of which the one at the cell's depth is asked for. Each record

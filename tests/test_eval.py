@@ -260,7 +260,7 @@ def test_dense_finds_a_key_it_sees_and_the_diagnostic_counts_the_store(smollm2_c
     tok = Tokenizer(smollm2_checkpoint)
     filler = tok.encode((REPO / "prompts" / "with-statement.md").read_text() * 3, add_special_tokens=False)
     window, L = 128, 520
-    policies = [ev.Policy("dense", "dense"), ev.Policy("none", "builtin", "none"), ev.Policy("sink:4", "builtin", "sink:4")]
+    policies = [ev.Row("dense", "dense"), ev.Row("none", "builtin", "none"), ev.Row("sink:4", "builtin", "sink:4")]
     setup = lambda policy, seq_len, recorded: ev.install_policy(model, policy, seq_len, window, recorded, "torch", 0)
     heads = model.config.n_layers * model.config.n_kv_heads
     with torch.inference_mode():
