@@ -709,31 +709,11 @@ def plot(result: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The run: the gate files, the grid and its checks, the prompts, then every task
 
-def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quick: bool, lengths: list[int] | None,
-        docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
-        trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
-        threads: int, seed: int, out: str | None, plot_path: str | None, kv_budget: str | None = None,
-        budgets: list[float] | None = None, policies: list[str] | None = None) -> None:
-    t_start = time.time()
-    grid = QUICK if quick else FULL
-    lengths = lengths if lengths is not None else grid["lengths"]
-    docs = docs if docs is not None else grid["docs"]
-    decode_tokens = decode_tokens if decode_tokens is not None else grid["decode_tokens"]
-    passkey_lengths = passkey_lengths if passkey_lengths is not None else grid["passkey_lengths"]
-    depths = depths if depths is not None else grid["depths"]
-    trials = trials if trials is not None else grid["trials"]
-    keys = keys if keys is not None else grid["keys"]
-    budgets = budgets if budgets is not None else grid["budgets"]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if threads:
-        torch.set_num_threads(threads)
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = str(ensure_default_checkpoint())
-    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
-    tok = Tokenizer(checkpoint)
-
+def gate_files(model: Transformer, gates_dir: str, gate: list[str], window: int | None) -> tuple[dict, int]:
+    """The gate files to evaluate, {name: (path, metadata)}: every one under gates_dir, then each --gate, each
+    checked to fit the model; and the window W: the given one, else the first gate's, else the default."""
     files = sorted(p for p in Path(gates_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".pth")) \
         if Path(gates_dir).is_dir() else []
     files += [Path(g) for g in gate]
@@ -749,29 +729,34 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
             say(f"note: gate {name} was trained with W = {metadata['window']}, evaluated at W = {window}")
     if not gate_meta:
         say(f"note: no gate files under {gates_dir}/ and no --gate: the table has the built-in policies only")
+    return gate_meta, window
 
-    # Check the whole grid before the first long run.
+
+def check_grid(grid: dict, model: Transformer, gate_meta: dict, backend: str, device: str) -> None:
+    """Check the whole grid before the first long run: EvalError (GateError for --kv-budget), one line."""
     resolve_backend(backend, device)
+    lengths, passkey_lengths, window = grid["lengths"], grid["passkey_lengths"], grid["window"]
     limit = model.config.max_position_embeddings
     for L in lengths + passkey_lengths:
         if L > limit:
             raise EvalError(f"length {L} exceeds the model's context of {limit} tokens")
-    if window < 1 or sink < 0 or docs < 1 or trials < 0 or decode_tokens < 0 or not (keys == 0 or 2 <= keys <= len(COLOURS)):
+    if window < 1 or grid["sink"] < 0 or grid["docs"] < 1 or grid["trials"] < 0 or grid["decode_tokens"] < 0 \
+            or not (grid["keys"] == 0 or 2 <= grid["keys"] <= len(COLOURS)):
         raise EvalError(f"need --window >= 1, --sink >= 0, --docs >= 1, --trials >= 0, --decode-tokens >= 0, "
                         f"--keys 0 or 2..{len(COLOURS)}")
-    if decode_tokens > window:
-        raise EvalError(f"--decode-tokens {decode_tokens} exceeds the window W = {window}: the eviction baseline "
-                        f"scores prompt tokens only, so no decoded token may leave the window")
+    if grid["decode_tokens"] > window:
+        raise EvalError(f"--decode-tokens {grid['decode_tokens']} exceeds the window W = {window}: the eviction "
+                        f"baseline scores prompt tokens only, so no decoded token may leave the window")
     for L in lengths:
-        if L <= window + decode_tokens + 1:
+        if L <= window + grid["decode_tokens"] + 1:
             raise EvalError(f"length {L} leaves nothing outside the window: need more than W + decode tokens + 1 "
-                            f"= {window + decode_tokens + 1}")
-    if any(not 0 <= d <= 1 for d in depths):
-        raise EvalError(f"depths {depths} must lie in [0, 1]")
-    if any(not 0 < b <= 100 for b in budgets):
-        raise EvalError(f"--budgets {budgets}: each a share of the dense cache in (0, 100]")
-    parse_budget(kv_budget)   # a bad --kv-budget: GateError, one line
-    families = tuple(policies) if policies is not None else FAMILIES
+                            f"= {window + grid['decode_tokens'] + 1}")
+    if any(not 0 <= d <= 1 for d in grid["depths"]):
+        raise EvalError(f"depths {grid['depths']} must lie in [0, 1]")
+    if any(not 0 < b <= 100 for b in grid["budgets"]):
+        raise EvalError(f"--budgets {grid['budgets']}: each a share of the dense cache in (0, 100]")
+    parse_budget(grid["kv_budget"])   # a bad --kv-budget: GateError, one line
+    families = grid["families"]
     if (lengths or passkey_lengths) and not families:
         raise EvalError("--policies with nothing after it leaves no row to run")
     if lengths and "dense" not in families:
@@ -781,46 +766,77 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         raise EvalError("random ~ G and snapkv ~ G take their budget from the gate's own admissions: "
                         "add gate to --policies")
 
-    documents = source_order(read_documents(data))
-    samples = document_samples(tok, documents, lengths, docs, device) if lengths else {}
-    passkey = None
-    if passkey_lengths and depths and trials:
-        need = trials * max(passkey_lengths)   # trial t reads the filler from t * L on
-        filler = []
-        for _, text in documents:
-            filler += tok.encode(text[:16 * need] + "\n\n", add_special_tokens=False)
-            if len(filler) >= need:
-                break
-        passkey, multikey = Passkey(PASSKEY, filler, tok), Passkey(MULTIKEY, filler, tok)
-        for L in passkey_lengths:   # raises on a length too short for the prompt or filler too short
-            passkey.prompt([("00000", "", 0.5)], L, offset=(trials - 1) * L)
-            if keys:
-                multikey.prompt([("00000", max(COLOURS, key=len), 0.5)] * keys, L, offset=(trials - 1) * L)
-    else:
-        passkey_lengths = []
 
-    policies = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink, kv_budget, tuple(budgets),
-                           families)
-    say(f"eval: {len(policies)} policies, perplexity at {lengths} x {docs} documents, decode {decode_tokens} tokens, "
-        f"passkey (and {keys} keys) at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}")
+def retrieval_prompts(tok: Tokenizer, documents: list[tuple[str, str]], grid: dict) -> tuple[Passkey, Passkey] | None:
+    """The passkey and multi-key prompt makers over held-out filler, each length of the grid tried once (too
+    short a length, or too little filler, raises); None, and no passkey lengths in the grid, without depths
+    or trials."""
+    lengths, trials, keys = grid["passkey_lengths"], grid["trials"], grid["keys"]
+    if not (lengths and grid["depths"] and trials):
+        grid["passkey_lengths"] = []
+        return None
+    need = trials * max(lengths)   # trial t reads the filler from t * L on
+    filler = []
+    for _, text in documents:
+        filler += tok.encode(text[:16 * need] + "\n\n", add_special_tokens=False)
+        if len(filler) >= need:
+            break
+    passkey, multikey = Passkey(PASSKEY, filler, tok), Passkey(MULTIKEY, filler, tok)
+    for L in lengths:   # raises on a length too short for the prompt or filler too short
+        passkey.prompt([("00000", "", 0.5)], L, offset=(trials - 1) * L)
+        if keys:
+            multikey.prompt([("00000", max(COLOURS, key=len), 0.5)] * keys, L, offset=(trials - 1) * L)
+    return passkey, multikey
+
+
+def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quick: bool, lengths: list[int] | None,
+        docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
+        trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
+        threads: int, seed: int, out: str | None, plot_path: str | None, kv_budget: str | None = None,
+        budgets: list[float] | None = None, policies: list[str] | None = None) -> None:
+    t_start = time.time()
+    given = dict(lengths=lengths, docs=docs, decode_tokens=decode_tokens, passkey_lengths=passkey_lengths,
+                 depths=depths, trials=trials, keys=keys)
+    defaults = QUICK if quick else FULL
+    grid = {k: v if v is not None else defaults[k] for k, v in given.items()}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    if checkpoint is None:
+        from convert_gguf import ensure_default_checkpoint
+        checkpoint = str(ensure_default_checkpoint())
+    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
+    tok = Tokenizer(checkpoint)
+    gate_meta, window = gate_files(model, gates_dir, gate, window)
+    families = tuple(policies) if policies is not None else FAMILIES
+    grid |= dict(window=window, sink=sink, seed=seed, kv_budget=kv_budget,
+                 budgets=budgets if budgets is not None else defaults["budgets"], families=list(families))
+    check_grid(grid, model, gate_meta, backend, device)
+
+    documents = source_order(read_documents(data))
+    samples = document_samples(tok, documents, grid["lengths"], grid["docs"], device) if grid["lengths"] else {}
+    passkey, multikey = retrieval_prompts(tok, documents, grid) or (None, None)
+    rows = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink, kv_budget,
+                       tuple(grid["budgets"]), families)
+    say(f"eval: {len(rows)} policies, perplexity at {grid['lengths']} x {grid['docs']} documents, decode "
+        f"{grid['decode_tokens']} tokens, passkey (and {grid['keys']} keys) at {grid['passkey_lengths']} x depths "
+        f"{grid['depths']} x {grid['trials']} trials, W = {window}, {device}")
     setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded, backend, seed)
     with torch.inference_mode():
-        records = documents_task(model, policies, samples, window, decode_tokens, setup)
-        records["passkey"] = passkey_task(model, tok, policies, passkey, passkey_lengths, depths, trials, window,
-                                          seed, setup) if passkey_lengths else []
-        records["multikey"] = passkey_task(model, tok, policies, multikey, passkey_lengths, depths, trials, window,
-                                           seed, setup, n_keys=keys) if passkey_lengths and keys else []
+        records = documents_task(model, rows, samples, window, grid["decode_tokens"], setup)
+        cells = dict(lengths=grid["passkey_lengths"], depths=grid["depths"], trials=grid["trials"], window=window,
+                     seed=seed, setup=setup)
+        records["passkey"] = passkey_task(model, tok, rows, passkey, **cells) if passkey else []
+        records["multikey"] = passkey_task(model, tok, rows, multikey, **cells, n_keys=grid["keys"]) \
+            if multikey and grid["keys"] else []
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.machine()} CPU (torch threads: {torch.get_num_threads()})"
     this_run = {"command": shlex.join(["python", "eval.py"] + sys.argv[1:]), "model": Path(checkpoint).name,
                 "checkpoint": checkpoint, "dtype": dtype, "machine": machine, "torch": torch.__version__,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_s": time.time() - t_start}
-    grid = {"lengths": lengths, "docs": docs, "decode_tokens": decode_tokens, "passkey_lengths": passkey_lengths,
-            "depths": depths, "trials": trials, "keys": keys, "window": window, "sink": sink, "seed": seed,
-            "kv_budget": kv_budget, "budgets": budgets, "families": list(families)}
     gates = {name: {"path": path, "metadata": metadata} for name, (path, metadata) in gate_meta.items()}
-    emit(assemble([this_run], grid, gates, [p.name for p in policies], records), out, plot_path)
+    emit(assemble([this_run], grid, gates, [p.name for p in rows], records), out, plot_path)
 
 
 TASKS = ("perplexity", "decode", "passkey", "multikey")
