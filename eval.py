@@ -673,6 +673,9 @@ def plot(result: dict, path: str) -> None:
                                                 ("passkey", "passkey accuracy"),
                                                 ("multikey", "multi-key accuracy"))
               if result.get(task)]
+    if not panels:   # a run of no task (--lengths and --passkey-lengths with nothing after them)
+        say(f"no plot: the run has no table to draw (nothing written to {path})")
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     families = list(dict.fromkeys(policy_family(r["policy"], result["gates"]) for task, _ in panels
                                   for r in result[task]))
