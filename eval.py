@@ -1,6 +1,6 @@
 """Quality against KV memory for every admission policy: perplexity, agreement with dense, passkey retrieval.
 
-    python eval.py --quick                          # a small grid, a few minutes on a CPU
+    python eval.py --quick                          # a quick look, not a result: one gate, a short grid
     python eval.py --out eval.json                  # the full grid (2k/4k/8k), tables on stdout
     python eval.py --gate my-gate.safetensors       # a gate file besides those under gates/ (.pt too)
     python eval.py --lengths 2048 --passkey-lengths 2048 --out 2k.json   # the full grid in pieces, then
@@ -66,8 +66,8 @@ from tokenizer import Tokenizer
 # pieces still merge. At 8k SmolLM2-135M misses the passkey even densely (README): those rows measure the model.
 FULL = dict(lengths=[2048, 4096, 8192], docs=2, decode_tokens=128, passkey_lengths=[2048, 4096, 8192],
             depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2, keys=4, budgets=[15, 25, 40])
-QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5], trials=1, keys=3,
-             budgets=[])
+# --quick, a look in a few minutes and not a result: one gate (gate_files), one document, the passkey far back.
+QUICK = dict(lengths=[512], docs=1, decode_tokens=16, passkey_lengths=[512], depths=[0.0], trials=1, keys=0, budgets=[])
 
 
 class EvalError(ValueError):
@@ -714,12 +714,14 @@ def plot(result: dict, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The run: the gate files, the grid and its checks, the prompts, then every task
 
-def gate_files(model: Transformer, gates_dir: str, gate: list[str], window: int | None) -> tuple[dict, int]:
-    """The gate files to evaluate, {name: (path, metadata)}: every one under gates_dir, then each --gate, each
-    checked to fit the model; and the window W: the given one, else the first gate's, else the default."""
-    files = sorted(p for p in Path(gates_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".pth")) \
+def gate_files(model: Transformer, gates_dir: str, gate: list[str], window: int | None,
+               quick: bool = False) -> tuple[dict, int]:
+    """The gate files to evaluate, {name: (path, metadata)}: every one under gates_dir, then each --gate (quick:
+    one, the first --gate, else the first under gates_dir), each checked to fit the model; and the window W:
+    the given one, else the first gate's, else the default."""
+    under = sorted(p for p in Path(gates_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".pth")) \
         if Path(gates_dir).is_dir() else []
-    files += [Path(g) for g in gate]
+    files = ([Path(g) for g in gate] or under)[:1] if quick else under + [Path(g) for g in gate]
     gate_meta = {}
     for path in {p.resolve(): p for p in files}.values():   # a --gate also under --gates-dir runs once
         loaded, metadata = load_gates(path)
@@ -810,7 +812,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         checkpoint = str(ensure_default_checkpoint())
     model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
     tok = Tokenizer(checkpoint)
-    gate_meta, window = gate_files(model, gates_dir, gate, window)
+    gate_meta, window = gate_files(model, gates_dir, gate, window, quick)
     families = tuple(policies) if policies is not None else FAMILIES
     grid |= dict(window=window, sink=sink, seed=seed, kv_budget=kv_budget,
                  budgets=budgets if budgets is not None else defaults["budgets"], families=list(families))
@@ -939,7 +941,9 @@ if __name__ == "__main__":
     parser.add_argument("--data", default="data/heldout", help="held-out documents (default: data/heldout, see data.py)")
     parser.add_argument("--gates-dir", default="gates", help="every .safetensors/.pt gate file here is a policy (default: gates)")
     parser.add_argument("--gate", action="append", default=[], help="another gate file to evaluate (repeatable)")
-    parser.add_argument("--quick", action="store_true", help=f"the small grid {QUICK} instead of {FULL}")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a quick look, not a result: one gate (the first --gate, else the first file under "
+                             f"--gates-dir) and the grid {QUICK} instead of {FULL}")
     parser.add_argument("--lengths", type=int, nargs="*", help="perplexity / decode lengths in tokens")
     parser.add_argument("--docs", type=int, help="held-out documents per length")
     parser.add_argument("--decode-tokens", type=int, help="tokens decoded one by one in the equal-budget table (0: skip it)")

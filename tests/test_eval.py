@@ -55,7 +55,7 @@ def quick(setup):
     out = root / "eval.json"
     proc = run_eval("--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
                     "--gates-dir", str(root / "gates"), "--lengths", "160", "--docs", "2", "--decode-tokens", "16",
-                    "--passkey-lengths", "400", "--depths", "0", "0.5", "1", "--out", str(out))
+                    "--passkey-lengths", "400", "--depths", "0", "0.5", "1", "--keys", "3", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -147,7 +147,7 @@ def test_pieces_merge_into_the_whole_grid(setup, quick):
     root, checkpoint = setup
     _, whole = quick
     common = ["--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
-              "--gates-dir", str(root / "gates"), "--docs", "2", "--decode-tokens", "16"]
+              "--gates-dir", str(root / "gates"), "--docs", "2", "--decode-tokens", "16", "--keys", "3"]
     paths = [root / "piece-1.json", root / "piece-2.json"]
     for path, grid in zip(paths, (["--lengths", "160", "--passkey-lengths", "400", "--depths", "0"],
                                   ["--lengths", "--passkey-lengths", "400", "--depths", "0.5", "1"])):
@@ -177,7 +177,8 @@ def test_policies_run_only_the_rows_asked_for(setup, quick):
     root, checkpoint = setup
     _, whole = quick
     common = ["--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
-              "--gates-dir", str(root / "gates"), "--passkey-lengths", "400", "--depths", "0", "0.5", "1"]
+              "--gates-dir", str(root / "gates"), "--passkey-lengths", "400", "--depths", "0", "0.5", "1",
+              "--keys", "3"]
     out = root / "policies.json"
     proc = run_eval(*common, "--lengths", "--policies", "gate", "snapkv", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -211,6 +212,21 @@ def test_matched_baselines_hold_the_gates_kv_bytes(quick):
     # Held bytes that differ from the window alone: the gate really admits something to match.
     none = [s for s in result["sequences"]["perplexity"] if s["policy"] == "none"]
     assert all(g["held"] > n["held"] for g, n in zip(gate, none))
+
+
+def test_quick_takes_one_gate(setup, tmp_path):
+    """--quick looks at one gate: the first --gate, else the first file under --gates-dir; without --quick, all."""
+    root, checkpoint = setup
+    for name in ("b-gate", "a-gate"):
+        save_gates(tmp_path / f"{name}.safetensors", tiny_gates(2, 2, 16), {"window": WINDOW, "threshold": 0.1})
+    common = ["--checkpoint", str(checkpoint), "--data", str(root / "heldout"), "--gates-dir", str(tmp_path),
+              "--lengths", "--passkey-lengths", "--decode-tokens", "16"]   # no task: the gates are chosen all the same
+    for flags, gates in (([], ["a-gate", "b-gate"]), (["--quick"], ["a-gate"]),
+                         (["--quick", "--gate", str(tmp_path / "b-gate.safetensors")], ["b-gate"])):
+        out = tmp_path / "out.json"
+        proc = run_eval(*common, *flags, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert list(json.loads(out.read_text())["gates"]) == gates, flags
 
 
 def test_passkey_prompt_puts_the_key_at_the_depth():
