@@ -234,23 +234,12 @@ def batch_throughput(checkpoint: str | None, systems: list[str], batch_sizes: li
             print(f"| {name} | {c} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
 
 
-def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
-         systems=("transformers", "eager", "compiled"), threads=0, gate=None, kv_budget=None, compile_time=False,
-         memory=None, batch_sizes=None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-    if memory:
-        process_memory(checkpoint, memory, gate, kv_budget, threads)
-        return
-    if batch_sizes:
-        batch_throughput(checkpoint, systems, batch_sizes, contexts, new_tokens, gate, kv_budget)
-        return
-    gate = gate or "random:0.2"
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = ensure_default_checkpoint()
+def compile_times(checkpoint, systems: list[str], gate: str, contexts: list[int], new_tokens: int,
+                  threads: int) -> dict[str, dict[str, float]]:
+    """--compile-time: per compiled system, the seconds its decode step takes to compile, cold, warm and for a
+    second cache size (compile_seconds)."""
     compile_rows = {}
-    for name in [s for s in systems if s.endswith("compiled")] if compile_time else []:
+    for name in [s for s in systems if s.endswith("compiled")]:
         sizes = [contexts[0] + new_tokens, contexts[-1] + 2 * new_tokens]   # two sizes, even with one context
         with tempfile.TemporaryDirectory() as cache_dir:
             cold = compile_seconds(checkpoint, name, gate, sizes, cache_dir, threads)
@@ -258,7 +247,13 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
         compile_rows[name] = {"compile s: cold": cold[0], "compile s: warm (second process)": warm[0],
                               "compile s: a second cache size": cold[1]}
         log(f"{name}: compile {cold[0]:.1f} s cold, {warm[0]:.1f} s warm, {cold[1]:.1f} s for a second cache size")
-    model, tokenizer = generate.load(checkpoint)
+    return compile_rows
+
+
+def speeds(checkpoint, model, tokenizer, systems: list[str], prefill: list[int], contexts: list[int], new_tokens: int,
+           repeats: int, gate: str, kv_budget: str | None) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Each system warmed up at every cache size, then its prefill and decode rates (and the KV bytes a gated
+    system holds), best of `repeats`: the rows measured, and results[system][row]."""
     largest = max([*prefill, *contexts]) + new_tokens
     # A model of its own per system: compiled code guards on the modules it saw, so systems that swapped
     # caches and gates on one shared model would recompile each other's steps while being timed.
@@ -288,16 +283,13 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
                 log(f"{name}: {row} {rate:.1f}")
                 if new > 1 and hasattr(runners[name], "kv_held"):
                     results[name][f"KV MiB held @ {n}"] = runners[name].kv_held / 2**20
+    return list(rows), results
 
-    for name in systems:
-        results[name] |= compile_rows.get(name, {})
-        for c in contexts:
-            if f"decode @ {c} tok/s" in results[name]:
-                results[name][f"decode @ {c} ms/token"] = 1000 / results[name][f"decode @ {c} tok/s"]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())   # a tied head counted once
-    bandwidth = read_bandwidth(threads)
-    floor_ms = 1000 * weights / bandwidth
 
+def print_table(checkpoint, systems: list[str], rows: list[str], results: dict, compile_rows: dict,
+                contexts: list[int], new_tokens: int, repeats: int, gate: str, weights: int, bandwidth: float) -> None:
+    """The markdown table on stdout: every row's value per system, with ours against transformers and each gated
+    system against its dense twin, then the weight-read floor."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     gated = [s for s in systems if s.startswith("gated")]
@@ -317,8 +309,38 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
         cells += [f"{results[a][row] / results[b][row]:.2f}x" if ratio and row in results[a] and row in results[b] else ""
                   for a, b in pairs]
         print(f"| {row} | " + " | ".join(cells) + " |")
+    floor_ms = 1000 * weights / bandwidth
     print(f"\nweight-read floor: {floor_ms:.1f} ms/token ({weights / 1e6:.0f} MB of weights, read at "
           f"{bandwidth / 1e9:.1f} GB/s by a torch sum over 512 MiB with {torch.get_num_threads()} threads)")
+
+
+def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
+         systems=("transformers", "eager", "compiled"), threads=0, gate=None, kv_budget=None, compile_time=False,
+         memory=None, batch_sizes=None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    if memory:
+        process_memory(checkpoint, memory, gate, kv_budget, threads)
+        return
+    if batch_sizes:
+        batch_throughput(checkpoint, systems, batch_sizes, contexts, new_tokens, gate, kv_budget)
+        return
+    gate = gate or "random:0.2"
+    if checkpoint is None:
+        from convert_gguf import ensure_default_checkpoint
+        checkpoint = ensure_default_checkpoint()
+    compile_rows = compile_times(checkpoint, systems, gate, contexts, new_tokens, threads) if compile_time else {}
+    model, tokenizer = generate.load(checkpoint)
+    rows, results = speeds(checkpoint, model, tokenizer, systems, prefill, contexts, new_tokens, repeats, gate,
+                           kv_budget)
+    for name in systems:
+        results[name] |= compile_rows.get(name, {})
+        for c in contexts:
+            if f"decode @ {c} tok/s" in results[name]:
+                results[name][f"decode @ {c} ms/token"] = 1000 / results[name][f"decode @ {c} tok/s"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())   # a tied head counted once
+    print_table(checkpoint, systems, rows, results, compile_rows, contexts, new_tokens, repeats, gate, weights,
+                read_bandwidth(threads))
 
 
 if __name__ == "__main__":
