@@ -165,6 +165,77 @@ class RunStats:
     counts: list[dict[str, Tensor]] | None = None
 
 
+class Batch:
+    """The rows of generate_rows' caches and the prompts they take in turn: which prompt each row decodes, the
+    prompts still waiting, each prompt's new tokens so far, and what the run has counted. fill gives a row its
+    next prompt; record takes a prompt's next token."""
+
+    def __init__(self, model: Transformer, prompts: list[list[int]], rows: int, max_new_tokens: int, sampling: dict,
+                 history, stop_ids, on_token, on_done, start: int, prefill_chunk: int, prefill_step):
+        device = model.tok_embeddings.weight.device
+        self.model, self.prompts, self.max_new_tokens, self.sampling = model, prompts, max_new_tokens, sampling
+        self.history, self.stop_ids, self.on_token, self.on_done = history, stop_ids, on_token, on_done
+        self.start, self.prefill_chunk, self.prefill_step = start, prefill_chunk, prefill_step
+        self.caches = [layer.attention.cache for layer in model.layers]
+        self.seen = None
+        if sampling["repetition_penalty"] != 1:   # each row's context so far, on the device: no host sync
+            self.seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)     # (rows, vocab)
+        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)                            # (rows, 1)
+        self.input_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)                        # (rows, 1)
+        self.new = [[] for _ in prompts]
+        self.occupant = [-1] * rows      # the prompt each row decodes; -1 once none is left for it
+        self.retired = []                # rows left without a prompt since the last decode step
+        self.waiting = iter(range(len(prompts)))
+        self.prefill_s = 0.0
+        self.counts = None               # RunStats.counts
+
+    def count_finished(self, row: int) -> None:
+        """Add the counts of the prompt that just finished in `row` (of the caches as they are now) to the run's."""
+        if hasattr(self.caches[0], "counts"):
+            finished = summed_counts(self.caches, row)
+            self.counts = finished if self.counts is None else [
+                {name: n + earlier[name] for name, n in layer.items()} for layer, earlier in zip(finished, self.counts)]
+
+    def record(self, index: int, next_id: int) -> bool:
+        """Take the next token of prompt `index`; True when the prompt is finished."""
+        finished = next_id in self.stop_ids
+        if not finished:
+            self.new[index].append(next_id)
+            if self.on_token is not None:
+                self.on_token(index, next_id)
+            finished = len(self.new[index]) == self.max_new_tokens
+        if finished and self.on_done is not None:
+            self.on_done(index, self.new[index])
+        return finished
+
+    def fill(self, row: int) -> None:
+        """Give the row the next waiting prompt that its prefill does not already finish; else retire it."""
+        device = self.token.device
+        if self.occupant[row] >= 0:
+            self.count_finished(row)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)   # so that the prefill's time is its own
+        t0 = time.perf_counter()
+        with one_row(self.caches, row) if len(self.occupant) > 1 else contextlib.nullcontext():
+            for index in self.waiting:
+                ids = self.prompts[index]
+                if self.seen is not None:
+                    self.seen[row] = False
+                    self.seen[row, torch.tensor([*self.history, *ids], device=device)] = True
+                seen = None if self.seen is None else self.seen[row:row + 1]                         # (1, vocab)
+                first = self.prefill_step(self.model, torch.tensor([ids], device=device), **self.sampling,
+                                          start=self.start, chunk=self.prefill_chunk, seen=seen)             # (1, 1)
+                if not self.record(index, int(first)):
+                    self.occupant[row] = index
+                    self.token[row], self.input_pos[row] = first[0], self.start + len(ids)
+                    break
+                self.count_finished(0)    # the row alone is row 0 here
+            else:
+                self.occupant[row] = -1      # nothing left for it
+                self.retired.append(row)
+        self.prefill_s += time.perf_counter() - t0
+
+
 @torch.no_grad()
 def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, rows: int = 0,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -190,99 +261,40 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         raise ValueError(f"{len(prompts)} prompts cannot fill {rows} rows")
     if start and len(prompts) > 1:
         raise ValueError("a batch of prompts starts at position 0")
-    device = model.tok_embeddings.weight.device
-    caches = [layer.attention.cache for layer in model.layers]
-    seen = None
-    if repetition_penalty != 1:     # each row's context so far, on the device: the penalty needs no host sync
-        seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)            # (rows, vocab)
-    token = torch.zeros(rows, 1, dtype=torch.long, device=device)                                   # (rows, 1)
-    input_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)                               # (rows, 1)
-    new = [[] for _ in prompts]
-    occupant = [-1] * rows          # the prompt each row decodes; -1 once none is left for it
-    waiting = iter(range(len(prompts)))
-    prefill_s = 0.0
-    counts = None
-
-    def count_finished(row: int) -> None:
-        """Add the counts of the prompt that just finished in `row` (of the caches as they are now) to the run's."""
-        nonlocal counts
-        if hasattr(caches[0], "counts"):
-            finished = summed_counts(caches, row)
-            counts = finished if counts is None else [
-                {name: n + earlier[name] for name, n in layer.items()} for layer, earlier in zip(finished, counts)]
-
-    def record(index: int, next_id: int) -> bool:
-        """Take the next token of prompt `index`; True when the prompt is finished."""
-        finished = next_id in stop_ids
-        if not finished:
-            new[index].append(next_id)
-            if on_token is not None:
-                on_token(index, next_id)
-            finished = len(new[index]) == max_new_tokens
-        if finished and on_done is not None:
-            on_done(index, new[index])
-        return finished
-
-    def fill(row: int) -> None:
-        """Give the row the next waiting prompt that its prefill does not already finish; else retire it."""
-        nonlocal prefill_s
-        if occupant[row] >= 0:
-            count_finished(row)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)   # so that the prefill's time is its own
-        t0 = time.perf_counter()
-        with one_row(caches, row) if rows > 1 else contextlib.nullcontext():
-            for index in waiting:
-                ids = prompts[index]
-                if seen is not None:
-                    seen[row] = False
-                    seen[row, torch.tensor([*history, *ids], device=device)] = True
-                first = prefill_step(model, torch.tensor([ids], device=device), temperature, top_k, top_p,
-                                     start=start, chunk=prefill_chunk,
-                                     seen=None if seen is None else seen[row:row + 1],
-                                     repetition_penalty=repetition_penalty)                        # (1, 1)
-                if not record(index, int(first)):
-                    occupant[row] = index
-                    token[row], input_pos[row] = first[0], start + len(ids)
-                    break
-                count_finished(0)    # the row alone is row 0 here
-            else:
-                occupant[row] = -1      # nothing left for it
-                retired.append(row)
-        prefill_s += time.perf_counter() - t0
-
-    retired = []
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    batch = Batch(model, prompts, rows, max_new_tokens, sampling, history, stop_ids, on_token, on_done, start,
+                  prefill_chunk, prefill_step)
     for row in range(rows):
-        fill(row)
+        batch.fill(row)
     steps = decoded = 0
     decode_s = 0.0
-    while max(occupant) >= 0:
+    while max(batch.occupant) >= 0:
         t0 = time.perf_counter()
-        for row in retired:
+        for row in batch.retired:
             # A row with no prompt left rides along until the others finish, from position 0 of its emptied
             # cache row, so that its positions stay within the caches however long the others go on.
-            with one_row(caches, row):
+            with one_row(batch.caches, row):
                 reset_caches(model)
-            input_pos[row] = 0
-        retired.clear()
-        if seen is not None:
-            seen.scatter_(1, token, True)
+            batch.input_pos[row] = 0
+        batch.retired.clear()
+        if batch.seen is not None:
+            batch.seen.scatter_(1, batch.token, True)
         # Cloned because a CUDA-graph replay overwrites its output buffer on the next replay. Finished rows
         # go on decoding (their tokens unused), so that the step keeps its shapes.
-        token = decode_step(model, token, input_pos, temperature, top_k, top_p, seen=seen,
-                            repetition_penalty=repetition_penalty).clone()                         # (rows, 1)
-        input_pos += 1
+        batch.token = decode_step(model, batch.token, batch.input_pos, temperature, top_k, top_p, seen=batch.seen,
+                                  repetition_penalty=repetition_penalty).clone()                      # (rows, 1)
+        batch.input_pos += 1
         steps += 1
         if evictor is not None:
             evictor.after_step(steps)
-        next_ids = token[:, 0].tolist()   # the one host sync per step: streaming and stopping need the ids
+        next_ids = batch.token[:, 0].tolist()   # the one host sync per step: streaming and stopping need the ids
         decode_s += time.perf_counter() - t0
         for row, next_id in enumerate(next_ids):
-            if occupant[row] >= 0:
+            if batch.occupant[row] >= 0:
                 decoded += 1
-                if record(occupant[row], next_id):
-                    fill(row)
-    return new, RunStats(sum(map(len, prompts)), prefill_s, steps, decode_s, rows, decoded, counts)
+                if batch.record(batch.occupant[row], next_id):
+                    batch.fill(row)
+    return batch.new, RunStats(sum(map(len, prompts)), batch.prefill_s, steps, decode_s, rows, decoded, batch.counts)
 
 
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, on_token=None,
