@@ -399,14 +399,28 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], prompts: list[list[int]], batch_size: int,
-            max_seq_len: int, max_new_tokens: int, jsonl: bool, cache_options: dict, **generating) -> None:
+def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], batch_size: int, max_seq_len: int | None,
+            max_new_tokens: int, jsonl: bool, no_chat: bool, seed: int | None, cache_options: dict,
+            **generating) -> None:
     """Several prompts through batch_size cache rows, a finished prompt's row taking the next: each completion
     printed as it finishes (with jsonl, a JSON object with its 0-based index, prompt and completion; else
-    "index: completion"), then one stats line."""
+    "index: completion"), then one stats line. max_seq_len None: the longest prompt's and max_new_tokens."""
     device = model.output.weight.device
+    prompts = [tokenizer.encode_prompt(text, chat=not no_chat) for text in texts]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    max_seq_len = max_seq_len or len(prompts[longest]) + max_new_tokens
+    if len(prompts[longest]) + max_new_tokens > max_seq_len:
+        raise BadInput(f"prompt {longest} is {len(prompts[longest])} tokens, which leaves no room for "
+                       f"--max-new-tokens {max_new_tokens} within --max-seq-len {max_seq_len}")
     rows = min(batch_size, len(prompts))
     gate = cache_options.get("gate")
+    if gate is None and dense_bytes(model, max_seq_len, rows) > available_memory(device):
+        raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions needs "
+                       f"{dense_bytes(model, max_seq_len, rows) / 2**30:.1f} GiB of KV cache, more than the "
+                       f"{available_memory(device) / 2**30:.1f} GiB free: lower --batch-size or --max-seq-len")
+    if seed is not None:
+        torch.manual_seed(seed)
+    say_sampling(generating)
     try:
         kv_bytes, evictor = setup_caches(model, max_seq_len, batch_size=rows, **cache_options)
     except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -445,14 +459,19 @@ def sampling_settings(checkpoint: Path, **flags) -> dict:
     return {name: flags[name] if flags.get(name) is not None else value for name, value in defaults.items()}
 
 
-def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, prompt_file: str | None = None,
-         prompts_file: str | None = None, batch_size: int = 8, jsonl: bool = False,
-         no_chat: bool = False, max_new_tokens: int = 200, temperature: float | None = None, top_k: int | None = None,
-         top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
-         max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
-         threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
-         page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], attn_backend: str = "auto",
-         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, interactive: bool = False) -> None:
+def say_sampling(generating: dict) -> None:
+    """The sampling settings on stderr, said once the input is known good (bad input gets one line, the error's)."""
+    print("sampling: " + ("greedy" if generating["temperature"] == 0 else
+                          "temperature {temperature}, top-k {top_k}, top-p {top_p}".format(**generating))
+          + f", repetition penalty {generating['repetition_penalty']}", file=sys.stderr)
+
+
+def validate(*, device: str, dtype: str, max_new_tokens: int, temperature: float | None, top_k: int | None,
+             top_p: float | None, repetition_penalty: float | None, max_seq_len: int | None, prefill_chunk: int,
+             batch_size: int, prompt: str | list[str] | None, prompt_file: str | None, prompts_file: str | None,
+             no_chat: bool, interactive: bool) -> None:
+    """Every check of the arguments that needs neither a file nor the model: the first bad one raises BadInput,
+    one line. (A flag None was not given: its default comes later.)"""
     if device not in ("cpu", "cuda"):
         raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
     if device == "cuda" and not torch.cuda.is_available():
@@ -468,11 +487,17 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
                        "--prompts-file or --no-chat")
     if batch_size < 1:
         raise BadInput("need --batch-size >= 1")
-    texts = None                        # several prompts: decoded in batches
+    for i, text in enumerate(prompt if isinstance(prompt, list) else []):
+        if not text.strip():
+            raise BadInput("the prompt is empty" if len(prompt) == 1 else f"the prompt of --prompt number {i + 1} is empty")
+
+
+def read_input(prompt: str | list[str] | None, prompt_file: str | None, prompts_file: str | None,
+               jsonl: bool) -> tuple[str, list[str] | None]:
+    """The prompt (default: DEFAULT_PROMPT) and, for several (--prompt more than once, --prompts-file, --jsonl),
+    their texts, to be decoded in batches (else None); a file that cannot be read, or is empty, is BadInput."""
+    texts = None
     if isinstance(prompt, list):
-        for i, text in enumerate(prompt):
-            if not text.strip():
-                raise BadInput("the prompt is empty" if len(prompt) == 1 else f"the prompt of --prompt number {i + 1} is empty")
         texts, prompt = (prompt, None) if len(prompt) > 1 or jsonl else (None, prompt[0])
     if prompts_file is not None:
         texts = read_prompts(prompts_file)
@@ -486,6 +511,73 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     if not prompt.strip():
         raise BadInput("the prompt is empty")
+    if texts is None and jsonl:   # a JSON line for one prompt too
+        texts = [prompt]
+    return prompt, texts
+
+
+def run_chat(model: Transformer, tokenizer: Tokenizer, checkpoint, max_seq_len: int | None, max_new_tokens: int,
+             seed: int | None, cache_options: dict, **generating) -> None:
+    """--interactive: a conversation on stdin and stdout (chat), then the cache's statistics on stderr."""
+    if tokenizer.chat_template is None:
+        raise BadInput(f"--interactive needs a chat template, and {checkpoint} has none")
+    max_seq_len = max_seq_len or DEFAULT_CHAT_LEN
+    _, evictor = setup_caches(model, max_seq_len, **cache_options)
+    if seed is not None:
+        torch.manual_seed(seed)
+    say_sampling(generating)
+    chat(model, tokenizer, sys.stdin, max_seq_len, max_new_tokens, evictor=evictor, **generating)
+    if cache_options["gate"] is not None:
+        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+
+
+def run_prompt(model: Transformer, tokenizer: Tokenizer, prompt: str, no_chat: bool, max_seq_len: int | None,
+               max_new_tokens: int, seed: int | None, compile: bool, cache_options: dict, **generating) -> None:
+    """One prompt: its completion streamed to stdout as it is decoded, then the statistics on stderr. With compile,
+    a throwaway run first compiles the decode step, so that compilation is timed apart."""
+    prompt_ids = tokenizer.encode_prompt(prompt, chat=not no_chat)
+    T = len(prompt_ids)
+    max_seq_len = max_seq_len or T + max_new_tokens
+    if T >= max_seq_len:
+        raise BadInput(f"the prompt is {T} tokens, which leaves no room to generate within --max-seq-len {max_seq_len}")
+    if T + max_new_tokens > max_seq_len:
+        max_new_tokens = max_seq_len - T
+        print(f"--max-seq-len {max_seq_len} leaves room for {max_new_tokens} new tokens", file=sys.stderr)
+    kv_bytes, evictor = setup_caches(model, max_seq_len, **cache_options)
+    say_sampling(generating)
+    if compile:
+        # The same prompt (and on a GPU the CUDA graph's recording); the real run's prefill starts the caches afresh.
+        t0 = time.perf_counter()
+        generate(model, prompt_ids, min(3, max_new_tokens), **generating)
+        print(f"compile and warm-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if seed is not None:   # after the warm-up, so that --compile draws the same samples as eager
+        torch.manual_seed(seed)
+    stream = StreamDecoder(tokenizer)
+    new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, evictor=evictor,
+                      on_token=lambda i: print(stream.push(i), end="", flush=True), **generating)
+    print(stream.flush(), flush=True)
+
+    device = model.output.weight.device
+    decode = f"{t.decode_steps / t.decode_s:.1f} tok/s ({t.decode_steps} steps)" if t.decode_steps else "no steps"
+    print(f"prompt tokens: {T} | prefill: {t.prefill_s:.3f} s, {T / t.prefill_s:.1f} tok/s | new tokens: {len(new)} "
+          f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(device)}", file=sys.stderr)
+    if cache_options["gate"] is not None:
+        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+
+
+def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, prompt_file: str | None = None,
+         prompts_file: str | None = None, batch_size: int = 8, jsonl: bool = False,
+         no_chat: bool = False, max_new_tokens: int = 200, temperature: float | None = None, top_k: int | None = None,
+         top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
+         max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
+         threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
+         page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], attn_backend: str = "auto",
+         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, interactive: bool = False) -> None:
+    validate(device=device, dtype=dtype, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+             top_p=top_p, repetition_penalty=repetition_penalty, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+             batch_size=batch_size, prompt=prompt, prompt_file=prompt_file, prompts_file=prompts_file, no_chat=no_chat,
+             interactive=interactive)
+    prompt, texts = read_input(prompt, prompt_file, prompts_file, jsonl)
     if checkpoint is None:
         from convert_gguf import ensure_default_checkpoint
         checkpoint = ensure_default_checkpoint()
@@ -495,86 +587,18 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
     model, tokenizer = load(checkpoint, device, DTYPES[dtype])
     sampling = sampling_settings(checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty)
-    # Said once the input is known good (bad input gets one line, the error's).
-    say_sampling = lambda: print("sampling: " + ("greedy" if sampling["temperature"] == 0 else  # noqa: E731
-                                 "temperature {temperature}, top-k {top_k}, top-p {top_p}".format(**sampling))
-                                 + f", repetition penalty {sampling['repetition_penalty']}", file=sys.stderr)
+    generating = dict(**sampling, prefill_chunk=prefill_chunk,
+                      decode_step=compile_decode_step(device) if compile else decode_one_token)
+    cache_options = dict(gate=gate, window=window, threshold=threshold, global_capacity=global_capacity,
+                         kv_budget=kv_budget, page_size=page_size, evict=evict, backend=attn_backend)
     if interactive:
-        if tokenizer.chat_template is None:
-            raise BadInput(f"--interactive needs a chat template, and {checkpoint} has none")
-        max_seq_len = max_seq_len or DEFAULT_CHAT_LEN
-        kv_bytes, evictor = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
-                                         global_capacity=global_capacity, kv_budget=kv_budget, page_size=page_size,
-                                         evict=evict, backend=attn_backend)
-        if seed is not None:
-            torch.manual_seed(seed)
-        say_sampling()
-        chat(model, tokenizer, sys.stdin, max_seq_len, max_new_tokens, **sampling, prefill_chunk=prefill_chunk,
-             evictor=evictor,
-             decode_step=compile_decode_step(device) if compile else decode_one_token)
-        if gate is not None:
-            print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
-        return
-    if texts is not None or jsonl:
-        texts = texts or [prompt]
-        prompts = [tokenizer.encode_prompt(text, chat=not no_chat) for text in texts]
-        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-        max_seq_len = max_seq_len or len(prompts[longest]) + max_new_tokens
-        if len(prompts[longest]) + max_new_tokens > max_seq_len:
-            raise BadInput(f"prompt {longest} is {len(prompts[longest])} tokens, which leaves no room for "
-                           f"--max-new-tokens {max_new_tokens} within --max-seq-len {max_seq_len}")
-        rows = min(batch_size, len(prompts))
-        if gate is None and dense_bytes(model, max_seq_len, rows) > available_memory(model.output.weight.device):
-            raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions needs "
-                           f"{dense_bytes(model, max_seq_len, rows) / 2**30:.1f} GiB of KV cache, more than the "
-                           f"{available_memory(model.output.weight.device) / 2**30:.1f} GiB free: lower "
-                           f"--batch-size or --max-seq-len")
-        if seed is not None:
-            torch.manual_seed(seed)
-        say_sampling()
-        cache_options = dict(gate=gate, window=window, threshold=threshold, global_capacity=global_capacity,
-                             kv_budget=kv_budget, page_size=page_size, evict=evict, backend=attn_backend)
-        batches(model, tokenizer, texts, prompts, batch_size, max_seq_len, max_new_tokens, jsonl, cache_options,
-                **sampling, prefill_chunk=prefill_chunk,
-                decode_step=compile_decode_step(device) if compile else decode_one_token)
-        return
-    prompt_ids = tokenizer.encode_prompt(prompt, chat=not no_chat)
-    T = len(prompt_ids)
-    max_seq_len = max_seq_len or T + max_new_tokens
-    if T >= max_seq_len:
-        raise BadInput(f"the prompt is {T} tokens, which leaves no room to generate within --max-seq-len {max_seq_len}")
-    if T + max_new_tokens > max_seq_len:
-        max_new_tokens = max_seq_len - T
-        print(f"--max-seq-len {max_seq_len} leaves room for {max_new_tokens} new tokens", file=sys.stderr)
-    kv_bytes, evictor = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
-                                     global_capacity=global_capacity, kv_budget=kv_budget, page_size=page_size,
-                                     evict=evict, backend=attn_backend)
-    say_sampling()
-
-    decode_step = decode_one_token
-    if compile:
-        decode_step = compile_decode_step(device)
-        # A throwaway run on the same prompt compiles the step (and records the CUDA graph), so that
-        # compilation is timed apart; the real run's prefill starts the caches afresh.
-        t0 = time.perf_counter()
-        generate(model, prompt_ids, min(3, max_new_tokens), decode_step=decode_step, prefill_chunk=prefill_chunk,
-                 **sampling)
-        print(f"compile and warm-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-    if seed is not None:   # after the warm-up, so that --compile draws the same samples as eager
-        torch.manual_seed(seed)
-    stream = StreamDecoder(tokenizer)
-    new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, decode_step=decode_step,
-                      evictor=evictor, prefill_chunk=prefill_chunk,
-                      on_token=lambda i: print(stream.push(i), end="", flush=True), **sampling)
-    print(stream.flush(), flush=True)
-
-    decode = f"{t.decode_steps / t.decode_s:.1f} tok/s ({t.decode_steps} steps)" if t.decode_steps else "no steps"
-    print(f"prompt tokens: {T} | prefill: {t.prefill_s:.3f} s, {T / t.prefill_s:.1f} tok/s | new tokens: {len(new)} "
-          f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(model.output.weight.device)}",
-          file=sys.stderr)
-    if gate is not None:
-        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+        run_chat(model, tokenizer, checkpoint, max_seq_len, max_new_tokens, seed, cache_options, **generating)
+    elif texts is not None:
+        batches(model, tokenizer, texts, batch_size, max_seq_len, max_new_tokens, jsonl, no_chat, seed,
+                cache_options, **generating)
+    else:
+        run_prompt(model, tokenizer, prompt, no_chat, max_seq_len, max_new_tokens, seed, compile, cache_options,
+                   **generating)
 
 
 class ArgumentParser(argparse.ArgumentParser):
