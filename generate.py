@@ -471,22 +471,27 @@ def validate(*, device: str, dtype: str, max_new_tokens: int, temperature: float
              batch_size: int, prompt: str | list[str] | None, prompt_file: str | None, prompts_file: str | None,
              no_chat: bool, interactive: bool) -> None:
     """Every check of the arguments that needs neither a file nor the model: the first bad one raises BadInput,
-    one line. (A flag None was not given: its default comes later.)"""
+    one line naming the flag. (A flag None was not given: its default comes later.)"""
     if device not in ("cpu", "cuda"):
         raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda, but CUDA is not available on this machine")
     if dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
-    if max_new_tokens < 1 or (temperature or 0) < 0 or (top_k or 0) < 0 or not 0 < (top_p or 1) <= 1 \
-            or (repetition_penalty or 1) <= 0 or (max_seq_len or 1) < 1 or prefill_chunk < 0:
-        raise BadInput("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, "
-                       "--repetition-penalty > 0, --max-seq-len >= 1, --prefill-chunk >= 0")
+    for flag, value, within, rule in (
+            ("--max-new-tokens", max_new_tokens, lambda v: v >= 1, ">= 1"),
+            ("--temperature", temperature, lambda v: v >= 0, ">= 0 (0 is greedy)"),
+            ("--top-k", top_k, lambda v: v >= 0, ">= 0 (0 keeps all tokens)"),
+            ("--top-p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 keeps all tokens)"),
+            ("--repetition-penalty", repetition_penalty, lambda v: v > 0, "> 0 (1 is none)"),
+            ("--max-seq-len", max_seq_len, lambda v: v >= 1, ">= 1"),
+            ("--prefill-chunk", prefill_chunk, lambda v: v >= 0, ">= 0 (0: all at once)"),
+            ("--batch-size", batch_size, lambda v: v >= 1, ">= 1")):
+        if value is not None and not within(value):   # not `v < low`, which a NaN passes
+            raise BadInput(f"need {flag} {rule}, got {value}")
     if interactive and (prompt is not None or prompt_file is not None or prompts_file is not None or no_chat):
         raise BadInput("--interactive reads the turns from stdin: it takes no --prompt, --prompt-file, "
                        "--prompts-file or --no-chat")
-    if batch_size < 1:
-        raise BadInput("need --batch-size >= 1")
     for i, text in enumerate(prompt if isinstance(prompt, list) else []):
         if not text.strip():
             raise BadInput("the prompt is empty" if len(prompt) == 1 else f"the prompt of --prompt number {i + 1} is empty")
