@@ -35,6 +35,7 @@ import pydoc_data.topics
 import torch
 
 import generate
+from convert_gguf import checkpoint_or_default
 from generate import RunStats
 from gate import admission_stats, build_caches, install
 from model import CheckpointError
@@ -163,8 +164,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None, kv_budget: str | None,
                    threads: int) -> None:
     """--memory: peak RSS and allocated KV bytes of whole generate.py processes, dense against gated."""
-    from convert_gguf import ensure_default_checkpoint
-    tokenizer = generate.load(checkpoint or ensure_default_checkpoint())[1]
+    tokenizer = generate.load(checkpoint_or_default(checkpoint))[1]
     script = str(Path(__file__).resolve().with_name("generate.py"))
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     gated = (["--gate", gate] if gate else []) + (["--kv-budget", kv_budget] if kv_budget else [])
@@ -204,8 +204,7 @@ def batch_throughput(checkpoint: str | None, systems: list[str], batch_sizes: li
                      new_tokens: int, gate: str | None, kv_budget: str | None) -> None:
     """--batch-sizes: decode tokens/s over all rows against the batch size, each system at each context. The
     rows' prompts differ in length by a token each (C, C - 1, ...), so every batch is a ragged one."""
-    from convert_gguf import ensure_default_checkpoint
-    model, tokenizer = generate.load(checkpoint or ensure_default_checkpoint())
+    model, tokenizer = generate.load(checkpoint_or_default(checkpoint))
     ours = [s for s in systems if s != "transformers"]
     results = {}
     for name in ours:
@@ -326,9 +325,7 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
         batch_throughput(checkpoint, systems, batch_sizes, contexts, new_tokens, gate, kv_budget)
         return
     gate = gate or "random:0.2"
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = ensure_default_checkpoint()
+    checkpoint = checkpoint_or_default(checkpoint)
     compile_rows = compile_times(checkpoint, systems, gate, contexts, new_tokens, threads) if compile_time else {}
     model, tokenizer = generate.load(checkpoint)
     rows, results = speeds(checkpoint, model, tokenizer, systems, prefill, contexts, new_tokens, repeats, gate,
@@ -368,9 +365,8 @@ if __name__ == "__main__":
         args = vars(parser.parse_args())
         child = args.pop("compile_child")
         if child:
-            from convert_gguf import ensure_default_checkpoint
             torch.set_num_threads(args["threads"] or torch.get_num_threads())
-            compile_child(args["checkpoint"] or ensure_default_checkpoint(), child, args["gate"] or "random:0.2",
+            compile_child(checkpoint_or_default(args["checkpoint"]), child, args["gate"] or "random:0.2",
                           args["contexts"])
         else:
             main(**args)

@@ -55,6 +55,7 @@ from torch import Tensor
 
 import kernels
 from cache import DenseCache, Eviction, WriteGatedCache, allocated_bytes, pages_for, prompt_snapkv_scores, resolve_backend
+from convert_gguf import checkpoint_or_default
 from data import DataError, chat_prefix, make_samples, read_documents
 from gate import (DEFAULT_PAGE_SIZE, DEFAULT_WINDOW, SNAPKV_OBSERVE, Budget, ConstantGate, build_caches, check_fits,
                   install, load_gates, parse_budget)
@@ -807,9 +808,7 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if threads:
         torch.set_num_threads(threads)
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = str(ensure_default_checkpoint())
+    checkpoint = str(checkpoint_or_default(checkpoint))
     model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
     tok = Tokenizer(checkpoint)
     gate_meta, window = gate_files(model, gates_dir, gate, window, quick)

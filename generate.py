@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from cache import Eviction, one_row, summed_counts
+from convert_gguf import checkpoint_or_default
 from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, build_caches, format_stats
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
@@ -583,11 +584,10 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
              batch_size=batch_size, prompt=prompt, prompt_file=prompt_file, prompts_file=prompts_file, no_chat=no_chat,
              interactive=interactive)
     prompt, texts = read_input(prompt, prompt_file, prompts_file, jsonl)
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = ensure_default_checkpoint()
-        gate = str(DEFAULT_GATE) if gate is None else gate
+    if checkpoint is None and gate is None:   # the embedded model runs with its gate
+        gate = str(DEFAULT_GATE)
     gate = None if gate == "dense" else gate
+    checkpoint = checkpoint_or_default(checkpoint)
 
     model, tokenizer = load(checkpoint, device, DTYPES[dtype])
     sampling = sampling_settings(checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from convert_gguf import checkpoint_or_default
 from data import DataError, chat_prefix, make_retrieval_samples, make_samples, read_documents
 from gate import WriteGate, check_fits, load_gates, save_gates
 from model import CheckpointError, Transformer
@@ -290,9 +291,7 @@ def record_admission(path: str, checkpoint: str | None, data: str | None, seq_le
         training.setdefault("threshold", metadata.get("threshold", TRAJECTORY["threshold"]))
         training["commands"] = training.get("commands", []) + [command_line()]
         metadata = metadata | {"threshold": threshold, "training": training}
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = str(ensure_default_checkpoint())
+    checkpoint = str(checkpoint_or_default(checkpoint))
     seq_len = seq_len or training.get("seq_len") or TRAJECTORY["seq_len"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Transformer.from_pretrained(checkpoint, dtype=torch.float32, device=device)
@@ -387,9 +386,7 @@ def run_settings(run: Path, given: dict, resume: bool) -> tuple[dict | None, dic
     if (run / "checkpoint.pt").exists():
         raise TrainError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
     args = TRAJECTORY | given
-    if args["checkpoint"] is None:
-        from convert_gguf import ensure_default_checkpoint
-        args["checkpoint"] = str(ensure_default_checkpoint())
+    args["checkpoint"] = str(checkpoint_or_default(args["checkpoint"]))
     args["out"] = str(run)
     return None, args
 
