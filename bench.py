@@ -37,7 +37,7 @@ import torch
 import generate
 from convert_gguf import checkpoint_or_default
 from generate import RunStats
-from gate import admission_stats, build_caches, install
+from gate import admission_stats, build_caches, dense_bytes, install
 from model import CheckpointError
 
 
@@ -82,8 +82,7 @@ class Ours:
         if self.gate is not None:
             self.kv_held = admission_stats(self.model)["bytes_in_use"]
         else:
-            c, written = self.model.config, timings.prompt_tokens + timings.decode_steps
-            self.kv_held = written * c.n_layers * c.n_kv_heads * self.model.layers[0].attention.cache.bytes_per_token()
+            self.kv_held = dense_bytes(self.model, timings.prompt_tokens + timings.decode_steps)
         return timings
 
 

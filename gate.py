@@ -371,8 +371,8 @@ def pool_pages(budget: Budget | None, *, n_layers: int, batch_size: int, n_kv_he
     elif budget.kind == "bytes":
         pages = int(budget.value // per_page)
     else:
-        dense_bytes = n_layers * heads * dense_tokens * 2 * head_dim * element_size
-        pages = int(budget.value / 100 * dense_bytes // per_page)
+        dense = n_layers * heads * dense_tokens * 2 * head_dim * element_size             # dense_bytes, from the shape
+        pages = int(budget.value / 100 * dense // per_page)
     return min(pages, full), f"--kv-budget {budget}"
 
 
@@ -415,6 +415,13 @@ def build_caches(model: Transformer, max_seq_len: int, *, batch_size: int = 1,
     setup = setup_write_gated(model, gate, batch_size=batch_size, max_seq_len=max_seq_len, dtype=w.dtype,
                               device=w.device, **gated)
     return CacheSetup(allocated_bytes(caches()), setup.evictor, setup)
+
+
+def dense_bytes(model: Transformer, tokens: int, batch_size: int = 1) -> int:
+    """What DenseCache holds for `tokens` positions of every layer and batch row (K and V, in the model's dtype),
+    without allocating it: the dense cache a write-gated one is compared with."""
+    c = model.config
+    return 2 * c.n_layers * batch_size * c.n_kv_heads * tokens * c.head_dim * model.output.weight.element_size()
 
 
 def setup_write_gated(model: Transformer, gate: str | list[nn.Module], *, batch_size: int, max_seq_len: int,

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from cache import Eviction, one_row, summed_counts
 from convert_gguf import checkpoint_or_default
-from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, build_caches, format_stats
+from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, build_caches, dense_bytes, format_stats
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -70,12 +70,6 @@ def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate
               f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
               f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}", file=sys.stderr)
     return built.allocated, built.evictor
-
-
-def dense_bytes(model: Transformer, max_seq_len: int, batch_size: int = 1) -> int:
-    """What DenseCache allocates for max_seq_len positions, without allocating it."""
-    c = model.config
-    return 2 * c.n_layers * batch_size * c.n_kv_heads * max_seq_len * c.head_dim * model.output.weight.element_size()
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, seen: Tensor | None = None,
