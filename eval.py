@@ -53,7 +53,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
 from cache import DenseCache, Eviction, WriteGatedCache, allocated_bytes, pages_for, prompt_snapkv_scores, resolve_backend
 from convert_gguf import checkpoint_or_default
 from data import DataError, chat_prefix, make_samples, read_documents
