@@ -394,52 +394,6 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], batch_size: int, max_seq_len: int | None,
-            max_new_tokens: int, jsonl: bool, no_chat: bool, seed: int | None, cache_options: dict,
-            **generating) -> None:
-    """Several prompts through batch_size cache rows, a finished prompt's row taking the next: each completion
-    printed as it finishes (with jsonl, a JSON object with its 0-based index, prompt and completion; else
-    "index: completion"), then one stats line. max_seq_len None: the longest prompt's and max_new_tokens."""
-    device = model.output.weight.device
-    prompts = [tokenizer.encode_prompt(text, chat=not no_chat) for text in texts]
-    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    max_seq_len = max_seq_len or len(prompts[longest]) + max_new_tokens
-    if len(prompts[longest]) + max_new_tokens > max_seq_len:
-        raise BadInput(f"prompt {longest} is {len(prompts[longest])} tokens, which leaves no room for "
-                       f"--max-new-tokens {max_new_tokens} within --max-seq-len {max_seq_len}")
-    rows = min(batch_size, len(prompts))
-    gate = cache_options.get("gate")
-    if gate is None and dense_bytes(model, max_seq_len, rows) > available_memory(device):
-        raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions needs "
-                       f"{dense_bytes(model, max_seq_len, rows) / 2**30:.1f} GiB of KV cache, more than the "
-                       f"{available_memory(device) / 2**30:.1f} GiB free: lower --batch-size or --max-seq-len")
-    if seed is not None:
-        torch.manual_seed(seed)
-    say_sampling(generating)
-    try:
-        kv_bytes, evictor = setup_caches(model, max_seq_len, batch_size=rows, **cache_options)
-    except (RuntimeError, torch.OutOfMemoryError) as e:
-        raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions does not fit in memory "
-                       f"({str(e).splitlines()[0]}): lower --batch-size or --max-seq-len") from None
-
-    def done(index: int, ids: list[int]) -> None:
-        completion = tokenizer.decode(ids)
-        line = json.dumps({"index": index, "prompt": texts[index], "completion": completion}, ensure_ascii=False) \
-            if jsonl else f"{index}: {completion}"
-        print(line, flush=True)
-
-    new, t = generate_rows(model, prompts, max_new_tokens, rows=rows, stop_ids=tokenizer.stop_ids, on_done=done,
-                           evictor=evictor, **generating)
-    decode = (f"{t.decoded / t.decode_s:.1f} tok/s over {t.rows} rows ({t.decoded} tokens in {t.decode_steps} steps)"
-              if t.decode_steps else "no steps")
-    print(f"{len(prompts)} prompts: prompt tokens {t.prompt_tokens} | prefill: {t.prefill_s:.3f} s | new tokens: "
-          f"{sum(map(len, new))} | decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: "
-          f"{peak_memory(device)}", file=sys.stderr)
-    if gate is not None:
-        print(f"all {len(prompts)} prompts, each as it finished: " + format_stats(
-            admission_stats(model, t.counts), dense_bytes(model, max_seq_len, rows), evictor), file=sys.stderr)
-
-
 def sampling_settings(checkpoint: Path, **flags) -> dict:
     """temperature, top_k, top_p and repetition_penalty: each flag that was given (not None), else the
     checkpoint's generation_config.json as transformers reads it (do_sample false or absent: greedy; do_sample
@@ -529,6 +483,52 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, checkpoint, max_seq_len: 
     chat(model, tokenizer, sys.stdin, max_seq_len, max_new_tokens, evictor=evictor, **generating)
     if cache_options["gate"] is not None:
         print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+
+
+def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], batch_size: int, max_seq_len: int | None,
+            max_new_tokens: int, jsonl: bool, no_chat: bool, seed: int | None, cache_options: dict,
+            **generating) -> None:
+    """Several prompts through batch_size cache rows, a finished prompt's row taking the next: each completion
+    printed as it finishes (with jsonl, a JSON object with its 0-based index, prompt and completion; else
+    "index: completion"), then one stats line. max_seq_len None: the longest prompt's and max_new_tokens."""
+    device = model.output.weight.device
+    prompts = [tokenizer.encode_prompt(text, chat=not no_chat) for text in texts]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    max_seq_len = max_seq_len or len(prompts[longest]) + max_new_tokens
+    if len(prompts[longest]) + max_new_tokens > max_seq_len:
+        raise BadInput(f"prompt {longest} is {len(prompts[longest])} tokens, which leaves no room for "
+                       f"--max-new-tokens {max_new_tokens} within --max-seq-len {max_seq_len}")
+    rows = min(batch_size, len(prompts))
+    gate = cache_options.get("gate")
+    if gate is None and dense_bytes(model, max_seq_len, rows) > available_memory(device):
+        raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions needs "
+                       f"{dense_bytes(model, max_seq_len, rows) / 2**30:.1f} GiB of KV cache, more than the "
+                       f"{available_memory(device) / 2**30:.1f} GiB free: lower --batch-size or --max-seq-len")
+    if seed is not None:
+        torch.manual_seed(seed)
+    say_sampling(generating)
+    try:
+        kv_bytes, evictor = setup_caches(model, max_seq_len, batch_size=rows, **cache_options)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions does not fit in memory "
+                       f"({str(e).splitlines()[0]}): lower --batch-size or --max-seq-len") from None
+
+    def done(index: int, ids: list[int]) -> None:
+        completion = tokenizer.decode(ids)
+        line = json.dumps({"index": index, "prompt": texts[index], "completion": completion}, ensure_ascii=False) \
+            if jsonl else f"{index}: {completion}"
+        print(line, flush=True)
+
+    new, t = generate_rows(model, prompts, max_new_tokens, rows=rows, stop_ids=tokenizer.stop_ids, on_done=done,
+                           evictor=evictor, **generating)
+    decode = (f"{t.decoded / t.decode_s:.1f} tok/s over {t.rows} rows ({t.decoded} tokens in {t.decode_steps} steps)"
+              if t.decode_steps else "no steps")
+    print(f"{len(prompts)} prompts: prompt tokens {t.prompt_tokens} | prefill: {t.prefill_s:.3f} s | new tokens: "
+          f"{sum(map(len, new))} | decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: "
+          f"{peak_memory(device)}", file=sys.stderr)
+    if gate is not None:
+        print(f"all {len(prompts)} prompts, each as it finished: " + format_stats(
+            admission_stats(model, t.counts), dense_bytes(model, max_seq_len, rows), evictor), file=sys.stderr)
 
 
 def run_prompt(model: Transformer, tokenizer: Tokenizer, prompt: str, no_chat: bool, max_seq_len: int | None,
