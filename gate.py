@@ -5,7 +5,8 @@
 
 Also here: the gate file (safetensors with the authors' tensor names and shapes, metadata in the
 header; their .pt files load too), the baseline policies (full, none, random:P, sink:N) that stand in
-for a learned gate, and the one-call setup of gates and write-gated caches in a model.
+for a learned gate, and build_caches, the one place every caller's caches are built (dense, or gates
+and write-gated caches on one page pool).
 
     python gate.py FILE      # prints a gate file's metadata and shapes
 """
