@@ -35,8 +35,9 @@ import pydoc_data.topics
 import torch
 
 import generate
+from convert_gguf import checkpoint_or_default
 from generate import RunStats
-from gate import admission_stats, install
+from gate import admission_stats, build_caches, dense_bytes, install
 from model import CheckpointError
 
 
@@ -68,7 +69,7 @@ class Ours:
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> RunStats:
         if max_seq_len not in self.caches:
             gated = dict(kv_budget=self.kv_budget, backend="torch") if self.gate is not None else {}
-            _, evictor = generate.setup_caches(self.model, max_seq_len, gate=self.gate, **gated)
+            evictor = build_caches(self.model, max_seq_len, gate=self.gate, **gated).evictor
             self.caches[max_seq_len] = ([layer.attention.cache for layer in self.model.layers],
                                         [layer.attention.gate for layer in self.model.layers], evictor)
         caches, gates, evictor = self.caches[max_seq_len]
@@ -81,8 +82,7 @@ class Ours:
         if self.gate is not None:
             self.kv_held = admission_stats(self.model)["bytes_in_use"]
         else:
-            c, written = self.model.config, timings.prompt_tokens + timings.decode_steps
-            self.kv_held = written * c.n_layers * c.n_kv_heads * self.model.layers[0].attention.cache.bytes_per_token()
+            self.kv_held = dense_bytes(self.model, timings.prompt_tokens + timings.decode_steps)
         return timings
 
 
@@ -145,7 +145,7 @@ def compile_child(checkpoint: str, system: str, gate: str, sizes: list[int]) -> 
     runner = Ours(model, compiled=True, gate=gate if system == "gated-compiled" else None)
     runner.prefill_step = generate.prefill   # the decode step alone is timed
     for size in sizes:
-        generate.setup_caches(model, size, gate=runner.gate, backend="torch")
+        build_caches(model, size, gate=runner.gate, backend="torch")
         token = generate.prefill(model, torch.tensor([prompt_ids(tokenizer, 64)]), 0.0, 0, 1.0)
         t0 = time.perf_counter()
         runner.decode_step(model, token, torch.tensor([64]), 0.0, 0, 1.0)
@@ -163,8 +163,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 def process_memory(checkpoint: str | None, contexts: list[int], gate: str | None, kv_budget: str | None,
                    threads: int) -> None:
     """--memory: peak RSS and allocated KV bytes of whole generate.py processes, dense against gated."""
-    from convert_gguf import ensure_default_checkpoint
-    tokenizer = generate.load(checkpoint or ensure_default_checkpoint())[1]
+    tokenizer = generate.load(checkpoint_or_default(checkpoint))[1]
     script = str(Path(__file__).resolve().with_name("generate.py"))
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     gated = (["--gate", gate] if gate else []) + (["--kv-budget", kv_budget] if kv_budget else [])
@@ -204,8 +203,7 @@ def batch_throughput(checkpoint: str | None, systems: list[str], batch_sizes: li
                      new_tokens: int, gate: str | None, kv_budget: str | None) -> None:
     """--batch-sizes: decode tokens/s over all rows against the batch size, each system at each context. The
     rows' prompts differ in length by a token each (C, C - 1, ...), so every batch is a ragged one."""
-    from convert_gguf import ensure_default_checkpoint
-    model, tokenizer = generate.load(checkpoint or ensure_default_checkpoint())
+    model, tokenizer = generate.load(checkpoint_or_default(checkpoint))
     ours = [s for s in systems if s != "transformers"]
     results = {}
     for name in ours:
@@ -214,7 +212,7 @@ def batch_throughput(checkpoint: str | None, systems: list[str], batch_sizes: li
         for c in contexts:
             for b in batch_sizes:
                 options = dict(gate=gate or "random:0.2", kv_budget=kv_budget, backend="torch") if gated else {}
-                _, evictor = generate.setup_caches(model, c + new_tokens, batch_size=b, **options)
+                evictor = build_caches(model, c + new_tokens, batch_size=b, **options).evictor
                 prompts = [prompt_ids(tokenizer, c - i) for i in range(b)]
                 generate.generate_rows(model, [p[:64] for p in prompts], 4, decode_step=step)    # warm-up, compiles
                 t0 = time.perf_counter()
@@ -234,23 +232,12 @@ def batch_throughput(checkpoint: str | None, systems: list[str], batch_sizes: li
             print(f"| {name} | {c} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
 
 
-def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
-         systems=("transformers", "eager", "compiled"), threads=0, gate=None, kv_budget=None, compile_time=False,
-         memory=None, batch_sizes=None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-    if memory:
-        process_memory(checkpoint, memory, gate, kv_budget, threads)
-        return
-    if batch_sizes:
-        batch_throughput(checkpoint, systems, batch_sizes, contexts, new_tokens, gate, kv_budget)
-        return
-    gate = gate or "random:0.2"
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = ensure_default_checkpoint()
+def compile_times(checkpoint, systems: list[str], gate: str, contexts: list[int], new_tokens: int,
+                  threads: int) -> dict[str, dict[str, float]]:
+    """--compile-time: per compiled system, the seconds its decode step takes to compile, cold, warm and for a
+    second cache size (compile_seconds)."""
     compile_rows = {}
-    for name in [s for s in systems if s.endswith("compiled")] if compile_time else []:
+    for name in [s for s in systems if s.endswith("compiled")]:
         sizes = [contexts[0] + new_tokens, contexts[-1] + 2 * new_tokens]   # two sizes, even with one context
         with tempfile.TemporaryDirectory() as cache_dir:
             cold = compile_seconds(checkpoint, name, gate, sizes, cache_dir, threads)
@@ -258,7 +245,13 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
         compile_rows[name] = {"compile s: cold": cold[0], "compile s: warm (second process)": warm[0],
                               "compile s: a second cache size": cold[1]}
         log(f"{name}: compile {cold[0]:.1f} s cold, {warm[0]:.1f} s warm, {cold[1]:.1f} s for a second cache size")
-    model, tokenizer = generate.load(checkpoint)
+    return compile_rows
+
+
+def speeds(checkpoint, model, tokenizer, systems: list[str], prefill: list[int], contexts: list[int], new_tokens: int,
+           repeats: int, gate: str, kv_budget: str | None) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Each system warmed up at every cache size, then its prefill and decode rates (and the KV bytes a gated
+    system holds), best of `repeats`: the rows measured, and results[system][row]."""
     largest = max([*prefill, *contexts]) + new_tokens
     # A model of its own per system: compiled code guards on the modules it saw, so systems that swapped
     # caches and gates on one shared model would recompile each other's steps while being timed.
@@ -288,16 +281,13 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
                 log(f"{name}: {row} {rate:.1f}")
                 if new > 1 and hasattr(runners[name], "kv_held"):
                     results[name][f"KV MiB held @ {n}"] = runners[name].kv_held / 2**20
+    return list(rows), results
 
-    for name in systems:
-        results[name] |= compile_rows.get(name, {})
-        for c in contexts:
-            if f"decode @ {c} tok/s" in results[name]:
-                results[name][f"decode @ {c} ms/token"] = 1000 / results[name][f"decode @ {c} tok/s"]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())   # a tied head counted once
-    bandwidth = read_bandwidth(threads)
-    floor_ms = 1000 * weights / bandwidth
 
+def print_table(checkpoint, systems: list[str], rows: list[str], results: dict, compile_rows: dict,
+                contexts: list[int], new_tokens: int, repeats: int, gate: str, weights: int, bandwidth: float) -> None:
+    """The markdown table on stdout: every row's value per system, with ours against transformers and each gated
+    system against its dense twin, then the weight-read floor."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     gated = [s for s in systems if s.startswith("gated")]
@@ -317,8 +307,36 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
         cells += [f"{results[a][row] / results[b][row]:.2f}x" if ratio and row in results[a] and row in results[b] else ""
                   for a, b in pairs]
         print(f"| {row} | " + " | ".join(cells) + " |")
+    floor_ms = 1000 * weights / bandwidth
     print(f"\nweight-read floor: {floor_ms:.1f} ms/token ({weights / 1e6:.0f} MB of weights, read at "
           f"{bandwidth / 1e9:.1f} GB/s by a torch sum over 512 MiB with {torch.get_num_threads()} threads)")
+
+
+def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
+         systems=("transformers", "eager", "compiled"), threads=0, gate=None, kv_budget=None, compile_time=False,
+         memory=None, batch_sizes=None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    if memory:
+        process_memory(checkpoint, memory, gate, kv_budget, threads)
+        return
+    if batch_sizes:
+        batch_throughput(checkpoint, systems, batch_sizes, contexts, new_tokens, gate, kv_budget)
+        return
+    gate = gate or "random:0.2"
+    checkpoint = checkpoint_or_default(checkpoint)
+    compile_rows = compile_times(checkpoint, systems, gate, contexts, new_tokens, threads) if compile_time else {}
+    model, tokenizer = generate.load(checkpoint)
+    rows, results = speeds(checkpoint, model, tokenizer, systems, prefill, contexts, new_tokens, repeats, gate,
+                           kv_budget)
+    for name in systems:
+        results[name] |= compile_rows.get(name, {})
+        for c in contexts:
+            if f"decode @ {c} tok/s" in results[name]:
+                results[name][f"decode @ {c} ms/token"] = 1000 / results[name][f"decode @ {c} tok/s"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())   # a tied head counted once
+    print_table(checkpoint, systems, rows, results, compile_rows, contexts, new_tokens, repeats, gate, weights,
+                read_bandwidth(threads))
 
 
 if __name__ == "__main__":
@@ -346,9 +364,8 @@ if __name__ == "__main__":
         args = vars(parser.parse_args())
         child = args.pop("compile_child")
         if child:
-            from convert_gguf import ensure_default_checkpoint
             torch.set_num_threads(args["threads"] or torch.get_num_threads())
-            compile_child(args["checkpoint"] or ensure_default_checkpoint(), child, args["gate"] or "random:0.2",
+            compile_child(checkpoint_or_default(args["checkpoint"]), child, args["gate"] or "random:0.2",
                           args["contexts"])
         else:
             main(**args)

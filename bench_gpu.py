@@ -587,22 +587,20 @@ def bench_end_to_end(s: Sizes, bandwidth, deadline):
 @torch.inference_mode()
 def setup_and_run(model, config, s: Sizes, n, kind, weight_bytes, bandwidth, longest):
     import gate
-    import generate
     dev = s.device
     if kind == "dense":
         gate.install(model, None)
         model.setup_caches(lambda i: None)   # free the last context's caches first
         release(dev, forget_compiled=True)
-        generate.setup_caches(model, n + s.decode_steps + 4)
+        gate.build_caches(model, n + s.decode_steps + 4)
     elif model.layers[0].attention.gate is None:   # the gated caches, made once
         model.setup_caches(lambda i: None)
         release(dev, forget_compiled=True)
         # An unlimited budget: every head's full capacity in the pool, so no head runs out of pages and
         # the gated decode times what the policy admits, not what a budget lets in.
-        gate.setup_write_gated(model, "random:0.25", batch_size=1, max_seq_len=longest + s.decode_steps + 4,
-                               dtype=torch.bfloat16, device=dev, window=s.window, threshold=TAU,
-                               global_capacity=math.ceil(0.3 * longest), kv_budget="unlimited", page_size=s.page,
-                               backend="triton")
+        gate.build_caches(model, longest + s.decode_steps + 4, gate="random:0.25", window=s.window, threshold=TAU,
+                          global_capacity=math.ceil(0.3 * longest), kv_budget="unlimited", page_size=s.page,
+                          backend="triton")
     else:
         release(dev)   # the same caches and compiled step as the last gated context
     return run_end_to_end(model, config, s, n, kind, weight_bytes, bandwidth)

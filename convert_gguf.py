@@ -68,6 +68,12 @@ def ensure_default_checkpoint() -> Path:
     return DEFAULT_CHECKPOINT
 
 
+def checkpoint_or_default(checkpoint: str | Path | None) -> str | Path:
+    """The checkpoint as given (a Hugging Face directory), or for None the embedded SmolLM2-135M-Instruct's
+    (ensure_default_checkpoint): what every command takes when --checkpoint is not given."""
+    return ensure_default_checkpoint() if checkpoint is None else checkpoint
+
+
 def convert(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write the Hugging Face directory out_dir from a llama GGUF file; out_dir must not exist yet."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)

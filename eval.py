@@ -1,6 +1,6 @@
 """Quality against KV memory for every admission policy: perplexity, agreement with dense, passkey retrieval.
 
-    python eval.py --quick                          # a small grid, a few minutes on a CPU
+    python eval.py --quick                          # a quick look, not a result: one gate, a short grid
     python eval.py --out eval.json                  # the full grid (2k/4k/8k), tables on stdout
     python eval.py --gate my-gate.safetensors       # a gate file besides those under gates/ (.pt too)
     python eval.py --lengths 2048 --passkey-lengths 2048 --out 2k.json   # the full grid in pieces, then
@@ -53,12 +53,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
-from cache import (DenseCache, Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, prompt_snapkv_scores,
-                   resolve_backend)
+from cache import DenseCache, Eviction, WriteGatedCache, allocated_bytes, pages_for, prompt_snapkv_scores, resolve_backend
+from convert_gguf import checkpoint_or_default
 from data import DataError, chat_prefix, make_samples, read_documents
-from gate import (DEFAULT_PAGE_SIZE, DEFAULT_THRESHOLD, DEFAULT_WINDOW, ConstantGate, gate_settings, install,
-                  parse_budget, setup_write_gated)
+from gate import (DEFAULT_PAGE_SIZE, DEFAULT_WINDOW, SNAPKV_OBSERVE, Budget, ConstantGate, build_caches, gate_settings,
+                  install, load_gates, parse_budget, parse_policy)
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -67,8 +66,8 @@ from tokenizer import Tokenizer
 # pieces still merge. At 8k SmolLM2-135M misses the passkey even densely (README): those rows measure the model.
 FULL = dict(lengths=[2048, 4096, 8192], docs=2, decode_tokens=128, passkey_lengths=[2048, 4096, 8192],
             depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2, keys=4, budgets=[15, 25, 40])
-QUICK = dict(lengths=[1024], docs=1, decode_tokens=32, passkey_lengths=[1024], depths=[0.0, 0.5], trials=1, keys=3,
-             budgets=[])
+# --quick, a look in a few minutes and not a result: one gate (gate_files), one document, the passkey far back.
+QUICK = dict(lengths=[512], docs=1, decode_tokens=16, passkey_lengths=[512], depths=[0.0], trials=1, keys=0, budgets=[])
 
 
 class EvalError(ValueError):
@@ -271,12 +270,11 @@ class SnapKVCache(WriteGatedCache):
     more than W tokens, so none leaves the ring. The cache holds C + W tokens per head at most.
     """
 
-    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
-                 observe: int = 32, pooling: int = 7):
-        # Pages of one token: the store holds exactly C, the budget matched to the gate's.
-        super().__init__(batch_size, n_kv_heads, head_dim, window, 0.0, capacity, dtype, device, backend, page_size=1)
-        self.snapkv_window, self.pooling = observe, pooling
+    def __init__(self, *args, snapkv_window: int = SNAPKV_OBSERVE, pooling: int = 7, **kwargs):
+        """WriteGatedCache's arguments, with tau = 0 and pages of one token, so that the store holds exactly C (the
+        budget matched to the gate's): gate.build_caches builds it so."""
+        super().__init__(*args, **kwargs)
+        self.snapkv_window, self.pooling = snapkv_window, pooling
 
     def append(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
         """The prompt, in one call (its scores are the prompt's own, so a chunk is refused)."""
@@ -286,7 +284,8 @@ class SnapKVCache(WriteGatedCache):
 
 
 @dataclass
-class Policy:
+class Row:
+    """One row of the tables: its name, and the gates and caches install_policy sets up for it."""
     name: str
     kind: str          # "dense", "gate" (a file), "builtin" (none, sink:N), "random" or "snapkv" (matched to a gate),
                        # "budget" (a gate, or full, on a pool of a share of dense, with an eviction policy)
@@ -295,35 +294,33 @@ class Policy:
     evict: str = "lowest-g"     # what makes room when the pool runs short (gate, budget)
 
 
-def install_policy(model: Transformer, policy: Policy, seq_len: int, window: int, recorded: dict,
-                   dtype: torch.dtype, device: str, backend: str, seed: int) -> Eviction | None:
-    """Gates and caches for one sequence of seq_len positions; returns the Eviction to call between decode
-    steps, if the policy has one. recorded: {gate name: per layer (Hkv, S) admissions}."""
-    c = model.config
-    H, D = c.n_kv_heads, c.head_dim
+def install_policy(model: Transformer, policy: Row, seq_len: int, window: int, recorded: dict, backend: str,
+                   seed: int) -> Eviction | None:
+    """Gates and caches (gate.build_caches) for one sequence of seq_len positions; returns the Eviction to call
+    between decode steps, if the policy has one. recorded: {gate name: per layer (Hkv, S) admissions}."""
     if policy.kind == "dense":
-        install(model, None)
-        model.setup_caches(lambda i: DenseCache(1, H, seq_len, D, dtype, device))
-    elif policy.kind in ("gate", "builtin", "budget"):
-        setup = setup_write_gated(model, policy.spec, batch_size=1, max_seq_len=seq_len, dtype=dtype, device=device,
-                                  window=window, backend=backend, kv_budget=policy.budget, evict=policy.evict)
+        build_caches(model, seq_len)
+        return None
+    if policy.kind in ("gate", "builtin", "budget"):
+        setup = build_caches(model, seq_len, gate=policy.spec, window=window, backend=backend, kv_budget=policy.budget,
+                             evict=policy.evict)
         install(model, [Recorder(layer.attention.gate) for layer in model.layers])
         return setup.evictor
-    elif policy.kind == "random":
+    if policy.kind == "random":
         # A fresh generator: the same gate decisions give the same shuffle in every table.
         generator = torch.Generator().manual_seed(seed)
         tables = [shuffled(a, window, generator) for a in recorded[policy.spec]]                 # per layer (Hkv, S)
-        install(model, [Recorder(TableGate(t)) for t in tables])
         # A pool of exactly the pages its store needs: the gate's bytes, allocated as tightly as they can be.
         old = max(seq_len - window, 0)
-        pool = PagePool(sum(pages_for(int(n), DEFAULT_PAGE_SIZE) for t in tables for n in t[:, :old].sum(-1)),
-                        DEFAULT_PAGE_SIZE, D, dtype, device)
-        model.setup_caches(lambda i: WriteGatedCache(1, H, D, window, DEFAULT_THRESHOLD, max(old, 1),
-                                                     dtype, device, backend, pool=pool))
-    else:
-        capacity = [matched_capacity(a, window) for a in recorded[policy.spec]]
-        install(model, [Recorder(ConstantGate(0.0)) for _ in model.layers])
-        model.setup_caches(lambda i: SnapKVCache(1, H, D, window, capacity[i], dtype, device, backend))
+        pages = sum(pages_for(int(n), DEFAULT_PAGE_SIZE) for t in tables for n in t[:, :old].sum(-1))
+        build_caches(model, seq_len, gate=[Recorder(TableGate(t)) for t in tables], window=window,
+                     global_capacity=max(old, 1), kv_budget=Budget("tokens", pages * DEFAULT_PAGE_SIZE), evict=None,
+                     backend=backend)
+        return None
+    # snapkv: every token admitted (tau 0) and scored by SnapKV, each layer's store as large as the gate's.
+    build_caches(model, seq_len, gate=[Recorder(ConstantGate(0.0)) for _ in model.layers], window=window,
+                 threshold=0.0, global_capacity=[matched_capacity(a, window) for a in recorded[policy.spec]],
+                 kv_budget="unlimited", page_size=1, evict=None, backend=backend, cache=SnapKVCache)
     return None
 
 
@@ -433,26 +430,26 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
 FAMILIES = ("dense", "gate", "random", "snapkv", "none", "sink", "compositions")
 
 
-def family_of(policy: Policy) -> str:
+def family_of(policy: Row) -> str:
     return {"builtin": policy.spec.split(":")[0], "budget": "compositions"}.get(policy.kind, policy.kind)
 
 
 def policy_list(gates: list[tuple[str, str]], sink: int, kv_budget: str | None = None,
-                budgets: tuple[float, ...] = (), families: tuple[str, ...] = FAMILIES) -> list[Policy]:
+                budgets: tuple[float, ...] = (), families: tuple[str, ...] = FAMILIES) -> list[Row]:
     """dense, each gate with its matched baselines, none, sink:N (a gate runs before the rows matched to it),
     then per budget (a share of dense, in %) the compositions: each gate with lowest-g and with snapkv
     eviction, and snapkv alone (every token admitted, SnapKV evicting); only the rows of the given families.
     kv_budget: the plain gate rows' pool."""
-    rows = [Policy("dense", "dense")]
+    rows = [Row("dense", "dense")]
     for name, path in gates:
-        rows += [Policy(name, "gate", path, kv_budget), Policy(f"random ~ {name}", "random", name),
-                 Policy(f"snapkv ~ {name}", "snapkv", name)]
-    rows += [Policy("none", "builtin", "none"), Policy(f"sink:{sink}", "builtin", f"sink:{sink}")]
+        rows += [Row(name, "gate", path, kv_budget), Row(f"random ~ {name}", "random", name),
+                 Row(f"snapkv ~ {name}", "snapkv", name)]
+    rows += [Row("none", "builtin", "none"), Row(f"sink:{sink}", "builtin", f"sink:{sink}")]
     for share in budgets:
         for name, path in gates:
-            rows += [Policy(f"{name} + {evict} @ {share:g}%", "budget", path, f"{share:g}%", evict)
+            rows += [Row(f"{name} + {evict} @ {share:g}%", "budget", path, f"{share:g}%", evict)
                      for evict in ("lowest-g", "snapkv")]
-        rows.append(Policy(f"snapkv alone @ {share:g}%", "budget", "full", f"{share:g}%", "snapkv"))
+        rows.append(Row(f"snapkv alone @ {share:g}%", "budget", "full", f"{share:g}%", "snapkv"))
     return [p for p in rows if family_of(p) in families]
 
 
@@ -460,7 +457,7 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def documents_task(model: Transformer, policies: list[Policy], samples: dict, window: int, decode_tokens: int,
+def documents_task(model: Transformer, policies: list[Row], samples: dict, window: int, decode_tokens: int,
                    setup) -> dict[str, list[dict]]:
     """Perplexity and agreement by one prefill per policy that one prefill measures, then the decode table for
     every policy. Neither an eviction baseline nor a budget row is in the first: a prompt's own queries read
@@ -509,7 +506,7 @@ def documents_task(model: Transformer, policies: list[Policy], samples: dict, wi
     return out
 
 
-def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Policy], passkey: Passkey, lengths: list[int],
+def passkey_task(model: Transformer, tok: Tokenizer, policies: list[Row], passkey: Passkey, lengths: list[int],
                  depths: list[float], trials: int, window: int, seed: int, setup, n_keys: int = 1) -> list[dict]:
     """Greedy answers to retrieval prompts, one record per (length, depth, trial, policy): the passkey (one
     needle) or, with n_keys > 1, n_keys needles of which the one at the cell's depth is asked for. Each record
@@ -676,6 +673,9 @@ def plot(result: dict, path: str) -> None:
                                                 ("passkey", "passkey accuracy"),
                                                 ("multikey", "multi-key accuracy"))
               if result.get(task)]
+    if not panels:   # a run of no task (--lengths and --passkey-lengths with nothing after them)
+        say(f"no plot: the run has no table to draw (nothing written to {path})")
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     families = list(dict.fromkeys(policy_family(r["policy"], result["gates"]) for task, _ in panels
                                   for r in result[task]))
@@ -712,34 +712,20 @@ def plot(result: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The run: the gate files, the grid and its checks, the prompts, then every task
 
-def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quick: bool, lengths: list[int] | None,
-        docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
-        trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
-        threads: int, seed: int, out: str | None, plot_path: str | None, kv_budget: str | None = None,
-        budgets: list[float] | None = None, policies: list[str] | None = None) -> None:
-    t_start = time.time()
-    grid = QUICK if quick else FULL
-    lengths = lengths if lengths is not None else grid["lengths"]
-    docs = docs if docs is not None else grid["docs"]
-    decode_tokens = decode_tokens if decode_tokens is not None else grid["decode_tokens"]
-    passkey_lengths = passkey_lengths if passkey_lengths is not None else grid["passkey_lengths"]
-    depths = depths if depths is not None else grid["depths"]
-    trials = trials if trials is not None else grid["trials"]
-    keys = keys if keys is not None else grid["keys"]
-    budgets = budgets if budgets is not None else grid["budgets"]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if threads:
-        torch.set_num_threads(threads)
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = str(ensure_default_checkpoint())
-    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
-    tok = Tokenizer(checkpoint)
-
-    files = sorted(str(p) for p in Path(gates_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".pth")) \
+def gate_files(model: Transformer, gates_dir: str, gate: list[str], window: int | None,
+               quick: bool = False) -> tuple[dict, int]:
+    """The gate settings to evaluate, {name: (PATH@SETTING, metadata)} (gate.gate_settings): every setting of every
+    file under gates_dir, then each --gate's (quick: one, the first --gate's, else the default setting of the first
+    file under gates_dir), each checked to fit the model; and the window W: the given one, else the first gate's,
+    else the default."""
+    under = sorted(str(p) for p in Path(gates_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".pth")) \
         if Path(gates_dir).is_dir() else []
-    gate_meta = gate_settings(files + gate, model)   # a --gate also under --gates-dir runs once
+    specs = ([*gate] or under)[:1] if quick else under + list(gate)
+    if quick and specs and parse_policy(specs[0]).setting is None:
+        specs = [f"{specs[0]}@{load_gates(specs[0])[1]['default_setting']}"]
+    gate_meta = gate_settings(specs, model)   # a --gate also under --gates-dir runs once
     if window is None:
         window = next((m["window"] for _, m in gate_meta.values() if "window" in m), DEFAULT_WINDOW)
     for name, (path, metadata) in gate_meta.items():
@@ -747,29 +733,34 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
             say(f"note: gate {name} was trained with W = {metadata['window']}, evaluated at W = {window}")
     if not gate_meta:
         say(f"note: no gate files under {gates_dir}/ and no --gate: the table has the built-in policies only")
+    return gate_meta, window
 
-    # Check the whole grid before the first long run.
+
+def check_grid(grid: dict, model: Transformer, gate_meta: dict, backend: str, device: str) -> None:
+    """Check the whole grid before the first long run: EvalError (GateError for --kv-budget), one line."""
     resolve_backend(backend, device)
+    lengths, passkey_lengths, window = grid["lengths"], grid["passkey_lengths"], grid["window"]
     limit = model.config.max_position_embeddings
     for L in lengths + passkey_lengths:
         if L > limit:
             raise EvalError(f"length {L} exceeds the model's context of {limit} tokens")
-    if window < 1 or sink < 0 or docs < 1 or trials < 0 or decode_tokens < 0 or not (keys == 0 or 2 <= keys <= len(COLOURS)):
+    if window < 1 or grid["sink"] < 0 or grid["docs"] < 1 or grid["trials"] < 0 or grid["decode_tokens"] < 0 \
+            or not (grid["keys"] == 0 or 2 <= grid["keys"] <= len(COLOURS)):
         raise EvalError(f"need --window >= 1, --sink >= 0, --docs >= 1, --trials >= 0, --decode-tokens >= 0, "
                         f"--keys 0 or 2..{len(COLOURS)}")
-    if decode_tokens > window:
-        raise EvalError(f"--decode-tokens {decode_tokens} exceeds the window W = {window}: the eviction baseline "
-                        f"scores prompt tokens only, so no decoded token may leave the window")
+    if grid["decode_tokens"] > window:
+        raise EvalError(f"--decode-tokens {grid['decode_tokens']} exceeds the window W = {window}: the eviction "
+                        f"baseline scores prompt tokens only, so no decoded token may leave the window")
     for L in lengths:
-        if L <= window + decode_tokens + 1:
+        if L <= window + grid["decode_tokens"] + 1:
             raise EvalError(f"length {L} leaves nothing outside the window: need more than W + decode tokens + 1 "
-                            f"= {window + decode_tokens + 1}")
-    if any(not 0 <= d <= 1 for d in depths):
-        raise EvalError(f"depths {depths} must lie in [0, 1]")
-    if any(not 0 < b <= 100 for b in budgets):
-        raise EvalError(f"--budgets {budgets}: each a share of the dense cache in (0, 100]")
-    parse_budget(kv_budget)   # a bad --kv-budget: GateError, one line
-    families = tuple(policies) if policies is not None else FAMILIES
+                            f"= {window + grid['decode_tokens'] + 1}")
+    if any(not 0 <= d <= 1 for d in grid["depths"]):
+        raise EvalError(f"depths {grid['depths']} must lie in [0, 1]")
+    if any(not 0 < b <= 100 for b in grid["budgets"]):
+        raise EvalError(f"--budgets {grid['budgets']}: each a share of the dense cache in (0, 100]")
+    parse_budget(grid["kv_budget"])   # a bad --kv-budget: GateError, one line
+    families = grid["families"]
     if (lengths or passkey_lengths) and not families:
         raise EvalError("--policies with nothing after it leaves no row to run")
     if lengths and "dense" not in families:
@@ -779,47 +770,75 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         raise EvalError("random ~ G and snapkv ~ G take their budget from the gate's own admissions: "
                         "add gate to --policies")
 
-    documents = source_order(read_documents(data))
-    samples = document_samples(tok, documents, lengths, docs, device) if lengths else {}
-    passkey = None
-    if passkey_lengths and depths and trials:
-        need = trials * max(passkey_lengths)   # trial t reads the filler from t * L on
-        filler = []
-        for _, text in documents:
-            filler += tok.encode(text[:16 * need] + "\n\n", add_special_tokens=False)
-            if len(filler) >= need:
-                break
-        passkey, multikey = Passkey(PASSKEY, filler, tok), Passkey(MULTIKEY, filler, tok)
-        for L in passkey_lengths:   # raises on a length too short for the prompt or filler too short
-            passkey.prompt([("00000", "", 0.5)], L, offset=(trials - 1) * L)
-            if keys:
-                multikey.prompt([("00000", max(COLOURS, key=len), 0.5)] * keys, L, offset=(trials - 1) * L)
-    else:
-        passkey_lengths = []
 
-    policies = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink, kv_budget, tuple(budgets),
-                           families)
-    say(f"eval: {len(policies)} policies, perplexity at {lengths} x {docs} documents, decode {decode_tokens} tokens, "
-        f"passkey (and {keys} keys) at {passkey_lengths} x depths {depths} x {trials} trials, W = {window}, {device}")
-    setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded,
-                                                             getattr(torch, dtype), device, backend, seed)
+def retrieval_prompts(tok: Tokenizer, documents: list[tuple[str, str]], grid: dict) -> tuple[Passkey, Passkey] | None:
+    """The passkey and multi-key prompt makers over held-out filler, each length of the grid tried once (too
+    short a length, or too little filler, raises); None, and no passkey lengths in the grid, without depths
+    or trials."""
+    lengths, trials, keys = grid["passkey_lengths"], grid["trials"], grid["keys"]
+    if not (lengths and grid["depths"] and trials):
+        grid["passkey_lengths"] = []
+        return None
+    need = trials * max(lengths)   # trial t reads the filler from t * L on
+    filler = []
+    for _, text in documents:
+        filler += tok.encode(text[:16 * need] + "\n\n", add_special_tokens=False)
+        if len(filler) >= need:
+            break
+    passkey, multikey = Passkey(PASSKEY, filler, tok), Passkey(MULTIKEY, filler, tok)
+    for L in lengths:   # raises on a length too short for the prompt or filler too short
+        passkey.prompt([("00000", "", 0.5)], L, offset=(trials - 1) * L)
+        if keys:
+            multikey.prompt([("00000", max(COLOURS, key=len), 0.5)] * keys, L, offset=(trials - 1) * L)
+    return passkey, multikey
+
+
+def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quick: bool, lengths: list[int] | None,
+        docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
+        trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
+        threads: int, seed: int, out: str | None, plot_path: str | None, kv_budget: str | None = None,
+        budgets: list[float] | None = None, policies: list[str] | None = None) -> None:
+    t_start = time.time()
+    given = dict(lengths=lengths, docs=docs, decode_tokens=decode_tokens, passkey_lengths=passkey_lengths,
+                 depths=depths, trials=trials, keys=keys)
+    defaults = QUICK if quick else FULL
+    grid = {k: v if v is not None else defaults[k] for k, v in given.items()}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    checkpoint = str(checkpoint_or_default(checkpoint))
+    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
+    tok = Tokenizer(checkpoint)
+    gate_meta, window = gate_files(model, gates_dir, gate, window, quick)
+    families = tuple(policies) if policies is not None else FAMILIES
+    grid |= dict(window=window, sink=sink, seed=seed, kv_budget=kv_budget,
+                 budgets=budgets if budgets is not None else defaults["budgets"], families=list(families))
+    check_grid(grid, model, gate_meta, backend, device)
+
+    documents = source_order(read_documents(data))
+    samples = document_samples(tok, documents, grid["lengths"], grid["docs"], device) if grid["lengths"] else {}
+    passkey, multikey = retrieval_prompts(tok, documents, grid) or (None, None)
+    rows = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink, kv_budget,
+                       tuple(grid["budgets"]), families)
+    say(f"eval: {len(rows)} policies, perplexity at {grid['lengths']} x {grid['docs']} documents, decode "
+        f"{grid['decode_tokens']} tokens, passkey (and {grid['keys']} keys) at {grid['passkey_lengths']} x depths "
+        f"{grid['depths']} x {grid['trials']} trials, W = {window}, {device}")
+    setup = lambda policy, seq_len, recorded: install_policy(model, policy, seq_len, window, recorded, backend, seed)
     with torch.inference_mode():
-        records = documents_task(model, policies, samples, window, decode_tokens, setup)
-        records["passkey"] = passkey_task(model, tok, policies, passkey, passkey_lengths, depths, trials, window,
-                                          seed, setup) if passkey_lengths else []
-        records["multikey"] = passkey_task(model, tok, policies, multikey, passkey_lengths, depths, trials, window,
-                                           seed, setup, n_keys=keys) if passkey_lengths and keys else []
+        records = documents_task(model, rows, samples, window, grid["decode_tokens"], setup)
+        cells = dict(lengths=grid["passkey_lengths"], depths=grid["depths"], trials=grid["trials"], window=window,
+                     seed=seed, setup=setup)
+        records["passkey"] = passkey_task(model, tok, rows, passkey, **cells) if passkey else []
+        records["multikey"] = passkey_task(model, tok, rows, multikey, **cells, n_keys=grid["keys"]) \
+            if multikey and grid["keys"] else []
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.machine()} CPU (torch threads: {torch.get_num_threads()})"
     this_run = {"command": shlex.join(["python", "eval.py"] + sys.argv[1:]), "model": Path(checkpoint).name,
                 "checkpoint": checkpoint, "dtype": dtype, "machine": machine, "torch": torch.__version__,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_s": time.time() - t_start}
-    grid = {"lengths": lengths, "docs": docs, "decode_tokens": decode_tokens, "passkey_lengths": passkey_lengths,
-            "depths": depths, "trials": trials, "keys": keys, "window": window, "sink": sink, "seed": seed,
-            "kv_budget": kv_budget, "budgets": budgets, "families": list(families)}
     gates = {name: {"path": path, "metadata": metadata} for name, (path, metadata) in gate_meta.items()}
-    emit(assemble([this_run], grid, gates, [p.name for p in policies], records), out, plot_path)
+    emit(assemble([this_run], grid, gates, [p.name for p in rows], records), out, plot_path)
 
 
 TASKS = ("perplexity", "decode", "passkey", "multikey")
@@ -921,7 +940,9 @@ if __name__ == "__main__":
                         help="every setting of every .safetensors/.pt gate file here is a policy (default: gates)")
     parser.add_argument("--gate", action="append", default=[],
                         help="another gate file to evaluate: every setting of FILE, or FILE@SETTING's one (repeatable)")
-    parser.add_argument("--quick", action="store_true", help=f"the small grid {QUICK} instead of {FULL}")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a quick look, not a result: one gate setting (the first --gate, else the default setting "
+                             f"of the first file under --gates-dir) and the grid {QUICK} instead of {FULL}")
     parser.add_argument("--lengths", type=int, nargs="*", help="perplexity / decode lengths in tokens")
     parser.add_argument("--docs", type=int, help="held-out documents per length")
     parser.add_argument("--decode-tokens", type=int, help="tokens decoded one by one in the equal-budget table (0: skip it)")

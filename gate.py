@@ -5,8 +5,8 @@
 
 Also here: the gate file (safetensors with the authors' tensor names and shapes, metadata in the
 header, among it the file's sparsity settings; their .pt files load too), the baseline policies (full,
-none, random:P, sink:N) that stand in for a learned gate, and the one-call setup of gates and
-write-gated caches in a model.
+none, random:P, sink:N) that stand in for a learned gate, and build_caches, the one place every caller's
+caches are built (dense, or gates and write-gated caches on one page pool).
 
     python gate.py FILE      # prints a gate file's metadata, its settings and its shapes
 """
@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cache import Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, resolve_backend, summed_counts
+from cache import (DenseCache, Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, resolve_backend,
+                   summed_counts)
 from model import CheckpointError, RMSNorm, Transformer
 
 GATE_NORM_EPS = 1e-6
@@ -310,7 +311,7 @@ class RandomGate(nn.Module):
 
 @dataclass
 class Policy:
-    kind: str                 # "file", "full", "none", "random" or "sink"
+    kind: str                 # "file", "full", "none", "random", "sink", or "given" (gate modules, not a spec)
     path: Path | None = None  # the gate file, for kind "file"
     setting: str | None = None   # PATH@SETTING: one of the file's settings (None: chosen by tau, else its default)
     fraction: float = 0.0     # random:P
@@ -438,21 +439,22 @@ def parse_budget(spec: str | None) -> Budget | None:
 
 
 def pool_pages(budget: Budget | None, *, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
-               capacity: int, page_size: int, dense_tokens: int, element_size: int,
+               capacity: int | list[int], page_size: int, dense_tokens: int, element_size: int,
                admitted_per_layer: list[float] | None) -> tuple[int, str]:
     """Pages of the shared pool, and how they were chosen (for the setup line).
 
-    capacity: tokens one head may hold; dense_tokens: tokens per head of the dense cache (max_seq_len).
-    Never more than every head's full capacity: a budget beyond that buys nothing.
+    capacity: tokens one head may hold (a list: per layer); dense_tokens: tokens per head of the dense cache
+    (max_seq_len). Never more than every head's full capacity: a budget beyond that buys nothing.
     """
     heads = batch_size * n_kv_heads
-    full = n_layers * heads * pages_for(capacity, page_size)
+    capacities = capacity if isinstance(capacity, list) else [capacity] * n_layers
+    full = heads * sum(pages_for(c, page_size) for c in capacities)
     per_page = page_size * (2 * head_dim * element_size + 4)            # K, V and g
     if budget is None:
         if not admitted_per_layer or len(admitted_per_layer) != n_layers:
             return full, "the full need (the gate file records no admission rate)"
-        pages = sum(pages_for(round(min(1.0, BUDGET_MARGIN * rate) * capacity * heads), page_size) + heads
-                    for rate in admitted_per_layer)
+        pages = sum(pages_for(round(min(1.0, BUDGET_MARGIN * rate) * c * heads), page_size) + heads
+                    for rate, c in zip(admitted_per_layer, capacities))
         return min(pages, full), f"{BUDGET_MARGIN:g}x the gate's admission in training"
     if budget.kind == "unlimited":
         return full, "unlimited"
@@ -461,8 +463,8 @@ def pool_pages(budget: Budget | None, *, n_layers: int, batch_size: int, n_kv_he
     elif budget.kind == "bytes":
         pages = int(budget.value // per_page)
     else:
-        dense_bytes = n_layers * heads * dense_tokens * 2 * head_dim * element_size
-        pages = int(budget.value / 100 * dense_bytes // per_page)
+        dense = n_layers * heads * dense_tokens * 2 * head_dim * element_size             # dense_bytes, from the shape
+        pages = int(budget.value / 100 * dense // per_page)
     return min(pages, full), f"--kv-budget {budget}"
 
 
@@ -471,37 +473,75 @@ class GatedSetup:
     policy: str
     window: int
     threshold: float
-    capacity: int             # global store slots per (batch, KV head)
+    capacity: int | list[int]   # global store slots per (batch, KV head); a list: per layer
     backend: str
     max_seq_len: int
     pool_pages: int           # pages of the shared pool
     page_size: int
     budget: str               # how the pool was sized
-    evict: str                # what makes room when the pool runs low: lowest-g or snapkv
+    evict: str | None         # what makes room when the pool runs low: lowest-g, snapkv, or nothing
     evictor: Eviction | None = None   # makes room in the pool; call its after_step from the decode loop
     metadata: dict = field(default_factory=dict)
 
 
-def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq_len: int, dtype: torch.dtype,
-                      device: torch.device | str, window: int | None = None, threshold: float | None = None,
-                      global_capacity: int | None = None, kv_budget: str | None = None,
-                      page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], backend: str = "auto",
-                      seed: int = 0) -> GatedSetup:
+@dataclass
+class CacheSetup:
+    """What build_caches built."""
+    allocated: int                    # bytes the caches allocated: rings, page tables and the pool, or dense K/V
+    evictor: Eviction | None = None   # call its after_step between decode steps (None: nothing to evict)
+    gated: GatedSetup | None = None   # the write-gated settings (None: the dense cache)
+
+
+def build_caches(model: Transformer, max_seq_len: int, *, batch_size: int = 1,
+                 gate: str | list[nn.Module] | None = None, **gated) -> CacheSetup:
+    """Give every layer a fresh cache for max_seq_len positions, in the model's dtype and on its device: the
+    one place caches are built. gate None: DenseCache, and no gates; else the write-gated caches of
+    setup_write_gated, whose options `gated` holds."""
+    w = model.output.weight
+    caches = lambda: [layer.attention.cache for layer in model.layers]   # noqa: E731
+    if gate is None:
+        c = model.config
+        install(model, None)
+        model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
+        return CacheSetup(allocated_bytes(caches()))
+    setup = setup_write_gated(model, gate, batch_size=batch_size, max_seq_len=max_seq_len, dtype=w.dtype,
+                              device=w.device, **gated)
+    return CacheSetup(allocated_bytes(caches()), setup.evictor, setup)
+
+
+def dense_bytes(model: Transformer, tokens: int, batch_size: int = 1) -> int:
+    """What DenseCache holds for `tokens` positions of every layer and batch row (K and V, in the model's dtype),
+    without allocating it: the dense cache a write-gated one is compared with."""
+    c = model.config
+    return 2 * c.n_layers * batch_size * c.n_kv_heads * tokens * c.head_dim * model.output.weight.element_size()
+
+
+def setup_write_gated(model: Transformer, gate: str | list[nn.Module], *, batch_size: int, max_seq_len: int,
+                      dtype: torch.dtype, device: torch.device | str, window: int | None = None,
+                      threshold: float | None = None, global_capacity: int | list[int] | None = None,
+                      kv_budget: str | Budget | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                      evict: str | None = EVICTION[0], backend: str = "auto", seed: int = 0,
+                      cache: type[WriteGatedCache] = WriteGatedCache) -> GatedSetup:
     """Install gates and a WriteGatedCache in every layer, their stores drawing on one PagePool.
 
-    gate: the --gate spec (PATH | PATH@SETTING | full | none | random:P | sink:N). A gate file runs at the
-    setting named, else at the one of the given threshold, else at its default (choose_setting); window
-    defaults to the file's, else W = 256, and threshold to the setting's, else tau = 0.1. The capacity per
-    head defaults to what max_seq_len needs (the built-in policies that admit less get less); kv_budget
-    (parse_budget's forms) sizes the pool, by default from the setting's measured admission. evict: lowest-g
-    or snapkv, the Eviction that makes room when the pool runs short (cache.Eviction). Bad input raises
-    GateError (one line); an unavailable backend raises ValueError (one line).
+    gate: the --gate spec (PATH | PATH@SETTING | full | none | random:P | sink:N), or one gate module per
+    layer. A gate file runs at the setting named, else at the one of the given threshold, else at its default
+    (choose_setting); window defaults to the file's, else W = 256, and threshold to the setting's, else
+    tau = 0.1. The capacity per head defaults to what max_seq_len needs (the built-in policies that admit less
+    get less; a list: one per layer); kv_budget (parse_budget's forms, or a Budget) sizes the pool, by default
+    from the setting's measured admission.
+    evict: lowest-g or snapkv, the Eviction that makes room when the pool runs short (cache.Eviction), or
+    None for none. cache: WriteGatedCache or a subclass built with its arguments (eval's SnapKVCache). Bad
+    input raises GateError (one line); an unavailable backend raises ValueError (one line).
     """
-    if evict not in EVICTION:
+    if evict is not None and evict not in EVICTION:
         raise GateError(f"--evict {evict!r}: expected one of {', '.join(EVICTION)}")
-    policy = parse_policy(gate)
-    budget = parse_budget(kv_budget)
-    gates, metadata = make_gates(policy, model, seed)
+    budget = kv_budget if isinstance(kv_budget, Budget) else parse_budget(kv_budget)
+    if isinstance(gate, str):
+        policy = parse_policy(gate)
+        gates, metadata = make_gates(policy, model, seed)
+    else:
+        policy, gates, metadata = Policy("given"), gate, {}
     window = window if window is not None else metadata.get("window", DEFAULT_WINDOW)
     admitted = None
     if policy.kind == "file":
@@ -518,25 +558,26 @@ def setup_write_gated(model: Transformer, gate: str, *, batch_size: int, max_seq
         needed = 0
     elif policy.kind == "sink":
         needed = min(needed, policy.n_sink)
+    c = model.config
     capacity = global_capacity if global_capacity is not None else max(needed, 1)
-    if capacity < 1:
-        raise GateError(f"global capacity {capacity} must be at least 1")
-    capacity = pages_for(capacity, page_size) * page_size    # what the page table holds
+    per_layer = capacity if isinstance(capacity, list) else [capacity] * c.n_layers
+    if min(per_layer) < 1:
+        raise GateError(f"global capacity {min(per_layer)} must be at least 1")
+    per_layer = [pages_for(n, page_size) * page_size for n in per_layer]    # what the page table holds
+    capacity = per_layer if isinstance(capacity, list) else per_layer[0]
     backend = resolve_backend(backend, device)
     install(model, [g.to(device=device, dtype=torch.float32).requires_grad_(False) for g in gates])
-    c = model.config
     n_pages, how = pool_pages(budget, n_layers=c.n_layers, batch_size=batch_size, n_kv_heads=c.n_kv_heads,
-                              head_dim=c.head_dim, capacity=capacity, page_size=page_size, dense_tokens=max_seq_len,
+                              head_dim=c.head_dim, capacity=per_layer, page_size=page_size, dense_tokens=max_seq_len,
                               element_size=torch.empty((), dtype=dtype).element_size(),
                               admitted_per_layer=admitted)
     pool = PagePool(n_pages, page_size, c.head_dim, dtype, device)
     # A window longer than the sequence sees the same keys as one of max_seq_len slots: allocate no more.
     ring = min(window, max_seq_len)
     observe = SNAPKV_OBSERVE if evict == "snapkv" else 0
-    model.setup_caches(lambda i: WriteGatedCache(batch_size, c.n_kv_heads, c.head_dim, ring, threshold,
-                                                 capacity, dtype, device, backend, pool=pool, observe=observe,
-                                                 n_heads=c.n_heads))
-    evictor = Eviction([layer.attention.cache for layer in model.layers], evict)
+    model.setup_caches(lambda i: cache(batch_size, c.n_kv_heads, c.head_dim, ring, threshold, per_layer[i],
+                                       dtype, device, backend, pool=pool, observe=observe, n_heads=c.n_heads))
+    evictor = Eviction([layer.attention.cache for layer in model.layers], evict) if evict is not None else None
     return GatedSetup(str(policy), window, threshold, capacity, backend, max_seq_len, n_pages, page_size, how, evict,
                       evictor, metadata)
 

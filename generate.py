@@ -23,8 +23,9 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from cache import DenseCache, Eviction, allocated_bytes, one_row, summed_counts
-from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, format_stats, install, setup_write_gated
+from cache import Eviction, one_row, summed_counts
+from convert_gguf import checkpoint_or_default
+from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, build_caches, dense_bytes, format_stats
 from model import CheckpointError, Transformer
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -57,31 +58,19 @@ def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
 def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate: str | None = None,
                  **gated) -> tuple[int, Eviction | None]:
-    """Give every layer a fresh K/V cache for max_seq_len positions; returns its bytes in all, and the
-    Eviction to call between decode steps (None for the dense cache). gate None: the dense cache; else a
-    --gate spec, and `gated` holds setup_write_gated's options (window, threshold, global_capacity,
-    kv_budget, page_size, evict, backend)."""
-    c, w = model.config, model.output.weight
-    if gate is None:
-        install(model, None)
-        model.setup_caches(lambda i: DenseCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device))
-        return allocated_bytes([layer.attention.cache for layer in model.layers]), None
+    """gate.build_caches for the command line: a bad option is BadInput, and the write-gated settings are said on
+    stderr. Returns the bytes the caches allocated, and the Eviction to call between decode steps (None for the
+    dense cache). gate None: the dense cache; else a --gate spec, and `gated` holds setup_write_gated's options
+    (window, threshold, global_capacity, kv_budget, page_size, evict, backend)."""
     try:
-        setup = setup_write_gated(model, gate, batch_size=batch_size, max_seq_len=max_seq_len,
-                                  dtype=w.dtype, device=w.device, **gated)
+        built = build_caches(model, max_seq_len, batch_size=batch_size, gate=gate, **gated)
     except ValueError as e:   # a bad spec or budget, a gate that does not fit, an unavailable backend
         raise BadInput(str(e)) from None
-    allocated = allocated_bytes([layer.attention.cache for layer in model.layers])
-    print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
-          f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
-          f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}", file=sys.stderr)
-    return allocated, setup.evictor
-
-
-def dense_bytes(model: Transformer, max_seq_len: int, batch_size: int = 1) -> int:
-    """What DenseCache allocates for max_seq_len positions, without allocating it."""
-    c = model.config
-    return 2 * c.n_layers * batch_size * c.n_kv_heads * max_seq_len * c.head_dim * model.output.weight.element_size()
+    if (setup := built.gated) is not None:
+        print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
+              f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
+              f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}", file=sys.stderr)
+    return built.allocated, built.evictor
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, seen: Tensor | None = None,
@@ -172,6 +161,77 @@ class RunStats:
     counts: list[dict[str, Tensor]] | None = None
 
 
+class Batch:
+    """The rows of generate_rows' caches and the prompts they take in turn: which prompt each row decodes, the
+    prompts still waiting, each prompt's new tokens so far, and what the run has counted. fill gives a row its
+    next prompt; record takes a prompt's next token."""
+
+    def __init__(self, model: Transformer, prompts: list[list[int]], rows: int, max_new_tokens: int, sampling: dict,
+                 history, stop_ids, on_token, on_done, start: int, prefill_chunk: int, prefill_step):
+        device = model.tok_embeddings.weight.device
+        self.model, self.prompts, self.max_new_tokens, self.sampling = model, prompts, max_new_tokens, sampling
+        self.history, self.stop_ids, self.on_token, self.on_done = history, stop_ids, on_token, on_done
+        self.start, self.prefill_chunk, self.prefill_step = start, prefill_chunk, prefill_step
+        self.caches = [layer.attention.cache for layer in model.layers]
+        self.seen = None
+        if sampling["repetition_penalty"] != 1:   # each row's context so far, on the device: no host sync
+            self.seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)     # (rows, vocab)
+        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)                            # (rows, 1)
+        self.input_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)                        # (rows, 1)
+        self.new = [[] for _ in prompts]
+        self.occupant = [-1] * rows      # the prompt each row decodes; -1 once none is left for it
+        self.retired = []                # rows left without a prompt since the last decode step
+        self.waiting = iter(range(len(prompts)))
+        self.prefill_s = 0.0
+        self.counts = None               # RunStats.counts
+
+    def count_finished(self, row: int) -> None:
+        """Add the counts of the prompt that just finished in `row` (of the caches as they are now) to the run's."""
+        if hasattr(self.caches[0], "counts"):
+            finished = summed_counts(self.caches, row)
+            self.counts = finished if self.counts is None else [
+                {name: n + earlier[name] for name, n in layer.items()} for layer, earlier in zip(finished, self.counts)]
+
+    def record(self, index: int, next_id: int) -> bool:
+        """Take the next token of prompt `index`; True when the prompt is finished."""
+        finished = next_id in self.stop_ids
+        if not finished:
+            self.new[index].append(next_id)
+            if self.on_token is not None:
+                self.on_token(index, next_id)
+            finished = len(self.new[index]) == self.max_new_tokens
+        if finished and self.on_done is not None:
+            self.on_done(index, self.new[index])
+        return finished
+
+    def fill(self, row: int) -> None:
+        """Give the row the next waiting prompt that its prefill does not already finish; else retire it."""
+        device = self.token.device
+        if self.occupant[row] >= 0:
+            self.count_finished(row)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)   # so that the prefill's time is its own
+        t0 = time.perf_counter()
+        with one_row(self.caches, row) if len(self.occupant) > 1 else contextlib.nullcontext():
+            for index in self.waiting:
+                ids = self.prompts[index]
+                if self.seen is not None:
+                    self.seen[row] = False
+                    self.seen[row, torch.tensor([*self.history, *ids], device=device)] = True
+                seen = None if self.seen is None else self.seen[row:row + 1]                         # (1, vocab)
+                first = self.prefill_step(self.model, torch.tensor([ids], device=device), **self.sampling,
+                                          start=self.start, chunk=self.prefill_chunk, seen=seen)             # (1, 1)
+                if not self.record(index, int(first)):
+                    self.occupant[row] = index
+                    self.token[row], self.input_pos[row] = first[0], self.start + len(ids)
+                    break
+                self.count_finished(0)    # the row alone is row 0 here
+            else:
+                self.occupant[row] = -1      # nothing left for it
+                self.retired.append(row)
+        self.prefill_s += time.perf_counter() - t0
+
+
 @torch.no_grad()
 def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, rows: int = 0,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -197,99 +257,40 @@ def generate_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         raise ValueError(f"{len(prompts)} prompts cannot fill {rows} rows")
     if start and len(prompts) > 1:
         raise ValueError("a batch of prompts starts at position 0")
-    device = model.tok_embeddings.weight.device
-    caches = [layer.attention.cache for layer in model.layers]
-    seen = None
-    if repetition_penalty != 1:     # each row's context so far, on the device: the penalty needs no host sync
-        seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)            # (rows, vocab)
-    token = torch.zeros(rows, 1, dtype=torch.long, device=device)                                   # (rows, 1)
-    input_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)                               # (rows, 1)
-    new = [[] for _ in prompts]
-    occupant = [-1] * rows          # the prompt each row decodes; -1 once none is left for it
-    waiting = iter(range(len(prompts)))
-    prefill_s = 0.0
-    counts = None
-
-    def count_finished(row: int) -> None:
-        """Add the counts of the prompt that just finished in `row` (of the caches as they are now) to the run's."""
-        nonlocal counts
-        if hasattr(caches[0], "counts"):
-            finished = summed_counts(caches, row)
-            counts = finished if counts is None else [
-                {name: n + earlier[name] for name, n in layer.items()} for layer, earlier in zip(finished, counts)]
-
-    def record(index: int, next_id: int) -> bool:
-        """Take the next token of prompt `index`; True when the prompt is finished."""
-        finished = next_id in stop_ids
-        if not finished:
-            new[index].append(next_id)
-            if on_token is not None:
-                on_token(index, next_id)
-            finished = len(new[index]) == max_new_tokens
-        if finished and on_done is not None:
-            on_done(index, new[index])
-        return finished
-
-    def fill(row: int) -> None:
-        """Give the row the next waiting prompt that its prefill does not already finish; else retire it."""
-        nonlocal prefill_s
-        if occupant[row] >= 0:
-            count_finished(row)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)   # so that the prefill's time is its own
-        t0 = time.perf_counter()
-        with one_row(caches, row) if rows > 1 else contextlib.nullcontext():
-            for index in waiting:
-                ids = prompts[index]
-                if seen is not None:
-                    seen[row] = False
-                    seen[row, torch.tensor([*history, *ids], device=device)] = True
-                first = prefill_step(model, torch.tensor([ids], device=device), temperature, top_k, top_p,
-                                     start=start, chunk=prefill_chunk,
-                                     seen=None if seen is None else seen[row:row + 1],
-                                     repetition_penalty=repetition_penalty)                        # (1, 1)
-                if not record(index, int(first)):
-                    occupant[row] = index
-                    token[row], input_pos[row] = first[0], start + len(ids)
-                    break
-                count_finished(0)    # the row alone is row 0 here
-            else:
-                occupant[row] = -1      # nothing left for it
-                retired.append(row)
-        prefill_s += time.perf_counter() - t0
-
-    retired = []
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    batch = Batch(model, prompts, rows, max_new_tokens, sampling, history, stop_ids, on_token, on_done, start,
+                  prefill_chunk, prefill_step)
     for row in range(rows):
-        fill(row)
+        batch.fill(row)
     steps = decoded = 0
     decode_s = 0.0
-    while max(occupant) >= 0:
+    while max(batch.occupant) >= 0:
         t0 = time.perf_counter()
-        for row in retired:
+        for row in batch.retired:
             # A row with no prompt left rides along until the others finish, from position 0 of its emptied
             # cache row, so that its positions stay within the caches however long the others go on.
-            with one_row(caches, row):
+            with one_row(batch.caches, row):
                 reset_caches(model)
-            input_pos[row] = 0
-        retired.clear()
-        if seen is not None:
-            seen.scatter_(1, token, True)
+            batch.input_pos[row] = 0
+        batch.retired.clear()
+        if batch.seen is not None:
+            batch.seen.scatter_(1, batch.token, True)
         # Cloned because a CUDA-graph replay overwrites its output buffer on the next replay. Finished rows
         # go on decoding (their tokens unused), so that the step keeps its shapes.
-        token = decode_step(model, token, input_pos, temperature, top_k, top_p, seen=seen,
-                            repetition_penalty=repetition_penalty).clone()                         # (rows, 1)
-        input_pos += 1
+        batch.token = decode_step(model, batch.token, batch.input_pos, temperature, top_k, top_p, seen=batch.seen,
+                                  repetition_penalty=repetition_penalty).clone()                      # (rows, 1)
+        batch.input_pos += 1
         steps += 1
         if evictor is not None:
             evictor.after_step(steps)
-        next_ids = token[:, 0].tolist()   # the one host sync per step: streaming and stopping need the ids
+        next_ids = batch.token[:, 0].tolist()   # the one host sync per step: streaming and stopping need the ids
         decode_s += time.perf_counter() - t0
         for row, next_id in enumerate(next_ids):
-            if occupant[row] >= 0:
+            if batch.occupant[row] >= 0:
                 decoded += 1
-                if record(occupant[row], next_id):
-                    fill(row)
-    return new, RunStats(sum(map(len, prompts)), prefill_s, steps, decode_s, rows, decoded, counts)
+                if batch.record(batch.occupant[row], next_id):
+                    batch.fill(row)
+    return batch.new, RunStats(sum(map(len, prompts)), batch.prefill_s, steps, decode_s, rows, decoded, batch.counts)
 
 
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, on_token=None,
@@ -394,14 +395,119 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], prompts: list[list[int]], batch_size: int,
-            max_seq_len: int, max_new_tokens: int, jsonl: bool, cache_options: dict, **generating) -> None:
+def sampling_settings(checkpoint: Path, **flags) -> dict:
+    """temperature, top_k, top_p and repetition_penalty: each flag that was given (not None), else the
+    checkpoint's generation_config.json as transformers reads it (do_sample false or absent: greedy; do_sample
+    with no top_k: 50), else greedy with no penalty."""
+    path = Path(checkpoint) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    do_sample = bool(config.get("do_sample"))
+    defaults = dict(temperature=config.get("temperature", 1.0) if do_sample else 0.0,
+                    top_k=config.get("top_k", 50) if do_sample else 0,
+                    top_p=config.get("top_p", 1.0) if do_sample else 1.0,
+                    repetition_penalty=config.get("repetition_penalty", 1.0))
+    return {name: flags[name] if flags.get(name) is not None else value for name, value in defaults.items()}
+
+
+def say_sampling(generating: dict) -> None:
+    """The sampling settings on stderr, said once the input is known good (bad input gets one line, the error's)."""
+    print("sampling: " + ("greedy" if generating["temperature"] == 0 else
+                          "temperature {temperature}, top-k {top_k}, top-p {top_p}".format(**generating))
+          + f", repetition penalty {generating['repetition_penalty']}", file=sys.stderr)
+
+
+def validate(*, device: str, dtype: str, max_new_tokens: int, temperature: float | None, top_k: int | None,
+             top_p: float | None, repetition_penalty: float | None, max_seq_len: int | None, prefill_chunk: int,
+             batch_size: int, prompt: str | list[str] | None, prompt_file: str | None, prompts_file: str | None,
+             no_chat: bool, interactive: bool) -> None:
+    """Every check of the arguments that needs neither a file nor the model: the first bad one raises BadInput,
+    one line naming the flag. (A flag None was not given: its default comes later.)"""
+    if device not in ("cpu", "cuda"):
+        raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda, but CUDA is not available on this machine")
+    if dtype not in DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+    for flag, value, within, rule in (
+            ("--max-new-tokens", max_new_tokens, lambda v: v >= 1, ">= 1"),
+            ("--temperature", temperature, lambda v: v >= 0, ">= 0 (0 is greedy)"),
+            ("--top-k", top_k, lambda v: v >= 0, ">= 0 (0 keeps all tokens)"),
+            ("--top-p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 keeps all tokens)"),
+            ("--repetition-penalty", repetition_penalty, lambda v: v > 0, "> 0 (1 is none)"),
+            ("--max-seq-len", max_seq_len, lambda v: v >= 1, ">= 1"),
+            ("--prefill-chunk", prefill_chunk, lambda v: v >= 0, ">= 0 (0: all at once)"),
+            ("--batch-size", batch_size, lambda v: v >= 1, ">= 1")):
+        if value is not None and not within(value):   # not `v < low`, which a NaN passes
+            raise BadInput(f"need {flag} {rule}, got {value}")
+    if interactive and (prompt is not None or prompt_file is not None or prompts_file is not None or no_chat):
+        raise BadInput("--interactive reads the turns from stdin: it takes no --prompt, --prompt-file, "
+                       "--prompts-file or --no-chat")
+    for i, text in enumerate(prompt if isinstance(prompt, list) else []):
+        if not text.strip():
+            raise BadInput("the prompt is empty" if len(prompt) == 1 else f"the prompt of --prompt number {i + 1} is empty")
+
+
+def read_input(prompt: str | list[str] | None, prompt_file: str | None, prompts_file: str | None,
+               jsonl: bool) -> tuple[str, list[str] | None]:
+    """The prompt (default: DEFAULT_PROMPT) and, for several (--prompt more than once, --prompts-file, --jsonl),
+    their texts, to be decoded in batches (else None); a file that cannot be read, or is empty, is BadInput."""
+    texts = None
+    if isinstance(prompt, list):
+        texts, prompt = (prompt, None) if len(prompt) > 1 or jsonl else (None, prompt[0])
+    if prompts_file is not None:
+        texts = read_prompts(prompts_file)
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"cannot read --prompt-file {prompt_file}: {e}") from None
+        if not prompt.strip():
+            raise BadInput(f"--prompt-file {prompt_file} is empty")
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    if not prompt.strip():
+        raise BadInput("the prompt is empty")
+    if texts is None and jsonl:   # a JSON line for one prompt too
+        texts = [prompt]
+    return prompt, texts
+
+
+def run_chat(model: Transformer, tokenizer: Tokenizer, checkpoint, max_seq_len: int | None, max_new_tokens: int,
+             seed: int | None, cache_options: dict, **generating) -> None:
+    """--interactive: a conversation on stdin and stdout (chat), then the cache's statistics on stderr."""
+    if tokenizer.chat_template is None:
+        raise BadInput(f"--interactive needs a chat template, and {checkpoint} has none")
+    max_seq_len = max_seq_len or DEFAULT_CHAT_LEN
+    _, evictor = setup_caches(model, max_seq_len, **cache_options)
+    if seed is not None:
+        torch.manual_seed(seed)
+    say_sampling(generating)
+    chat(model, tokenizer, sys.stdin, max_seq_len, max_new_tokens, evictor=evictor, **generating)
+    if cache_options["gate"] is not None:
+        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+
+
+def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], batch_size: int, max_seq_len: int | None,
+            max_new_tokens: int, jsonl: bool, no_chat: bool, seed: int | None, cache_options: dict,
+            **generating) -> None:
     """Several prompts through batch_size cache rows, a finished prompt's row taking the next: each completion
     printed as it finishes (with jsonl, a JSON object with its 0-based index, prompt and completion; else
-    "index: completion"), then one stats line."""
+    "index: completion"), then one stats line. max_seq_len None: the longest prompt's and max_new_tokens."""
     device = model.output.weight.device
+    prompts = [tokenizer.encode_prompt(text, chat=not no_chat) for text in texts]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    max_seq_len = max_seq_len or len(prompts[longest]) + max_new_tokens
+    if len(prompts[longest]) + max_new_tokens > max_seq_len:
+        raise BadInput(f"prompt {longest} is {len(prompts[longest])} tokens, which leaves no room for "
+                       f"--max-new-tokens {max_new_tokens} within --max-seq-len {max_seq_len}")
     rows = min(batch_size, len(prompts))
     gate = cache_options.get("gate")
+    if gate is None and dense_bytes(model, max_seq_len, rows) > available_memory(device):
+        raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions needs "
+                       f"{dense_bytes(model, max_seq_len, rows) / 2**30:.1f} GiB of KV cache, more than the "
+                       f"{available_memory(device) / 2**30:.1f} GiB free: lower --batch-size or --max-seq-len")
+    if seed is not None:
+        torch.manual_seed(seed)
+    say_sampling(generating)
     try:
         kv_bytes, evictor = setup_caches(model, max_seq_len, batch_size=rows, **cache_options)
     except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -426,18 +532,38 @@ def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], prompts:
             admission_stats(model, t.counts), dense_bytes(model, max_seq_len, rows), evictor), file=sys.stderr)
 
 
-def sampling_settings(checkpoint: Path, **flags) -> dict:
-    """temperature, top_k, top_p and repetition_penalty: each flag that was given (not None), else the
-    checkpoint's generation_config.json as transformers reads it (do_sample false or absent: greedy; do_sample
-    with no top_k: 50), else greedy with no penalty."""
-    path = Path(checkpoint) / "generation_config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
-    do_sample = bool(config.get("do_sample"))
-    defaults = dict(temperature=config.get("temperature", 1.0) if do_sample else 0.0,
-                    top_k=config.get("top_k", 50) if do_sample else 0,
-                    top_p=config.get("top_p", 1.0) if do_sample else 1.0,
-                    repetition_penalty=config.get("repetition_penalty", 1.0))
-    return {name: flags[name] if flags.get(name) is not None else value for name, value in defaults.items()}
+def run_prompt(model: Transformer, tokenizer: Tokenizer, prompt: str, no_chat: bool, max_seq_len: int | None,
+               max_new_tokens: int, seed: int | None, compile: bool, cache_options: dict, **generating) -> None:
+    """One prompt: its completion streamed to stdout as it is decoded, then the statistics on stderr. With compile,
+    a throwaway run first compiles the decode step, so that compilation is timed apart."""
+    prompt_ids = tokenizer.encode_prompt(prompt, chat=not no_chat)
+    T = len(prompt_ids)
+    max_seq_len = max_seq_len or T + max_new_tokens
+    if T >= max_seq_len:
+        raise BadInput(f"the prompt is {T} tokens, which leaves no room to generate within --max-seq-len {max_seq_len}")
+    if T + max_new_tokens > max_seq_len:
+        max_new_tokens = max_seq_len - T
+        print(f"--max-seq-len {max_seq_len} leaves room for {max_new_tokens} new tokens", file=sys.stderr)
+    kv_bytes, evictor = setup_caches(model, max_seq_len, **cache_options)
+    say_sampling(generating)
+    if compile:
+        # The same prompt (and on a GPU the CUDA graph's recording); the real run's prefill starts the caches afresh.
+        t0 = time.perf_counter()
+        generate(model, prompt_ids, min(3, max_new_tokens), **generating)
+        print(f"compile and warm-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if seed is not None:   # after the warm-up, so that --compile draws the same samples as eager
+        torch.manual_seed(seed)
+    stream = StreamDecoder(tokenizer)
+    new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, evictor=evictor,
+                      on_token=lambda i: print(stream.push(i), end="", flush=True), **generating)
+    print(stream.flush(), flush=True)
+
+    device = model.output.weight.device
+    decode = f"{t.decode_steps / t.decode_s:.1f} tok/s ({t.decode_steps} steps)" if t.decode_steps else "no steps"
+    print(f"prompt tokens: {T} | prefill: {t.prefill_s:.3f} s, {T / t.prefill_s:.1f} tok/s | new tokens: {len(new)} "
+          f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(device)}", file=sys.stderr)
+    if cache_options["gate"] is not None:
+        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
 
 
 def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, prompt_file: str | None = None,
@@ -448,128 +574,31 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
          threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
          page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], attn_backend: str = "auto",
          prefill_chunk: int = DEFAULT_PREFILL_CHUNK, interactive: bool = False) -> None:
-    if device not in ("cpu", "cuda"):
-        raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda, but CUDA is not available on this machine")
-    if dtype not in DTYPES:
-        raise BadInput(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
-    if max_new_tokens < 1 or (temperature or 0) < 0 or (top_k or 0) < 0 or not 0 < (top_p or 1) <= 1 \
-            or (repetition_penalty or 1) <= 0 or (max_seq_len or 1) < 1 or prefill_chunk < 0:
-        raise BadInput("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, "
-                       "--repetition-penalty > 0, --max-seq-len >= 1, --prefill-chunk >= 0")
-    if interactive and (prompt is not None or prompt_file is not None or prompts_file is not None or no_chat):
-        raise BadInput("--interactive reads the turns from stdin: it takes no --prompt, --prompt-file, "
-                       "--prompts-file or --no-chat")
-    if batch_size < 1:
-        raise BadInput("need --batch-size >= 1")
-    texts = None                        # several prompts: decoded in batches
-    if isinstance(prompt, list):
-        for i, text in enumerate(prompt):
-            if not text.strip():
-                raise BadInput("the prompt is empty" if len(prompt) == 1 else f"the prompt of --prompt number {i + 1} is empty")
-        texts, prompt = (prompt, None) if len(prompt) > 1 or jsonl else (None, prompt[0])
-    if prompts_file is not None:
-        texts = read_prompts(prompts_file)
-    if prompt_file is not None:
-        try:
-            prompt = Path(prompt_file).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise BadInput(f"cannot read --prompt-file {prompt_file}: {e}") from None
-        if not prompt.strip():
-            raise BadInput(f"--prompt-file {prompt_file} is empty")
-    prompt = DEFAULT_PROMPT if prompt is None else prompt
-    if not prompt.strip():
-        raise BadInput("the prompt is empty")
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = ensure_default_checkpoint()
-        gate = str(DEFAULT_GATE) if gate is None else gate
+    validate(device=device, dtype=dtype, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+             top_p=top_p, repetition_penalty=repetition_penalty, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+             batch_size=batch_size, prompt=prompt, prompt_file=prompt_file, prompts_file=prompts_file, no_chat=no_chat,
+             interactive=interactive)
+    prompt, texts = read_input(prompt, prompt_file, prompts_file, jsonl)
+    if checkpoint is None and gate is None:   # the embedded model runs with its gate
+        gate = str(DEFAULT_GATE)
     gate = None if gate == "dense" else gate
+    checkpoint = checkpoint_or_default(checkpoint)
 
     model, tokenizer = load(checkpoint, device, DTYPES[dtype])
     sampling = sampling_settings(checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty)
-    # Said once the input is known good (bad input gets one line, the error's).
-    say_sampling = lambda: print("sampling: " + ("greedy" if sampling["temperature"] == 0 else  # noqa: E731
-                                 "temperature {temperature}, top-k {top_k}, top-p {top_p}".format(**sampling))
-                                 + f", repetition penalty {sampling['repetition_penalty']}", file=sys.stderr)
+    generating = dict(**sampling, prefill_chunk=prefill_chunk,
+                      decode_step=compile_decode_step(device) if compile else decode_one_token)
+    cache_options = dict(gate=gate, window=window, threshold=threshold, global_capacity=global_capacity,
+                         kv_budget=kv_budget, page_size=page_size, evict=evict, backend=attn_backend)
     if interactive:
-        if tokenizer.chat_template is None:
-            raise BadInput(f"--interactive needs a chat template, and {checkpoint} has none")
-        max_seq_len = max_seq_len or DEFAULT_CHAT_LEN
-        kv_bytes, evictor = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
-                                         global_capacity=global_capacity, kv_budget=kv_budget, page_size=page_size,
-                                         evict=evict, backend=attn_backend)
-        if seed is not None:
-            torch.manual_seed(seed)
-        say_sampling()
-        chat(model, tokenizer, sys.stdin, max_seq_len, max_new_tokens, **sampling, prefill_chunk=prefill_chunk,
-             evictor=evictor,
-             decode_step=compile_decode_step(device) if compile else decode_one_token)
-        if gate is not None:
-            print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
-        return
-    if texts is not None or jsonl:
-        texts = texts or [prompt]
-        prompts = [tokenizer.encode_prompt(text, chat=not no_chat) for text in texts]
-        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-        max_seq_len = max_seq_len or len(prompts[longest]) + max_new_tokens
-        if len(prompts[longest]) + max_new_tokens > max_seq_len:
-            raise BadInput(f"prompt {longest} is {len(prompts[longest])} tokens, which leaves no room for "
-                           f"--max-new-tokens {max_new_tokens} within --max-seq-len {max_seq_len}")
-        rows = min(batch_size, len(prompts))
-        if gate is None and dense_bytes(model, max_seq_len, rows) > available_memory(model.output.weight.device):
-            raise BadInput(f"a batch of {rows} rows of {max_seq_len} positions needs "
-                           f"{dense_bytes(model, max_seq_len, rows) / 2**30:.1f} GiB of KV cache, more than the "
-                           f"{available_memory(model.output.weight.device) / 2**30:.1f} GiB free: lower "
-                           f"--batch-size or --max-seq-len")
-        if seed is not None:
-            torch.manual_seed(seed)
-        say_sampling()
-        cache_options = dict(gate=gate, window=window, threshold=threshold, global_capacity=global_capacity,
-                             kv_budget=kv_budget, page_size=page_size, evict=evict, backend=attn_backend)
-        batches(model, tokenizer, texts, prompts, batch_size, max_seq_len, max_new_tokens, jsonl, cache_options,
-                **sampling, prefill_chunk=prefill_chunk,
-                decode_step=compile_decode_step(device) if compile else decode_one_token)
-        return
-    prompt_ids = tokenizer.encode_prompt(prompt, chat=not no_chat)
-    T = len(prompt_ids)
-    max_seq_len = max_seq_len or T + max_new_tokens
-    if T >= max_seq_len:
-        raise BadInput(f"the prompt is {T} tokens, which leaves no room to generate within --max-seq-len {max_seq_len}")
-    if T + max_new_tokens > max_seq_len:
-        max_new_tokens = max_seq_len - T
-        print(f"--max-seq-len {max_seq_len} leaves room for {max_new_tokens} new tokens", file=sys.stderr)
-    kv_bytes, evictor = setup_caches(model, max_seq_len, gate=gate, window=window, threshold=threshold,
-                                     global_capacity=global_capacity, kv_budget=kv_budget, page_size=page_size,
-                                     evict=evict, backend=attn_backend)
-    say_sampling()
-
-    decode_step = decode_one_token
-    if compile:
-        decode_step = compile_decode_step(device)
-        # A throwaway run on the same prompt compiles the step (and records the CUDA graph), so that
-        # compilation is timed apart; the real run's prefill starts the caches afresh.
-        t0 = time.perf_counter()
-        generate(model, prompt_ids, min(3, max_new_tokens), decode_step=decode_step, prefill_chunk=prefill_chunk,
-                 **sampling)
-        print(f"compile and warm-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-    if seed is not None:   # after the warm-up, so that --compile draws the same samples as eager
-        torch.manual_seed(seed)
-    stream = StreamDecoder(tokenizer)
-    new, t = generate(model, prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, decode_step=decode_step,
-                      evictor=evictor, prefill_chunk=prefill_chunk,
-                      on_token=lambda i: print(stream.push(i), end="", flush=True), **sampling)
-    print(stream.flush(), flush=True)
-
-    decode = f"{t.decode_steps / t.decode_s:.1f} tok/s ({t.decode_steps} steps)" if t.decode_steps else "no steps"
-    print(f"prompt tokens: {T} | prefill: {t.prefill_s:.3f} s, {T / t.prefill_s:.1f} tok/s | new tokens: {len(new)} "
-          f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(model.output.weight.device)}",
-          file=sys.stderr)
-    if gate is not None:
-        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+        run_chat(model, tokenizer, checkpoint, max_seq_len, max_new_tokens, seed, cache_options, **generating)
+    elif texts is not None:
+        batches(model, tokenizer, texts, batch_size, max_seq_len, max_new_tokens, jsonl, no_chat, seed,
+                cache_options, **generating)
+    else:
+        run_prompt(model, tokenizer, prompt, no_chat, max_seq_len, max_new_tokens, seed, compile, cache_options,
+                   **generating)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from convert_gguf import checkpoint_or_default
 from data import DataError, chat_prefix, make_retrieval_samples, make_samples, read_documents
 from gate import WriteGate, check_fits, load_gates, save_gates
 from model import CheckpointError, Transformer
@@ -295,9 +296,7 @@ def record_admission(path: str, checkpoint: str | None, data: str | None, seq_le
     training = json.loads(metadata.get("training", "{}"))
     training.setdefault("threshold", settings[default]["threshold"])
     training["commands"] = training.get("commands", []) + [command_line()]
-    if checkpoint is None:
-        from convert_gguf import ensure_default_checkpoint
-        checkpoint = str(ensure_default_checkpoint())
+    checkpoint = str(checkpoint_or_default(checkpoint))
     seq_len = seq_len or training.get("seq_len") or TRAJECTORY["seq_len"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Transformer.from_pretrained(checkpoint, dtype=torch.float32, device=device)
@@ -387,6 +386,181 @@ def build_gates(model: Transformer, hidden: int) -> nn.ModuleList:
     return nn.ModuleList(WriteGate(c.n_kv_heads, c.head_dim, hidden) for _ in range(c.n_layers))
 
 
+def export_run(run: Path, given: dict, export: str, export_dtype: str, device: str | None,
+               setting: str | None = None) -> None:
+    """--export: write a run's latest gates as a gate file with one setting (named setting, else after its
+    admission), at the trained tau or a given one."""
+    state = load_checkpoint(run)
+    trained = TRAJECTORY | state["args"]
+    # tau may differ from training's: it sets admission, and a stricter one trades quality for bytes
+    if changed := changed_settings(trained, given, free=("threshold",)):
+        raise TrainError(f"--export writes {run} as it was trained, so only --threshold may differ ({'; '.join(changed)})")
+    threshold = given.get("threshold", trained["threshold"])
+    check_file_setting(threshold, setting)
+    gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
+    gates.load_state_dict(state["gates"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    admitted = run_admission(run, gates, trained | {"threshold": threshold}, device)
+    # the file's commands end with this one: how it was written (its tau, say) is part of its record
+    export_gates(run, gates, state | {"commands": state.get("commands", []) + [command_line()]}, Path(export),
+                 getattr(torch, export_dtype), admitted, threshold, setting)
+    print(export)
+    print(f"exported step {state['step']}/{state['args']['steps']} of {run} ({export_dtype}, tau {threshold:g})", file=sys.stderr)
+
+
+def run_settings(run: Path, given: dict, resume: bool) -> tuple[dict | None, dict]:
+    """The run's checkpoint (None: a new run) and its trajectory settings: with resume, the run's own, which
+    the given ones must match; else the given ones over the defaults. Resumes only what was asked, and never
+    overwrites a run silently."""
+    if resume:
+        state = load_checkpoint(run)
+        state["args"] = TRAJECTORY | state["args"]   # a run from before a setting existed ran at its default
+        if changed := changed_settings(state["args"], given):
+            raise TrainError(f"{run}/checkpoint.pt was written with other settings ({'; '.join(changed)}); "
+                             f"resume without them or start a new --out")
+        return state, dict(state["args"])
+    if (run / "checkpoint.pt").exists():
+        raise TrainError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    args = TRAJECTORY | given
+    args["checkpoint"] = str(checkpoint_or_default(args["checkpoint"]))
+    args["out"] = str(run)
+    return None, args
+
+
+def check_settings(a: dict, block: int, save_every: int) -> None:
+    """Each setting within its range, else TrainError naming it."""
+    for name, value, low in (("--seq-len", a["seq_len"], 2), ("--steps", a["steps"], 1),
+                             ("--batch-size", a["batch_size"], 1), ("--window", a["window"], 1), ("--block", block, 1),
+                             ("--save-every", save_every, 1)):
+        if value < low:
+            raise TrainError(f"{name} must be at least {low}, got {value}")
+    if a["lam"] < 0 or a["lr"] <= 0 or not 0 <= a["warmup"] <= 1 or not 0 < a["threshold"] < 1:
+        raise TrainError(f"need --lambda >= 0, --lr > 0, 0 <= --warmup <= 1, 0 < --threshold < 1 "
+                         f"(got {a['lam']}, {a['lr']}, {a['warmup']}, {a['threshold']})")
+    mix = a["retrieval_mix"]
+    if not 0 <= mix <= 1 or a["answer_weight"] < 0 or (mix and a["retrieval_samples"] < 1):
+        raise TrainError(f"need 0 <= --retrieval-mix <= 1, --answer-weight >= 0 and --retrieval-samples >= 1 "
+                         f"(got {mix}, {a['answer_weight']}, {a['retrieval_samples']})")
+
+
+def start_processes(device: str | None, batch_size: int) -> tuple[str, int, int, bool]:
+    """This process's device, its rank, the number of processes and whether they are several (torchrun sets
+    WORLD_SIZE): gloo on CPUs, NCCL on GPUs with one GPU per process."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if distributed:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if batch_size % world:
+        raise TrainError(f"--batch-size {batch_size} is not a multiple of the {world} processes")
+    return device, rank, world, distributed
+
+
+def run_samples(run: Path, a: dict, resumed: bool, rank: int, say) -> tuple[Tensor, Tensor, int]:
+    """The run's tokenized samples (N, seq_len), their answer mask (N, seq_len) and how many rows are prose:
+    a resumed run's own (samples.pt), so it trains on exactly what it started with; else built from the
+    documents (prose, then the retrieval samples) and saved beside the checkpoint."""
+    if resumed and (run / "samples.pt").exists():
+        return load_samples(run)
+    t0 = time.time()
+    tok, docs, ids = tokenized_documents(a["checkpoint"], a["data"])
+    samples = make_samples(ids, chat_prefix(tok), a["seq_len"])                               # (N, seq_len)
+    n_prose = samples.shape[0]
+    answer_mask = torch.zeros(samples.shape, dtype=torch.bool)                                # (N, seq_len)
+    if a["retrieval_mix"]:
+        planted, planted_mask = make_retrieval_samples(tok, ids, a["seq_len"], a["retrieval_samples"], a["seed"])
+        samples, answer_mask = torch.cat([samples, planted]), torch.cat([answer_mask, planted_mask])
+    say(f"data: {len(docs)} documents under {a['data']} -> {n_prose} prose and {samples.shape[0] - n_prose} retrieval "
+        f"samples of {a['seq_len']} tokens ({time.time() - t0:.0f} s to build)")
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        save_atomic({"ids": samples.int(), "answer_mask": answer_mask, "prose": n_prose}, run / "samples.pt")
+    return samples, answer_mask, n_prose
+
+
+def start_gates(model: Transformer, a: dict, state: dict | None,
+                device: str) -> tuple[nn.ModuleList, torch.optim.Optimizer]:
+    """The gates and their optimizer: seeded at random, or from --init's gate file, or a resumed run's own."""
+    torch.manual_seed(a["seed"])
+    gates = build_gates(model, a["hidden"]).to(device)
+    init = a["init"]
+    if init is not None and state is None:   # start from a trained gate file (a resumed run has its own gates)
+        try:
+            start, _ = load_gates(init)
+        except (OSError, CheckpointError) as e:
+            raise TrainError(f"--init {init}: {e}") from None
+        check_fits(start, model, init)
+        if [(g.n_kv_heads, g.head_dim, g.hidden) for g in start] != [(g.n_kv_heads, g.head_dim, g.hidden) for g in gates]:
+            raise TrainError(f"--init {init} has gates of another width than --hidden {a['hidden']} asks")
+        gates.load_state_dict(nn.ModuleList(start).float().state_dict())
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=a["lr"], weight_decay=a["weight_decay"])
+    if state is not None:
+        gates.load_state_dict(state["gates"])
+        optimizer.load_state_dict(state["optimizer"])
+    return gates, optimizer
+
+
+def catch_stop(say) -> dict:
+    """Ctrl-C or SIGTERM sets stop["signal"], and the run saves after the step; a second Ctrl-C leaves at once."""
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:   # a second Ctrl-C: leave now
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        say(f"{stop['signal']}: saving after this step (Ctrl-C again to abort without saving)")
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
+def step_totals(distiller: Distiller, samples: Tensor, answer_mask: Tensor, n_prose: int, step: int, a: dict,
+                rank: int, world: int, device: str) -> Tensor:
+    """Forward and backward over this process's share of the step's batch, leaving the gradient of the batch mean
+    loss in the gates; returns the sums over its samples of loss, distill, reg, admitted, g mean, answer distill
+    and the count of retrieval samples, (7,) float64."""
+    batch_size, local = a["batch_size"], a["batch_size"] // world
+    totals = torch.zeros(7, dtype=torch.float64)
+    for i in range(local):
+        row = sample_row(step * batch_size + rank * local + i, n_prose, samples.shape[0] - n_prose, a["retrieval_mix"],
+                         a["seed"])
+        x, mask = samples[row][None].to(device), answer_mask[row][None].to(device)               # (1, T) x 2
+        loss, stats = distiller.loss(x, a["lam"], mask, a["answer_weight"])
+        (loss / batch_size).backward()
+        totals += torch.cat([stats, stats.new_tensor([float(row >= n_prose)])])
+    return totals
+
+
+def all_reduce(gates: nn.ModuleList, totals: Tensor, stopping: Tensor, device: str) -> tuple[Tensor, Tensor]:
+    """The gates' gradients, the step's totals and the stop flag summed over the processes."""
+    flat = torch.cat([p.grad.reshape(-1) for p in gates.parameters()])
+    dist.all_reduce(flat)   # the sum of the ranks' (loss / batch_size) gradients is the batch mean's
+    offset = 0
+    for p in gates.parameters():
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    both = torch.cat([totals, stopping]).to(device)
+    dist.all_reduce(both)
+    return both[:-1].cpu(), both[-1:].cpu()
+
+
+def step_stats(totals: Tensor, batch_size: int, run: Path, step: int) -> list[float | None]:
+    """The step's means of loss, distill, reg, admitted, g mean, and its answer distill per retrieval sample (None
+    without one); NonFiniteLoss when any is not finite, before the gates are updated."""
+    stats = (totals[:5] / batch_size).tolist()
+    stats.append(totals[5].item() / totals[6].item() if totals[6] else None)   # answer distill per retrieval sample
+    if not all(math.isfinite(v) for v in stats if v is not None):
+        kept = f"the last good checkpoint is {run}/checkpoint.pt (step {step_saved(run)})" if (run / "checkpoint.pt").exists() \
+            else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({stats[0]}); stopped without updating the gates; {kept}")
+    return stats
+
+
 def train(checkpoint: str | None = None, data: str | None = None, out: str | None = None, seq_len: int | None = None,
           steps: int | None = None, batch_size: int | None = None, lam: float | None = None, window: int | None = None,
           threshold: float | None = None, lr: float | None = None, weight_decay: float | None = None,
@@ -401,165 +575,46 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
     if threads:
         torch.set_num_threads(threads)
     if export is not None:   # export a run's latest checkpoint, nothing else
-        state = load_checkpoint(run)
-        trained = TRAJECTORY | state["args"]
-        # tau may differ from training's: it sets admission, and a stricter one trades quality for bytes
-        if changed := changed_settings(trained, given, free=("threshold",)):
-            raise TrainError(f"--export writes {run} as it was trained, so only --threshold may differ ({'; '.join(changed)})")
-        threshold = given.get("threshold", trained["threshold"])
-        check_file_setting(threshold, setting)
-        gates = nn.ModuleList(WriteGate(*shape) for shape in state["gate_shapes"])
-        gates.load_state_dict(state["gates"])
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        admitted = run_admission(run, gates, trained | {"threshold": threshold}, device)
-        # the file's commands end with this one: how it was written (its tau, say) is part of its record
-        export_gates(run, gates, state | {"commands": state.get("commands", []) + [command_line()]}, Path(export),
-                     getattr(torch, export_dtype), admitted, threshold, setting)
-        print(export)
-        print(f"exported step {state['step']}/{state['args']['steps']} of {run} ({export_dtype}, tau {threshold:g})", file=sys.stderr)
+        export_run(run, given, export, export_dtype, device, setting)
         return
-
-    # Resume only what was asked, and never overwrite a run silently.
-    state = None
-    if resume:
-        state = load_checkpoint(run)
-        state["args"] = TRAJECTORY | state["args"]   # a run from before a setting existed ran at its default
-        if changed := changed_settings(state["args"], given):
-            raise TrainError(f"{run}/checkpoint.pt was written with other settings ({'; '.join(changed)}); "
-                             f"resume without them or start a new --out")
-        args = dict(state["args"])
-    elif (run / "checkpoint.pt").exists():
-        raise TrainError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
-    else:
-        args = TRAJECTORY | given
-        if args["checkpoint"] is None:
-            from convert_gguf import ensure_default_checkpoint
-            args["checkpoint"] = str(ensure_default_checkpoint())
-        args["out"] = str(run)
-    (checkpoint, data, seq_len, steps, batch_size, lam, window, threshold, lr, weight_decay, warmup, hidden, seed, dtype,
-     retrieval_mix, retrieval_samples, answer_weight, init) = (args[k] for k in TRAJECTORY)
-
-    for name, value, low in (("--seq-len", seq_len, 2), ("--steps", steps, 1), ("--batch-size", batch_size, 1),
-                             ("--window", window, 1), ("--block", block, 1), ("--save-every", save_every, 1)):
-        if value < low:
-            raise TrainError(f"{name} must be at least {low}, got {value}")
-    if lam < 0 or lr <= 0 or not 0 <= warmup <= 1 or not 0 < threshold < 1:
-        raise TrainError(f"need --lambda >= 0, --lr > 0, 0 <= --warmup <= 1, 0 < --threshold < 1 "
-                         f"(got {lam}, {lr}, {warmup}, {threshold})")
-    if not 0 <= retrieval_mix <= 1 or answer_weight < 0 or (retrieval_mix and retrieval_samples < 1):
-        raise TrainError(f"need 0 <= --retrieval-mix <= 1, --answer-weight >= 0 and --retrieval-samples >= 1 "
-                         f"(got {retrieval_mix}, {answer_weight}, {retrieval_samples})")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if distributed:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        if device == "cuda":
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if batch_size % world:
-        raise TrainError(f"--batch-size {batch_size} is not a multiple of the {world} processes")
+    state, args = run_settings(run, given, resume)
+    check_settings(args, block, save_every)
+    steps, batch_size, seq_len = args["steps"], args["batch_size"], args["seq_len"]
+    device, rank, world, distributed = start_processes(device, batch_size)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
 
-    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
+    model = Transformer.from_pretrained(args["checkpoint"], dtype=getattr(torch, args["dtype"]), device=device)
     if seq_len > model.config.max_position_embeddings:
         raise TrainError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_position_embeddings} tokens")
-    if state is not None and (run / "samples.pt").exists():
-        # The run's own tokenized samples: a resumed run trains on exactly what it started with.
-        samples, answer_mask, n_prose = load_samples(run)                                     # (N, seq_len) x 2
-    else:
-        t0 = time.time()
-        tok, docs, ids = tokenized_documents(checkpoint, data)
-        samples = make_samples(ids, chat_prefix(tok), seq_len)                                # (N, seq_len)
-        n_prose = samples.shape[0]
-        answer_mask = torch.zeros(samples.shape, dtype=torch.bool)                            # (N, seq_len)
-        if retrieval_mix:
-            planted, planted_mask = make_retrieval_samples(tok, ids, seq_len, retrieval_samples, seed)
-            samples, answer_mask = torch.cat([samples, planted]), torch.cat([answer_mask, planted_mask])
-        say(f"data: {len(docs)} documents under {data} -> {n_prose} prose and {samples.shape[0] - n_prose} retrieval "
-            f"samples of {seq_len} tokens ({time.time() - t0:.0f} s to build)")
-        if rank == 0:
-            run.mkdir(parents=True, exist_ok=True)
-            save_atomic({"ids": samples.int(), "answer_mask": answer_mask, "prose": n_prose}, run / "samples.pt")
-    n_retrieval = samples.shape[0] - n_prose
-
-    torch.manual_seed(seed)
-    gates = build_gates(model, hidden).to(device)
-    if init is not None and state is None:   # start from a trained gate file (a resumed run has its own gates)
-        try:
-            start, _ = load_gates(init)
-        except (OSError, CheckpointError) as e:
-            raise TrainError(f"--init {init}: {e}") from None
-        check_fits(start, model, init)
-        if [(g.n_kv_heads, g.head_dim, g.hidden) for g in start] != [(g.n_kv_heads, g.head_dim, g.hidden) for g in gates]:
-            raise TrainError(f"--init {init} has gates of another width than --hidden {hidden} asks")
-        gates.load_state_dict(nn.ModuleList(start).float().state_dict())
-    optimizer = torch.optim.AdamW(gates.parameters(), lr=lr, weight_decay=weight_decay)
-    step, elapsed = 0, 0.0
+    samples, answer_mask, n_prose = run_samples(run, args, state is not None, rank, say)        # (N, seq_len) x 2
+    gates, optimizer = start_gates(model, args, state, device)
+    step, elapsed, last = (state["step"], state["elapsed"], state["last"]) if state is not None else (0, 0.0, None)
     if state is not None:
-        gates.load_state_dict(state["gates"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
         say(f"resumed {run} at step {step}/{steps}")
-    distiller = Distiller(model, gates, window, threshold, block, activation_checkpointing)
-
+    distiller = Distiller(model, gates, args["window"], args["threshold"], block, activation_checkpointing)
     commands = (state.get("commands", []) if state is not None else []) + [command_line()]
-
-    def snapshot(last: dict | None) -> dict:
-        return {"step": step, "elapsed": elapsed, "args": args, "gates": gates.state_dict(), "commands": commands,
-                "gate_shapes": [(g.n_kv_heads, g.head_dim, g.hidden) for g in gates],
-                "optimizer": optimizer.state_dict(), "machine": machine(device, world), "last": last}
-
+    snapshot = lambda: {"step": step, "elapsed": elapsed, "args": args, "gates": gates.state_dict(),  # noqa: E731
+                        "commands": commands, "gate_shapes": [(g.n_kv_heads, g.head_dim, g.hidden) for g in gates],
+                        "optimizer": optimizer.state_dict(), "machine": machine(device, world), "last": last}
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         trim_log(run / "log.jsonl", step)
-    stop = {"signal": None}
+    stop = catch_stop(say)
 
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:   # a second Ctrl-C: leave now
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-        say(f"{stop['signal']}: saving after this step (Ctrl-C again to abort without saving)")
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    local = batch_size // world
     tokens_per_step = batch_size * seq_len
     start_step, start_time = step, time.time()
-    last = state["last"] if state is not None else None
     say(f"training {sum(p.numel() for p in gates.parameters()):,} gate parameters on {machine(device, world)}: "
-        f"{steps} steps x {batch_size} x {seq_len} tokens, lambda {lam:g}, W {window}, tau {threshold:g}")
+        f"{steps} steps x {batch_size} x {seq_len} tokens, lambda {args['lam']:g}, W {args['window']}, "
+        f"tau {args['threshold']:g}")
     while step < steps:
         t_step = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup)
-        # loss, distill, reg, admitted, g mean, answer distill (sums over the global batch), retrieval samples
-        totals = torch.zeros(7, dtype=torch.float64)
-        for i in range(local):
-            row = sample_row(step * batch_size + rank * local + i, n_prose, n_retrieval, retrieval_mix, seed)
-            x, mask = samples[row][None].to(device), answer_mask[row][None].to(device)           # (1, T) x 2
-            loss, stats = distiller.loss(x, lam, mask, answer_weight)
-            (loss / batch_size).backward()
-            totals += torch.cat([stats, stats.new_tensor([float(row >= n_prose)])])
+            group["lr"] = learning_rate(step, steps, args["lr"], args["warmup"])
+        totals = step_totals(distiller, samples, answer_mask, n_prose, step, args, rank, world, device)
         stopping = torch.tensor([stop["signal"] is not None], dtype=torch.float64)
         if distributed:
-            flat = torch.cat([p.grad.reshape(-1) for p in gates.parameters()])
-            dist.all_reduce(flat)   # the sum of the ranks' (loss / batch_size) gradients is the batch mean's
-            offset = 0
-            for p in gates.parameters():
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-            both = torch.cat([totals, stopping]).to(device)
-            dist.all_reduce(both)
-            totals, stopping = both[:-1].cpu(), both[-1:].cpu()
-        stats = (totals[:5] / batch_size).tolist()
-        stats.append(totals[5].item() / totals[6].item() if totals[6] else None)   # answer distill per retrieval sample
-        if not all(math.isfinite(v) for v in stats if v is not None):
-            kept = f"the last good checkpoint is {run}/checkpoint.pt (step {step_saved(run)})" if (run / "checkpoint.pt").exists() \
-                else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({stats[0]}); stopped without updating the gates; {kept}")
+            totals, stopping = all_reduce(gates, totals, stopping, device)
+        stats = step_stats(totals, batch_size, run, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -577,13 +632,12 @@ def train(checkpoint: str | None = None, data: str | None = None, out: str | Non
                                     "tokens_per_s": tokens_per_step / dt, "seconds": elapsed}) + "\n")
         if stopping.item() or step % save_every == 0 or step == steps:
             if rank == 0:
-                save_atomic(snapshot(last), run / "checkpoint.pt")
+                save_atomic(snapshot(), run / "checkpoint.pt")
             if stopping.item():
                 say(f"saved {run}/checkpoint.pt at step {step}; continue with --resume")
                 raise SystemExit(130)
     if rank == 0:
-        final = snapshot(last)
-        export_gates(run, gates, final, run / "gate.safetensors", torch.float32,
+        export_gates(run, gates, snapshot(), run / "gate.safetensors", torch.float32,
                      run_admission(run, gates, args, device, distiller))
         say(f"done: {run}/gate.safetensors ({format_time(elapsed)} of training)")
         print(run / "gate.safetensors")

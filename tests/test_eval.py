@@ -55,7 +55,7 @@ def quick(setup):
     out = root / "eval.json"
     proc = run_eval("--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
                     "--gates-dir", str(root / "gates"), "--lengths", "160", "--docs", "2", "--decode-tokens", "16",
-                    "--passkey-lengths", "400", "--depths", "0", "0.5", "1", "--out", str(out))
+                    "--passkey-lengths", "400", "--depths", "0", "0.5", "1", "--keys", "3", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -147,7 +147,7 @@ def test_pieces_merge_into_the_whole_grid(setup, quick):
     root, checkpoint = setup
     _, whole = quick
     common = ["--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
-              "--gates-dir", str(root / "gates"), "--docs", "2", "--decode-tokens", "16"]
+              "--gates-dir", str(root / "gates"), "--docs", "2", "--decode-tokens", "16", "--keys", "3"]
     paths = [root / "piece-1.json", root / "piece-2.json"]
     for path, grid in zip(paths, (["--lengths", "160", "--passkey-lengths", "400", "--depths", "0"],
                                   ["--lengths", "--passkey-lengths", "400", "--depths", "0.5", "1"])):
@@ -177,7 +177,8 @@ def test_policies_run_only_the_rows_asked_for(setup, quick):
     root, checkpoint = setup
     _, whole = quick
     common = ["--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"),
-              "--gates-dir", str(root / "gates"), "--passkey-lengths", "400", "--depths", "0", "0.5", "1"]
+              "--gates-dir", str(root / "gates"), "--passkey-lengths", "400", "--depths", "0", "0.5", "1",
+              "--keys", "3"]
     out = root / "policies.json"
     proc = run_eval(*common, "--lengths", "--policies", "gate", "snapkv", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -211,6 +212,21 @@ def test_matched_baselines_hold_the_gates_kv_bytes(quick):
     # Held bytes that differ from the window alone: the gate really admits something to match.
     none = [s for s in result["sequences"]["perplexity"] if s["policy"] == "none"]
     assert all(g["held"] > n["held"] for g, n in zip(gate, none))
+
+
+def test_quick_takes_one_gate(setup, tmp_path):
+    """--quick looks at one gate: the first --gate, else the first file under --gates-dir; without --quick, all."""
+    root, checkpoint = setup
+    for name in ("b-gate", "a-gate"):
+        save_gates(tmp_path / f"{name}.safetensors", tiny_gates(2, 2, 16), {"window": WINDOW, "threshold": 0.1})
+    common = ["--checkpoint", str(checkpoint), "--data", str(root / "heldout"), "--gates-dir", str(tmp_path),
+              "--lengths", "--passkey-lengths", "--decode-tokens", "16"]   # no task: the gates are chosen all the same
+    for flags, gates in (([], ["a-gate", "b-gate"]), (["--quick"], ["a-gate"]),
+                         (["--quick", "--gate", str(tmp_path / "b-gate.safetensors")], ["b-gate"])):
+        out = tmp_path / "out.json"
+        proc = run_eval(*common, *flags, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert list(json.loads(out.read_text())["gates"]) == gates, flags
 
 
 def test_passkey_prompt_puts_the_key_at_the_depth():
@@ -260,9 +276,8 @@ def test_dense_finds_a_key_it_sees_and_the_diagnostic_counts_the_store(smollm2_c
     tok = Tokenizer(smollm2_checkpoint)
     filler = tok.encode((REPO / "prompts" / "with-statement.md").read_text() * 3, add_special_tokens=False)
     window, L = 128, 520
-    policies = [ev.Policy("dense", "dense"), ev.Policy("none", "builtin", "none"), ev.Policy("sink:4", "builtin", "sink:4")]
-    setup = lambda policy, seq_len, recorded: ev.install_policy(model, policy, seq_len, window, recorded, torch.float32,
-                                                                "cpu", "torch", 0)
+    policies = [ev.Row("dense", "dense"), ev.Row("none", "builtin", "none"), ev.Row("sink:4", "builtin", "sink:4")]
+    setup = lambda policy, seq_len, recorded: ev.install_policy(model, policy, seq_len, window, recorded, "torch", 0)
     heads = model.config.n_layers * model.config.n_kv_heads
     with torch.inference_mode():
         for task, keys in ((ev.PASSKEY, 1), (ev.MULTIKEY, 3)):
@@ -303,7 +318,7 @@ def test_snapkv_prefill_is_dense_and_keeps_the_top_scores():
     torch.manual_seed(0)
     B, Hq, Hkv, T, D, W, C = 1, 4, 2, 64, 16, 8, 10
     q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
-    cache = ev.SnapKVCache(B, Hkv, D, W, C, torch.float32, observe=6, pooling=3)
+    cache = ev.SnapKVCache(B, Hkv, D, W, 0.0, C, torch.float32, page_size=1, snapkv_window=6, pooling=3)
     y = cache(q, k, v, torch.zeros(B, Hkv, T), torch.arange(T))
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)

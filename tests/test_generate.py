@@ -1,4 +1,5 @@
-"""generate.py: greedy output equal to transformers' generate, sampling, --compile, bad input, the real model."""
+"""generate.py: greedy output equal to transformers' generate, sampling, --compile, bad input (every argument
+check), the real model."""
 import json
 import subprocess
 import sys
@@ -122,6 +123,9 @@ BAD_INPUTS = {
     "empty prompt": (["--checkpoint", "{tiny}", "--prompt", " "], "the prompt is empty"),
     "bad number": (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
     "no cuda": (["--checkpoint", "{tiny}", "--device", "cuda"], "CUDA is not available"),
+    "repetition penalty 0": (["--checkpoint", "{tiny}", "--repetition-penalty", "0"],
+                             "need --repetition-penalty > 0 (1 is none), got 0.0"),
+    "no chat template": (["--checkpoint", "{no_template}", "--interactive"], "--interactive needs a chat template"),
 }
 
 
@@ -135,8 +139,12 @@ def bad_input_results(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     garbled = save_tiny_checkpoint(root / "garbled_weights")
     (garbled / "model.safetensors").write_bytes(b"\x00" * 100)
     (root / "empty.txt").write_text("\n  \n")
+    no_template = save_tiny_checkpoint(root / "no_template")
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     paths = {"tiny": tiny, "garbled_config": root / "garbled_config",
-             "garbled_weights": garbled, "empty_file": root / "empty.txt"}
+             "garbled_weights": garbled, "empty_file": root / "empty.txt", "no_template": no_template}
     procs = {case: subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *(a.format(**paths) for a in args)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
              for case, (args, _) in BAD_INPUTS.items()}
@@ -152,6 +160,51 @@ def test_bad_input_one_line_exit_2(case, bad_input_results):
     assert stdout == ""
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert BAD_INPUTS[case][1] in stderr
+
+
+# Every check of generate.validate: the arguments given (beside VALID's), and what the one line says.
+VALID = dict(device="cpu", dtype="float32", max_new_tokens=200, temperature=None, top_k=None, top_p=None,
+             repetition_penalty=None, max_seq_len=None, prefill_chunk=2048, batch_size=8, prompt=None, prompt_file=None,
+             prompts_file=None, no_chat=False, interactive=False)
+BAD_ARGUMENTS = {
+    "unknown device": (dict(device="tpu"), "unknown device 'tpu' (supported: cpu, cuda)"),
+    "no cuda": (dict(device="cuda"), "--device cuda, but CUDA is not available on this machine"),
+    "unknown dtype": (dict(dtype="float8"), "unknown dtype 'float8' (supported: float32, bfloat16, float16)"),
+    "no new tokens": (dict(max_new_tokens=0), "need --max-new-tokens >= 1, got 0"),
+    "negative temperature": (dict(temperature=-0.5), "need --temperature >= 0 (0 is greedy), got -0.5"),
+    "NaN temperature": (dict(temperature=float("nan")), "need --temperature >= 0 (0 is greedy), got nan"),
+    "negative top-k": (dict(top_k=-1), "need --top-k >= 0 (0 keeps all tokens), got -1"),
+    "top-p 0": (dict(top_p=0.0), "need --top-p in (0, 1] (1 keeps all tokens), got 0.0"),
+    "top-p above 1": (dict(top_p=1.5), "need --top-p in (0, 1] (1 keeps all tokens), got 1.5"),
+    "repetition penalty 0": (dict(repetition_penalty=0.0), "need --repetition-penalty > 0 (1 is none), got 0.0"),
+    "negative repetition penalty": (dict(repetition_penalty=-1.2), "need --repetition-penalty > 0 (1 is none), got -1.2"),
+    "max-seq-len 0": (dict(max_seq_len=0), "need --max-seq-len >= 1, got 0"),
+    "negative prefill chunk": (dict(prefill_chunk=-1), "need --prefill-chunk >= 0 (0: all at once), got -1"),
+    "batch size 0": (dict(batch_size=0), "need --batch-size >= 1, got 0"),
+    "interactive with a prompt": (dict(interactive=True, prompt=["Hi"]), "--interactive reads the turns from stdin"),
+    "interactive with a prompt file": (dict(interactive=True, prompt_file="p.txt"), "it takes no --prompt"),
+    "interactive with a prompts file": (dict(interactive=True, prompts_file="p.txt"), "it takes no --prompt"),
+    "interactive without the chat template": (dict(interactive=True, no_chat=True), "--prompts-file or --no-chat"),
+    "empty prompt": (dict(prompt=["  "]), "the prompt is empty"),
+    "an empty prompt of several": (dict(prompt=["Hi", ""]), "the prompt of --prompt number 2 is empty"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_validate_names_each_bad_argument_in_one_line(case):
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    given, message = BAD_ARGUMENTS[case]
+    with pytest.raises(generate.BadInput) as e:
+        generate.validate(**VALID | given)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_validate_takes_the_edges_of_each_range():
+    generate.validate(**VALID)
+    generate.validate(**VALID | dict(max_new_tokens=1, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1e-3,
+                                     max_seq_len=1, prefill_chunk=0, batch_size=1, prompt=["Hi", "Ho"]))
+    generate.validate(**VALID | dict(interactive=True))
 
 
 def test_embedded_model_knows_paris(smollm2_checkpoint):

@@ -287,19 +287,29 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, problem, capsys):
     assert len(err) == 1 and err[0].startswith("train_gate.py: ")
 
 
+def uninterrupted(args: dict, out: Path) -> tuple[list[dict], list[str]]:
+    """The log of the run `args` trained in one go, and the command line of the same run into `out`, to be
+    interrupted and resumed."""
+    train_gate.train(**args)
+    return log(Path(args["out"])), [sys.executable, str(REPO / "train_gate.py")] + cli(args | dict(out=str(out)))
+
+
+def wait_for_steps(proc: subprocess.Popen, run: Path, steps: int, poll: float) -> None:
+    """Wait until the training process has logged `steps` steps in run/log.jsonl; it must not stop before."""
+    while not (run / "log.jsonl").exists() or len((run / "log.jsonl").read_text().splitlines()) < steps:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(poll)
+
+
 def test_interrupt_nan_and_resume_follow_the_uninterrupted_trajectory(tmp_path):
     model_dir, docs_dir = make_tiny_model(tmp_path / "model"), make_docs(tmp_path / "docs")
     args = run_args(model_dir, docs_dir, tmp_path / "whole", steps=40, save_every=100)
-    train_gate.train(**args)
-    whole = log(tmp_path / "whole")
+    out = tmp_path / "parts"
+    whole, cmd = uninterrupted(args, out)
 
     # Ctrl-C in the middle: the run saves after the current step and exits 130.
-    out = tmp_path / "parts"
-    cmd = [sys.executable, str(REPO / "train_gate.py")] + cli(args | dict(out=str(out)))
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
+    wait_for_steps(proc, out, 3, poll=0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130, proc.stderr.read()
     stopped = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
@@ -435,16 +445,11 @@ def test_init_starts_from_a_gate_file(tiny, tmp_path):
 def test_sigkill_resumes_from_the_last_checkpoint_on_the_uninterrupted_trajectory(tmp_path):
     model_dir, docs_dir = make_tiny_model(tmp_path / "model"), make_docs(tmp_path / "docs")
     args = retrieval_args(model_dir, docs_dir, tmp_path / "whole", steps=30, save_every=3)
-    train_gate.train(**args)
-    whole = log(tmp_path / "whole")
-
     out = tmp_path / "parts"
-    cmd = [sys.executable, str(REPO / "train_gate.py")] + cli(args | dict(out=str(out)))
+    whole, cmd = uninterrupted(args, out)
     for kill_after in (5, 14):   # kill twice, the second time a resumed process
         proc = subprocess.Popen(cmd + (["--resume"] if kill_after > 5 else []), cwd=REPO, stderr=subprocess.PIPE, text=True)
-        while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < kill_after:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.005)
+        wait_for_steps(proc, out, kill_after, poll=0.005)
         proc.kill()   # SIGKILL: no handler runs, nothing is saved
         proc.wait(timeout=60)
         done = len((out / "log.jsonl").read_text().splitlines())
