@@ -2,7 +2,7 @@
 same model, weights and prompt (greedy, batch 1); and of the dense against the write-gated cache.
 Prints a markdown table on stdout, progress on stderr.
 
-    python bench.py                                               # the README's table: embedded SmolLM2, float32
+    python bench.py                                               # BENCHMARKS.md's speed table: embedded SmolLM2, float32
     python bench.py --prefill 512 --contexts 1024 --new-tokens 16  # a shorter run
     python bench.py --systems eager gated --prefill 2048 4096 8192 --contexts 2048 4096 8192   # dense vs --gate
 

@@ -121,7 +121,7 @@ class WriteGatedCache(nn.Module):
 
     A token sits in ring slot pos % W for W steps (an empty slot has g = -1). When it leaves the ring it
     enters its (batch, KV head)'s global store if g > tau, else it is dropped; an append of several tokens
-    does this at once for those that end up older than the last W. So a query sees exactly the keys of the SPEC
+    does this at once for those that end up older than the last W. So a query sees exactly the keys of the DESIGN.md
     visibility rule: the ring (i - j < W) and the store (g_j > tau). The store's tokens live in pages of a
     PagePool (shared by all layers, or the cache's own, sized for `capacity` per head, when none is given),
     through a page table per head; lengths are device tensors. A head holds at most `capacity` tokens,

@@ -63,7 +63,8 @@ from tokenizer import Tokenizer
 
 # Ten retrieval prompts per length (two per depth), for the passkey and for the multi-key task with four keys:
 # one prompt per cell could not tell 8/10 from 10/10. Trial 0 is the prompt a one-trial grid asked, so earlier
-# pieces still merge. At 8k SmolLM2-135M misses the passkey even densely (README): those rows measure the model.
+# pieces still merge. At 8k SmolLM2-135M missed the passkey even densely in the runs before ebeb3c7 (README then): those rows measure
+# the model.
 FULL = dict(lengths=[2048, 4096, 8192], docs=2, decode_tokens=128, passkey_lengths=[2048, 4096, 8192],
             depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2, keys=4, budgets=[15, 25, 40])
 # --quick, a look in a few minutes and not a result: one gate (gate_files), one document, the passkey far back.

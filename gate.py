@@ -395,7 +395,7 @@ def install(model: Transformer, gates: list[nn.Module] | None) -> None:
 
 
 # The default pool holds what the gate admitted in training, per layer, times this margin (documents
-# differ from the training average; see the README for the held-out measurement), plus one page per head
+# differ from the training average; see BENCHMARKS.md for the held-out measurement), plus one page per head
 # for its partly filled last page. A gate without that record gets the full need.
 BUDGET_MARGIN = 1.5
 DEFAULT_PAGE_SIZE = 16

@@ -140,7 +140,7 @@ def compile_decode_step(device: str):
     step = torch._dynamo.config.patch(automatic_dynamic_shapes=False)(step)
     # Inductor's generated Python checks the size and stride of every tensor a block's code receives and
     # every extern kernel's output: about 35 checks a layer in the gated step, 1.3 ms of a 30 ms CPU step
-    # (README, Numbers). Dynamo's guards already check the step's inputs; the checks inside it only test
+    # (BENCHMARKS.md). Dynamo's guards already check the step's inputs; the checks inside it only test
     # Inductor against itself (vLLM turns them off too). The runtime checks of data-dependent sizes
     # (torch._check) stay. Only the switches this torch has: an unknown one fails the first call.
     checks = {name: False for name in ("size_asserts", "alignment_asserts") if hasattr(torch._inductor.config, name)}

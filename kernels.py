@@ -7,7 +7,7 @@ The launchers have the references' signatures and are PyTorch custom ops (BACKEN
 torch.compile traces through them and a decode step that calls them is captured by a CUDA graph.
 The pages the global stores live in, and their allocator, are pages.py's.
 
-Visibility (SPEC.md): query i sees key j iff j <= i and (i - j < W or g_j > tau).
+Visibility (DESIGN.md): query i sees key j iff j <= i and (i - j < W or g_j > tau).
 """
 import math
 import os

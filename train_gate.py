@@ -1,4 +1,4 @@
-"""Train the write gates by self-distillation (SPEC.md, Training); the model stays frozen.
+"""Train the write gates by self-distillation (DESIGN.md, Training); the model stays frozen.
 
 Teacher: the model with full causal attention, under no_grad. Student: the same model where every key
 at least W behind the query has log g added to its attention logit (soft admission; gradients reach g

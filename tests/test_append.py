@@ -1,6 +1,6 @@
 """The one append path: T >= 1 tokens into a cache that may already hold tokens (prefill chunks, new turns).
 
-Chunked prefill must give the one-shot prefill's logits and the SPEC oracle's, for the dense and the
+Chunked prefill must give the one-shot prefill's logits and the visibility-rule oracle (DESIGN.md)'s, for the dense and the
 write-gated cache, both attention backends, GQA and MHA, and any chunking.
 """
 import pytest

@@ -1,4 +1,4 @@
-"""WriteGatedCache against the SPEC oracle: dense attention under the visibility mask built from the g's."""
+"""WriteGatedCache against the visibility-rule oracle (DESIGN.md): dense attention under the visibility mask built from the g's."""
 import math
 
 import pytest
@@ -30,7 +30,7 @@ def random_gates(model: Transformer, seed: int = 0) -> list[gate.WriteGate]:
 
 
 def visibility_mask(g: torch.Tensor, window: int, threshold: float) -> torch.Tensor:
-    """SPEC: query i sees key j iff j <= i and (i - j < W or g_j > tau). g: (B, Hkv, T) -> (B, Hkv, T, T)."""
+    """DESIGN.md: query i sees key j iff j <= i and (i - j < W or g_j > tau). g: (B, Hkv, T) -> (B, Hkv, T, T)."""
     T = g.shape[-1]
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
     return (j <= i) & ((i - j < window) | (g[..., None, :] > threshold))

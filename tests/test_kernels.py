@@ -95,7 +95,7 @@ def test_gated_prefill_attention(G, D, dtype, T, W, frac, queries):
 ], ids=["triton", "reference"])
 @pytest.mark.parametrize("queries", [40, 13], ids=["all", "last"])
 def test_gated_prefill_matches_the_visibility_rule(prefill, queries):
-    """Kernel and reference against the SPEC's mask on dense attention, batch 2, admission differing
+    """Kernel and reference against the visibility mask (DESIGN.md) on dense attention, batch 2, admission differing
     per head, v laid out as the model makes it (B, T, Hkv, D) transposed, unlike k; "last": only the last
     13 tokens ask (a chunk after what a cache holds)."""
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def test_promote():
 
 
 def test_paged_sweep_a_few_dozen_cases():
-    """bench_gpu.py --random-cases (the README's run has 1,000 per kernel), a dozen per kernel."""
+    """bench_gpu.py --random-cases (BENCHMARKS.md's run has 1,000 per kernel), a dozen per kernel."""
     mismatches = []
     results = bench_gpu.random_cases(12, seed=1, report=lambda name, case: mismatches.append((name, case)))
     assert not mismatches and {name: n for name, (n, _, _) in results.items()} == dict.fromkeys(bench_gpu.RANDOM_CASES, 12)

@@ -1,5 +1,5 @@
 """Qwen3ForCausalLM: model.py against transformers, the key the gate reads, the refused configs, the gated
-cache against the SPEC oracle, greedy generate.py against transformers' generate, and the authors' gate files
+cache against the visibility-rule oracle (DESIGN.md), greedy generate.py against transformers' generate, and the authors' gate files
 at the real shapes of the three models they publish gates for."""
 import pytest
 import torch
@@ -153,7 +153,7 @@ def tiny_qwen3(n_kv_heads: int = 2, seed: int = 0) -> Transformer:
 @pytest.mark.parametrize("window, prompt_len", [(1, 5), (3, 20), (8, 5), (8, 20)])
 def test_gated_qwen3_matches_visibility_oracle(window, prompt_len):
     """test_gated_cache's oracle test on a Qwen3: prefill and 40 decode steps through the write-gated cache
-    give the logits of dense attention under the SPEC's visibility mask."""
+    give the logits of dense attention under the visibility mask of DESIGN.md."""
     model = tiny_qwen3()
     steps = 40
     setup_learned(model, random_gates(model), window, prompt_len + steps)
