@@ -25,8 +25,9 @@ PYTHON312 ?= $(lastword $(sort $(wildcard $(shell pyenv root 2>/dev/null)/versio
 generate: $(VENV)/.runtime
 	$(PY) generate.py --repetition-penalty $(REPETITION_PENALTY) $(if $(PROMPT),--prompt "$(PROMPT)",--prompt-file $(PROMPT_FILE))
 
+# -rs: each skipped test with its reason (a version that lacks something says so there).
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-gpu-stack:
 	$(if $(wildcard $(PYTHON312)),,$(error make test-gpu-stack: no Python 3.12 at '$(PYTHON312)' (default: pyenv's newest 3.12); pass PYTHON312=/path/to/python3.12))
