@@ -1,4 +1,4 @@
-# Two entry points, each building what it needs in a virtual environment from a bare Python 3:
+# Entry points, each building what it needs in a virtual environment from a bare Python 3:
 #   make generate    the embedded SmolLM2-135M-Instruct, with its trained gate, answers a question on a
 #                    page of Python's docs (PROMPT="..." asks something else)
 #   make test        the test suite (what CI runs)
@@ -17,7 +17,7 @@ REPETITION_PENALTY ?= 1.1
 # Each stack's test requirements, installed in turn (a later file's pins win).
 TEST_REQUIREMENTS ?= requirements-test.txt
 PY := $(VENV)/bin/python
-# The GPU machine's stack; the newest 3.12 under pyenv unless PYTHON312 names one.
+# The GPU machine's stack: a Python 3.12, pyenv's (the last by name) unless PYTHON312 names one.
 PYTHON312 ?= $(lastword $(sort $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12.*/bin/python3.12)))
 
 .PHONY: generate test test-gpu-stack bench data clean
