@@ -38,6 +38,7 @@ import generate
 from convert_gguf import checkpoint_or_default
 from generate import RunStats
 from gate import admission_stats, build_caches, dense_bytes, install
+from hf_process import HFProcess
 from model import CheckpointError
 
 
@@ -87,34 +88,16 @@ class Ours:
 
 
 class Transformers:
-    """transformers' generate (AutoModelForCausalLM: Llama or Qwen3), timed by a streamer that notes when each token arrives."""
+    """transformers' generate (AutoModelForCausalLM: Llama or Qwen3) in a process of its own (hf_process.py says
+    why), timed there by a streamer that notes when each token arrives."""
 
     def __init__(self, checkpoint):
-        import transformers
-        from transformers.generation.streamers import BaseStreamer
+        self.checkpoint, self.process = str(checkpoint), HFProcess()
+        self.process("load_model", self.checkpoint, torch.get_num_threads())
 
-        class Clock(BaseStreamer):
-            def __init__(self):
-                self.times = []
-
-            def put(self, value):   # called with the prompt, then with each new token
-                self.times.append(time.perf_counter())
-
-            def end(self):
-                pass
-
-        self.clock = Clock
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-
-    @torch.no_grad()
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> RunStats:
-        clock, tokens = self.clock(), torch.tensor([ids])                                  # (1, T)
-        start = time.perf_counter()
-        out = self.model.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False, streamer=clock,
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-        end = time.perf_counter()
-        assert out.shape[1] == len(ids) + new_tokens
-        return RunStats(len(ids), clock.times[1] - start, new_tokens - 1, end - clock.times[1])
+        prefill_s, decode_s = self.process("timed_generate", self.checkpoint, ids, new_tokens)
+        return RunStats(len(ids), prefill_s, new_tokens - 1, decode_s)
 
 
 def read_bandwidth(threads: int) -> float:

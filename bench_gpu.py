@@ -24,6 +24,7 @@ Progress goes to stderr.
 """
 import argparse
 import math
+import os
 import random
 import statistics
 import sys
@@ -34,7 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels
+# The dry run is the CPU path in Triton's interpreter even where CUDA is present. Triton reads
+# TRITON_INTERPRET when kernels.py defines its kernels, on the next line, so the flag is read here,
+# before argparse (which is told to take no abbreviation of it).
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:
+    os.environ["TRITON_INTERPRET"] = "1"
+import kernels   # noqa: E402
 from cache import allocated_bytes
 from pages import pages_for
 # After kernels, which chooses Triton's interpreter on a machine without a GPU before anything imports Triton
@@ -716,7 +722,7 @@ def main(dry_run: bool = False, sweep: bool = False, budget_s: float = 330.0, ra
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter: checks the script runs")
     parser.add_argument("--sweep", action="store_true",
                         help="also time tile alternatives of the prefill and decode kernels at the largest sizes")

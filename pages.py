@@ -20,9 +20,17 @@ from torch import Tensor
 torch._dynamo.config.force_parameter_static_shapes = False
 
 
+# Marked only where torch reuses a block's compiled region (model.py's nested_compile_region) for layers whose
+# buffers each bring a size symbol of their own: torch 2.11 matches the layers' calls by their graphs, which
+# differ in those symbols, so it compiled the block once per layer; 2.13 matches them by their guards. On
+# older torch the sizes stay static: the block compiles once, and another cache size compiles the step again.
+DYNAMIC_CACHE_SIZES = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+
+
 def dynamic_sizes(*dims: tuple[Tensor, int]) -> None:
-    """Mark the (buffer, dim) pairs dynamic for torch.compile; a size of 0 or 1 may still be specialised."""
-    for tensor, dim in dims:
+    """Mark the (buffer, dim) pairs dynamic for torch.compile (where DYNAMIC_CACHE_SIZES); a size of 0 or 1 may
+    still be specialised."""
+    for tensor, dim in dims if DYNAMIC_CACHE_SIZES else ():
         torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 

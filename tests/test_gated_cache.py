@@ -1,5 +1,6 @@
 """WriteGatedCache against the visibility-rule oracle (DESIGN.md): dense attention under the visibility mask built from the g's."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 import gate
 from cache import DenseCache, PagePool, WriteGatedCache, resolve_backend
+from pages import DYNAMIC_CACHE_SIZES
 from model import LlamaConfig, Transformer
 
 
@@ -348,7 +350,10 @@ def test_lowest_g_eviction_is_pool_wide():
                 assert c.store_contents()[2][b, h, :int(c.global_len[b, h])].tolist() == g[b, h, slots].tolist()
 
 
-def test_decode_compiles_fullgraph_once_per_block_and_matches_eager():
+@pytest.fixture(scope="module")
+def compiled_decode():
+    """A 6-layer gated model's prefill and 6 decode steps, eager and through one torch.compile(fullgraph=True) of
+    the model, with the matmuls Inductor lowered: the two tests below share it, so the step compiles once."""
     from torch._dynamo.utils import counters
     model = tiny_model(2, n_layers=6)
     gates = random_gates(model)
@@ -376,17 +381,28 @@ def test_decode_compiles_fullgraph_once_per_block_and_matches_eager():
     # Lowered here, not read from an earlier run's caches, so that Inductor's counters see the lowering.
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         compiled = run(step, stance_after_first="fail_on_recompile")
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    return SimpleNamespace(model=model, gates=gates, run=run, step=step, eager=eager, compiled=compiled,
+                           mm=dict(counters["aten_mm_info"]))
+
+
+def test_decode_compiles_fullgraph_once_per_block_and_matches_eager(compiled_decode):
+    torch.testing.assert_close(compiled_decode.compiled, compiled_decode.eager, rtol=1e-4, atol=1e-4)
     # The six blocks are one compiled subgraph: Inductor lowered each matmul of a block once (wq and wo share
     # a shape, as do wk and wv, w1 and w3), not six times, one per layer.
-    mm = counters["aten_mm_info"]
-    assert mm and max(mm.values()) == 2 and mm["aten.mm_2_64_64"] == 2, dict(mm)
-    # A cache of another size (another --max-seq-len) runs on the same graph.
-    setup_learned(model, gates, window=3, max_seq_len=40, page_size=4)
-    eager = run(model)
+    mm = compiled_decode.mm
+    assert mm and max(mm.values()) == 2 and mm["aten.mm_2_64_64"] == 2, mm
+
+
+@pytest.mark.skipif(not DYNAMIC_CACHE_SIZES, reason=f"torch {torch.__version__} compiles another cache size anew "
+                                                    "(pages.DYNAMIC_CACHE_SIZES says why)")
+def test_decode_of_another_cache_size_runs_on_the_same_graph(compiled_decode):
+    """A cache of another size (another --max-seq-len) runs on the graph the test above compiled."""
+    d = compiled_decode
+    setup_learned(d.model, d.gates, window=3, max_seq_len=40, page_size=4)
+    eager = d.run(d.model)
     torch.compiler.set_stance("fail_on_recompile")
     try:
-        torch.testing.assert_close(run(step, stance_after_first="fail_on_recompile"), eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(d.run(d.step, stance_after_first="fail_on_recompile"), eager, rtol=1e-4, atol=1e-4)
     finally:
         torch.compiler.set_stance("default")
 

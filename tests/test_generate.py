@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 import generate
-from tiny import save_tiny_checkpoint
+from tiny import hf_call, save_tiny_checkpoint
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,13 +28,7 @@ def tiny_checkpoint(request, tmp_path_factory) -> Path:
 
 def hf_greedy(checkpoint: Path, prompt_ids: list[int], max_new_tokens: int, stop_ids,
               repetition_penalty: float = 1.0) -> list[int]:
-    model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])                                                     # (1, T)
-    # An explicit mask: transformers would otherwise mask every prompt token equal to pad_token_id.
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                         eos_token_id=sorted(stop_ids), pad_token_id=max(stop_ids),
-                         repetition_penalty=repetition_penalty)
-    new = out[0, len(prompt_ids):].tolist()
+    new = hf_call("greedy", checkpoint, prompt_ids, max_new_tokens, stop_ids, repetition_penalty)
     return new[:-1] if new and new[-1] in stop_ids else new   # ours does not return the stop token
 
 

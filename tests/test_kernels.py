@@ -330,9 +330,14 @@ def test_kernels_compile_for_hopper():
 
 
 def test_bench_gpu_dry_run():
-    """The GPU benchmark runs end to end on the CPU at tiny shapes, so it cannot rot between GPU visits."""
-    result = subprocess.run([sys.executable, "bench_gpu.py", "--dry-run"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    """The GPU benchmark runs end to end on the CPU at tiny shapes, so it cannot rot between GPU visits. Run as
+    on a machine with CUDA (torch.cuda.is_available() made to say so), where the dry run must still choose
+    Triton's interpreter itself (this process's TRITON_INTERPRET, set by kernels.py, is not passed on)."""
+    as_with_cuda = ("import runpy, sys, torch; torch.cuda.is_available = lambda: True; "
+                    "sys.argv = ['bench_gpu.py', '--dry-run']; runpy.run_path('bench_gpu.py', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", as_with_cuda], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
     for row in ("compact_admitted", "gated_prefill_attention", "store_admitted", "decode_attention", "promote"):

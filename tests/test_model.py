@@ -4,7 +4,7 @@ import torch
 
 from cache import DenseCache
 from model import CheckpointError, LlamaConfig, Transformer
-from tiny import random_llama
+from tiny import hf_call
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 500000.0}
@@ -19,12 +19,10 @@ CONFIGS = {
 
 def both(tmp_path, **config) -> tuple[Transformer, torch.Tensor, torch.Tensor]:
     """Our model loaded from the checkpoint transformers saved; tokens (1, 48) and transformers' logits."""
-    hf = random_llama(**config)
-    hf.save_pretrained(tmp_path)
+    hf_config = hf_call("save_random_model", tmp_path, "llama", **config)
     ours = Transformer.from_pretrained(tmp_path)
-    tokens = torch.randint(0, hf.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = hf(tokens).logits                                    # (1, T, vocab)
+    tokens = torch.randint(0, hf_config["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(1))
+    expected = hf_call("logits", tmp_path, tokens)                      # (1, T, vocab)
     return ours, tokens, expected
 
 
@@ -60,7 +58,7 @@ def test_dense_cache_decode_equals_full_forward(tmp_path, name):
 
 
 def test_bad_config_is_named(tmp_path):
-    random_llama().save_pretrained(tmp_path)
+    hf_call("save_random_model", tmp_path, "llama")
     config = (tmp_path / "config.json").read_text().replace('"hidden_act": "silu"', '"hidden_act": "gelu"')
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(CheckpointError, match="hidden_act"):
@@ -69,7 +67,7 @@ def test_bad_config_is_named(tmp_path):
 
 def test_missing_tensor_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
-    random_llama().save_pretrained(tmp_path)
+    hf_call("save_random_model", tmp_path, "llama")
     state = load_file(tmp_path / "model.safetensors")
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, tmp_path / "model.safetensors")

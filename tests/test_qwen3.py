@@ -3,7 +3,6 @@ cache against the visibility-rule oracle (DESIGN.md), greedy generate.py against
 at the real shapes of the three models they publish gates for."""
 import pytest
 import torch
-import transformers
 
 import gate
 import generate
@@ -12,10 +11,10 @@ from model import CheckpointError, LlamaConfig, Transformer
 from test_gate import authors_checkpoint
 from test_gated_cache import generate as prefill_and_decode
 from test_gated_cache import oracle_logits, random_gates, setup_learned, visibility_mask
-from tiny import random_qwen3, save_tiny_checkpoint
+from tiny import hf_call, save_tiny_checkpoint
 from tokenizer import Tokenizer
 
-CONFIGS = {   # random_qwen3's head dim is 24, not hidden / heads = 16
+CONFIGS = {   # hf_side.QWEN3's head dim is 24, not hidden / heads = 16
     "gqa-untied": dict(num_attention_heads=4, num_key_value_heads=2),
     "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "mqa-bias-head-dim-32": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, attention_bias=True),
@@ -51,21 +50,20 @@ PUBLISHED = {"llama-3.1-8b-instruct": (LLAMA_31_8B, 512), "qwen3-4b-instruct-250
              "qwen3-4b-thinking-2507": (QWEN3_4B_2507, 192)}
 
 
-def both(tmp_path, **config) -> tuple[Transformer, transformers.Qwen3ForCausalLM, torch.Tensor]:
-    """Our model loaded from the checkpoint transformers saved, transformers' model, tokens (1, 48)."""
-    hf = random_qwen3(**config)
-    hf.save_pretrained(tmp_path)
-    tokens = torch.randint(0, hf.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
-    return Transformer.from_pretrained(tmp_path), hf, tokens
+def both(tmp_path, **config) -> tuple[Transformer, dict, torch.Tensor]:
+    """Our model loaded from the checkpoint transformers saved (at tmp_path), transformers' config, tokens (1, 48)."""
+    hf_config = hf_call("save_random_model", tmp_path, "qwen3", **config)
+    tokens = torch.randint(0, hf_config["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(1))
+    return Transformer.from_pretrained(tmp_path), hf_config, tokens
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_transformers(tmp_path, name):
-    ours, hf, tokens = both(tmp_path, **CONFIGS[name])
-    assert ours.config.qk_norm and ours.config.head_dim == hf.config.head_dim
-    assert (ours.output.weight is ours.tok_embeddings.weight) == hf.config.tie_word_embeddings
+    ours, hf_config, tokens = both(tmp_path, **CONFIGS[name])
+    assert ours.config.qk_norm and ours.config.head_dim == hf_config["head_dim"]
+    assert (ours.output.weight is ours.tok_embeddings.weight) == hf_config["tie_word_embeddings"]
+    expected = hf_call("logits", tmp_path, tokens)                        # (1, T, vocab)
     with torch.no_grad():
-        expected = hf(tokens).logits                                      # (1, T, vocab)
         logits = ours(tokens)
     assert expected.std() > 0.5, "logits too flat to compare"
     torch.testing.assert_close(logits, expected, rtol=0, atol=2e-5)
@@ -84,22 +82,19 @@ def test_dense_cache_decode_equals_full_forward(tmp_path):
 
 def test_gate_reads_the_normed_key_before_rope_and_the_cached_key_after(tmp_path):
     """As the authors' Qwen3 patch does: k_pre is k_norm(k_proj(x)) before RoPE, k_post the key the cache holds."""
-    ours, hf, tokens = both(tmp_path, **CONFIGS["gqa-untied"])
-    normed, seen = [], []
-    for layer in hf.model.layers:
-        layer.self_attn.k_norm.register_forward_hook(lambda m, args, out: normed.append(out.transpose(1, 2)))
+    ours, hf_config, tokens = both(tmp_path, **CONFIGS["gqa-untied"])
+    normed, cached = hf_call("qwen3_keys", tmp_path, tokens)
+    seen = []
     gates = random_gates(ours)
     for g in gates:
         g.register_forward_hook(lambda m, args, out: seen.append(args[:2]))
     gate.install(ours, gates)
-    cache = transformers.DynamicCache(config=hf.config)
     with torch.no_grad():
-        hf(tokens, cache=cache, use_cache=True)
         ours(tokens)
-    assert len(seen) == len(normed) == len(hf.model.layers)
+    assert len(seen) == len(normed) == hf_config["num_hidden_layers"]
     for i, ((k_pre, k_post), expected_pre) in enumerate(zip(seen, normed)):
         torch.testing.assert_close(k_pre, expected_pre, rtol=0, atol=1e-5)                  # (1, Hkv, T, D)
-        torch.testing.assert_close(k_post, cache.layers[i].keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(k_post, cached[i], rtol=0, atol=1e-5)
 
 
 DROP = object()   # an edit that removes the key
@@ -199,11 +194,7 @@ def test_greedy_matches_transformers(thinking_checkpoint, tmp_path, capsys):
     tok = Tokenizer(thinking_checkpoint)
     prompt = "What is the capital of France?"
     prompt_ids = tok.encode_prompt(prompt)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(thinking_checkpoint, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])                                                  # (1, T)
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40,
-                      eos_token_id=sorted(tok.stop_ids), pad_token_id=max(tok.stop_ids))
-    expected = out[0, len(prompt_ids):].tolist()
+    expected = hf_call("greedy", thinking_checkpoint, prompt_ids, 40, tok.stop_ids)
     expected = expected[:-1] if expected[-1] in tok.stop_ids else expected   # ours does not return the stop token
     assert len(expected) >= 10, "the random model stops too soon to compare much"
 

@@ -3,9 +3,8 @@ import json
 
 import jinja2
 import pytest
-import transformers
 
-from tiny import LLAMA3_TEMPLATE, SPECIAL, save_tiny_checkpoint, tiny_tokenizer
+from tiny import LLAMA3_TEMPLATE, SPECIAL, hf_call, save_tiny_checkpoint, tiny_tokenizer
 from tokenizer import StreamDecoder, Tokenizer, compile_chat_template
 
 CONVERSATIONS = [
@@ -20,6 +19,26 @@ CONVERSATIONS = [
 ]
 
 
+class HFTokenizer:
+    """transformers' AutoTokenizer of a checkpoint, kept in transformers' process (tiny.hf_call): the methods the
+    tests use are called there."""
+
+    def __init__(self, path):
+        self.handle, self.bos_token_id, self.eos_token_id = hf_call("open_tokenizer", path)
+
+    def __call__(self, text):
+        return hf_call("call_tokenizer", self.handle, "__call__", text)
+
+    def apply_chat_template(self, messages, **kwargs):
+        return hf_call("call_tokenizer", self.handle, "apply_chat_template", messages, **kwargs)
+
+    def convert_tokens_to_ids(self, token):
+        return hf_call("call_tokenizer", self.handle, "convert_tokens_to_ids", token)
+
+    def decode(self, ids, **kwargs):
+        return hf_call("call_tokenizer", self.handle, "decode", ids, **kwargs)
+
+
 def hf_chat_ids(hf, messages, add_generation_prompt):
     out = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
@@ -28,7 +47,7 @@ def hf_chat_ids(hf, messages, add_generation_prompt):
 @pytest.fixture(scope="module", params=["chatml", "llama3", "qwen3-instruct", "qwen3-thinking"])
 def tiny_pair(request, tmp_path_factory):
     path = save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
-    return request.param, Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    return request.param, Tokenizer(path), HFTokenizer(path)
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
@@ -61,7 +80,7 @@ def test_qwen3_thinking_markers(tmp_path, template):
     """The Thinking template opens a <think> block in the prompt, the Instruct one does not; both keep a reply's
     <think> ... </think> (added tokens, not special) when decoding, as transformers does."""
     path = save_tiny_checkpoint(tmp_path, template)
-    ours, hf = Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    ours, hf = Tokenizer(path), HFTokenizer(path)
     prompt = ours.encode_prompt("Hi")
     think, end_think = hf.convert_tokens_to_ids("<think>"), hf.convert_tokens_to_ids("</think>")
     assert (think in prompt) == (template == "qwen3-thinking")
@@ -83,7 +102,7 @@ def test_chat_template_jinja_file(tmp_path):
     config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "chat_template.jinja").write_text(config.pop("chat_template").replace("helpful", "jinja-file"))
     (path / "tokenizer_config.json").write_text(json.dumps(config))
-    ours, hf = Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    ours, hf = Tokenizer(path), HFTokenizer(path)
     assert "jinja-file" in ours.render_chat(CONVERSATIONS[0])
     assert ours.encode_chat(CONVERSATIONS[0]) == hf_chat_ids(hf, CONVERSATIONS[0], True)
 
@@ -102,7 +121,7 @@ def test_stream_decoder_holds_split_characters(tmp_path):
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2_checkpoint):
-    ours, hf = Tokenizer(smollm2_checkpoint), transformers.AutoTokenizer.from_pretrained(smollm2_checkpoint)
+    ours, hf = Tokenizer(smollm2_checkpoint), HFTokenizer(smollm2_checkpoint)
     for messages in CONVERSATIONS:
         assert ours.render_chat(messages) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert ours.encode_chat(messages) == hf_chat_ids(hf, messages, True)

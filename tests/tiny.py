@@ -1,16 +1,19 @@
-"""Tiny random Llama and Qwen3 checkpoints in Hugging Face format, built by transformers itself, for CPU tests.
+"""Tiny random Llama and Qwen3 checkpoints in Hugging Face format, built by transformers itself, for CPU tests,
+and hf_call, which runs the tests' transformers side (hf_side.py) in transformers' own process.
 
 `save_tiny_checkpoint(dir, template="chatml" | "llama3" | "qwen3-instruct" | "qwen3-thinking", **config)`
 writes config.json, model.safetensors, generation_config.json, tokenizer.json (a byte-level BPE trained
 here on a few lines of text) and tokenizer_config.json with the chat template. The qwen3 templates make a
 Qwen3ForCausalLM with Qwen's tokenizer pipeline; the others a LlamaForCausalLM.
 """
+import atexit
+import functools
 import json
 from pathlib import Path
 
-import torch
-import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from hf_process import HFProcess
 
 # SmolLM2-135M-Instruct's template, as its GGUF and Hugging Face repo ship it.
 CHATML_TEMPLATE = (
@@ -193,33 +196,17 @@ def tiny_tokenizer(template: str = "chatml") -> Tokenizer:
     return tok
 
 
-def randomized(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
-    """Norm weights away from one and biases away from zero, so that a norm or bias left out shows."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.normal_(0, 0.1)
-    return model.eval()
+@functools.cache
+def transformers_process() -> HFProcess:
+    """One process for the whole session: transformers is imported once."""
+    process = HFProcess(Path(__file__).with_name("hf_side.py"))
+    atexit.register(process.close)
+    return process
 
 
-def random_llama(seed: int = 0, **config) -> transformers.LlamaForCausalLM:
-    """A transformers Llama with random weights large enough that logits differ clearly, norms not all ones."""
-    defaults = dict(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
-                    initializer_range=0.1, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
-    torch.manual_seed(seed)
-    return randomized(transformers.LlamaForCausalLM(transformers.LlamaConfig(**(defaults | config))))
-
-
-def random_qwen3(seed: int = 0, **config) -> transformers.Qwen3ForCausalLM:
-    """A transformers Qwen3 like random_llama's, with a head dim (24) that is not hidden / heads (16)."""
-    defaults = dict(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=24, intermediate_size=128, max_position_embeddings=512,
-                    initializer_range=0.1, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
-    torch.manual_seed(seed)
-    return randomized(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**(defaults | config))))
+def hf_call(name: str, *args, **kwargs):
+    """hf_side.py's function `name`, called in transformers' process (hf_process.py says why not in this one)."""
+    return transformers_process()(name, *args, **kwargs)
 
 
 def save_tiny_checkpoint(path: str | Path, template: str = "chatml", seed: int = 0, **config) -> Path:
@@ -231,9 +218,8 @@ def save_tiny_checkpoint(path: str | Path, template: str = "chatml", seed: int =
     # Qwen3's config.json names <|endoftext|> as BOS, and EOS beside <|im_end|>, though the tokenizer adds no BOS.
     model_bos, model_eos = ("<|endoftext|>", {eos, "<|endoftext|>"}) if qwen3 else (bos, {eos, end_of_turn})
     eos_ids = sorted(tok.token_to_id(t) for t in model_eos)
-    model = (random_qwen3 if qwen3 else random_llama)(seed, vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id(model_bos),
-                                                      eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids, **config)
-    model.save_pretrained(path)
+    hf_call("save_random_model", path, "qwen3" if qwen3 else "llama", seed, vocab_size=tok.get_vocab_size(),
+            bos_token_id=tok.token_to_id(model_bos), eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids, **config)
     tok.save(str(path / "tokenizer.json"))
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
                         "clean_up_tokenization_spaces": False, "model_max_length": 512, "chat_template": TEMPLATES[template]}
