@@ -58,7 +58,7 @@ from convert_gguf import checkpoint_or_default
 from data import DataError, chat_prefix, make_samples, read_documents
 from gate import (DEFAULT_PAGE_SIZE, DEFAULT_WINDOW, SNAPKV_OBSERVE, Budget, ConstantGate, build_caches, gate_settings,
                   install, load_gates, parse_budget, parse_policy)
-from model import Transformer
+from model import DTYPES, Transformer, default_dtype
 from tokenizer import Tokenizer
 
 # Ten retrieval prompts per length (two per depth), for the passkey and for the multi-key task with four keys:
@@ -796,7 +796,7 @@ def retrieval_prompts(tok: Tokenizer, documents: list[tuple[str, str]], grid: di
 
 def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quick: bool, lengths: list[int] | None,
         docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
-        trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str, backend: str,
+        trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str | None, backend: str,
         threads: int, seed: int, out: str | None, plot_path: str | None, kv_budget: str | None = None,
         budgets: list[float] | None = None, policies: list[str] | None = None) -> None:
     t_start = time.time()
@@ -808,7 +808,9 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     if threads:
         torch.set_num_threads(threads)
     checkpoint = str(checkpoint_or_default(checkpoint))
-    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
+    dtype = dtype or default_dtype(checkpoint, device)
+    say(f"dtype: {dtype}")
+    model = Transformer.from_pretrained(checkpoint, dtype=DTYPES[dtype], device=device)
     tok = Tokenizer(checkpoint)
     gate_meta, window = gate_files(model, gates_dir, gate, window, quick)
     families = tuple(policies) if policies is not None else FAMILIES
@@ -962,7 +964,8 @@ if __name__ == "__main__":
                              f"need dense, random and snapkv need gate")
     parser.add_argument("--sink", type=int, default=4, help="sink tokens of the sink:N baseline (default 4)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="default: float32 on a CPU; on CUDA the checkpoint's own, else bfloat16 (model.default_dtype)")
     parser.add_argument("--backend", default="auto", help="attention backend of the write-gated cache (auto, torch, triton)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="passkey keys and the matched random shuffles")

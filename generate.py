@@ -26,10 +26,9 @@ from torch import Tensor
 from cache import Eviction, one_row, summed_counts
 from convert_gguf import checkpoint_or_default
 from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, build_caches, dense_bytes, format_stats
-from model import CheckpointError, Transformer
+from model import DTYPES, CheckpointError, Transformer, default_dtype
 from tokenizer import StreamDecoder, Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_PROMPT = "What is the capital of France?"
 # A prompt longer than this is prefilled in chunks of it: the activations of one chunk at a time, same tokens.
 DEFAULT_PREFILL_CHUNK = 2048
@@ -365,6 +364,11 @@ def peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"   # ru_maxrss is in KiB
 
 
+def dtype_said(model: Transformer) -> str:
+    """The dtype the run took (--dtype, else model.default_dtype's choice), for the statistics line."""
+    return "dtype: " + str(model.output.weight.dtype).removeprefix("torch.")
+
+
 def read_prompts(path: str) -> list[str]:
     """--prompts-file: one prompt per line, or JSON Lines of objects with a "prompt" string."""
     try:
@@ -426,7 +430,7 @@ def validate(*, device: str, dtype: str, max_new_tokens: int, temperature: float
         raise BadInput(f"unknown device {device!r} (supported: cpu, cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda, but CUDA is not available on this machine")
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
     for flag, value, within, rule in (
             ("--max-new-tokens", max_new_tokens, lambda v: v >= 1, ">= 1"),
@@ -526,7 +530,7 @@ def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], batch_si
               if t.decode_steps else "no steps")
     print(f"{len(prompts)} prompts: prompt tokens {t.prompt_tokens} | prefill: {t.prefill_s:.3f} s | new tokens: "
           f"{sum(map(len, new))} | decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: "
-          f"{peak_memory(device)}", file=sys.stderr)
+          f"{peak_memory(device)} | {dtype_said(model)}", file=sys.stderr)
     if gate is not None:
         print(f"all {len(prompts)} prompts, each as it finished: " + format_stats(
             admission_stats(model, t.counts), dense_bytes(model, max_seq_len, rows), evictor), file=sys.stderr)
@@ -561,7 +565,8 @@ def run_prompt(model: Transformer, tokenizer: Tokenizer, prompt: str, no_chat: b
     device = model.output.weight.device
     decode = f"{t.decode_steps / t.decode_s:.1f} tok/s ({t.decode_steps} steps)" if t.decode_steps else "no steps"
     print(f"prompt tokens: {T} | prefill: {t.prefill_s:.3f} s, {T / t.prefill_s:.1f} tok/s | new tokens: {len(new)} "
-          f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(device)}", file=sys.stderr)
+          f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(device)} | {dtype_said(model)}",
+          file=sys.stderr)
     if cache_options["gate"] is not None:
         print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
 
@@ -569,7 +574,7 @@ def run_prompt(model: Transformer, tokenizer: Tokenizer, prompt: str, no_chat: b
 def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, prompt_file: str | None = None,
          prompts_file: str | None = None, batch_size: int = 8, jsonl: bool = False,
          no_chat: bool = False, max_new_tokens: int = 200, temperature: float | None = None, top_k: int | None = None,
-         top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None, device: str = "cpu", dtype: str = "float32",
+         top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None, device: str = "cpu", dtype: str | None = None,
          max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
          threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
          page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], attn_backend: str = "auto",
@@ -583,6 +588,7 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
         gate = str(DEFAULT_GATE)
     gate = None if gate == "dense" else gate
     checkpoint = checkpoint_or_default(checkpoint)
+    dtype = dtype or default_dtype(checkpoint, device)   # said on the statistics line
 
     model, tokenizer = load(checkpoint, device, DTYPES[dtype])
     sampling = sampling_settings(checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -631,7 +637,8 @@ if __name__ == "__main__":
                         "row's context: > 1 discourages repeating a token (default: 1, none)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on a CPU; on CUDA the "
+                        "checkpoint's own, config.json's dtype or torch_dtype, else bfloat16)")
     parser.add_argument("--max-seq-len", type=int, help="longest prompt plus completion (default: exactly that)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
     parser.add_argument("--gate", help="write-gated KV cache: a gate file (.safetensors, or the authors' .pt) at its "

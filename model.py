@@ -311,6 +311,21 @@ class Transformer(nn.Module):
         return model.eval().requires_grad_(False)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(checkpoint: str | Path, device: str | torch.device) -> str:
+    """The dtype a run takes when none is asked for. On a CPU float32: bf16 matrix products are slow there
+    without AVX512-BF16, and the embedded model is stored in float32. On a GPU the checkpoint's own
+    (config.json's `dtype`, else `torch_dtype`, else bfloat16): the published Llama and Qwen3 models are bf16,
+    which takes half of float32's memory and feeds the tensor cores, where float32 tiles would be slower."""
+    if torch.device(device).type == "cpu":
+        return "float32"
+    config = read_json(Path(checkpoint) / "config.json")
+    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return name if name in DTYPES else "bfloat16"
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())

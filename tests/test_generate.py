@@ -216,3 +216,44 @@ def test_embedded_model_runs_its_gate_by_default(smollm2_checkpoint):
     admitted = float(gated.stderr.split("admitted ")[1].split("%")[0])
     assert 0 < admitted < 100, gated.stderr
     assert "write-gated" not in dense.stderr and "admitted" not in dense.stderr
+
+
+@pytest.mark.parametrize("config, device, expected", [
+    ({"dtype": "bfloat16"}, "cpu", "float32"),          # a CPU runs float32 whatever the checkpoint says
+    ({"dtype": "float16", "torch_dtype": "bfloat16"}, "cuda", "float16"),   # config.json's dtype first
+    ({"torch_dtype": "bfloat16"}, "cuda", "bfloat16"),  # else the older torch_dtype
+    ({"torch_dtype": "float32"}, "cuda", "float32"),    # the checkpoint's own, even float32
+    ({}, "cuda", "bfloat16"),                           # neither: bfloat16
+    ({"torch_dtype": "int8"}, "cuda", "bfloat16"),      # nothing a model runs in: bfloat16
+])
+def test_default_dtype_is_float32_on_a_cpu_and_the_checkpoints_own_on_cuda(tmp_path, config, device, expected):
+    from model import default_dtype
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert default_dtype(tmp_path, device) == expected
+
+
+def test_device_cuda_loads_the_checkpoints_dtype(tiny_checkpoint, monkeypatch):
+    """generate.main with --device cuda and no --dtype asks load for the checkpoint's dtype. CUDA's presence is
+    faked and load stopped there: this machine has no GPU to load onto."""
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(checkpoint, device, dtype):
+        asked.update(device=device, dtype=dtype)
+        raise Loaded
+
+    monkeypatch.setattr(generate, "load", load)
+    for given, expected in ((None, config.get("dtype") or config.get("torch_dtype") or "bfloat16"), ("float16", "float16")):
+        with pytest.raises(Loaded):
+            generate.main(checkpoint=str(tiny_checkpoint), prompt=PROMPT, device="cuda", dtype=given, gate="dense")
+        assert asked == dict(device="cuda", dtype=getattr(torch, expected))
+
+
+def test_the_statistics_line_says_the_dtype(tiny_checkpoint):
+    proc = run("--checkpoint", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "2", "--gate", "dense")
+    assert proc.returncode == 0, proc.stderr
+    assert "| dtype: float32" in proc.stderr
