@@ -809,7 +809,6 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         torch.set_num_threads(threads)
     checkpoint = str(checkpoint_or_default(checkpoint))
     dtype = dtype or default_dtype(checkpoint, device)
-    say(f"dtype: {dtype}")
     model = Transformer.from_pretrained(checkpoint, dtype=DTYPES[dtype], device=device)
     tok = Tokenizer(checkpoint)
     gate_meta, window = gate_files(model, gates_dir, gate, window, quick)
