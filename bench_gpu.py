@@ -427,7 +427,7 @@ def time_decode(layers, tiles, dev):
 
 def bench_decode(s: Sizes, bandwidth):
     dev, dt, D, Hkv = s.device, torch.bfloat16, s.D, s.Hkv
-    tiles = kernels.DECODE_TILES if dev == "cuda" else kernels.INTERPRETER_DECODE_TILES
+    tiles = kernels.launch_tiles("decode", dev, dt, D)
     rows = []
     for n in s.decode_keys:
         layers, keys, nbytes = decode_layers(s, n)
@@ -472,7 +472,7 @@ def computed_tile_flops(s: Sizes, idx, count, T, tiles):
 
 def bench_prefill(s: Sizes):
     dev, D, G, W = s.device, s.D, s.Hq // s.Hkv, s.window
-    tiles = kernels.PREFILL_TILES if dev == "cuda" else kernels.INTERPRETER_PREFILL_TILES
+    tiles = kernels.launch_tiles("prefill", dev, torch.bfloat16, D)
     rows = []
     for T in s.prefill_T:
         q, k, v, idx, count = prefill_inputs(s, T)
@@ -500,9 +500,9 @@ def bench_prefill(s: Sizes):
 
 # --- --sweep: tile alternatives at the largest sizes -----------------------------------------
 
-PREFILL_VARIANTS = [dict(kernels.PREFILL_TILES, num_stages=4),
+PREFILL_VARIANTS = [dict(BLOCK_M=128, BLOCK_N=64, SEARCH_LANES=128, num_warps=8, num_stages=4),
                     dict(BLOCK_M=64, BLOCK_N=64, SEARCH_LANES=128, num_warps=4, num_stages=3)]
-DECODE_VARIANTS = [dict(kernels.DECODE_TILES, num_stages=4),
+DECODE_VARIANTS = [dict(BLOCK_N=64, programs_per_sm=2, num_warps=4, num_stages=4),
                    dict(BLOCK_N=32, programs_per_sm=4, num_warps=4, num_stages=4),
                    dict(BLOCK_N=128, programs_per_sm=2, num_warps=4, num_stages=2)]
 
@@ -512,7 +512,7 @@ def bench_sweep(s: Sizes, bandwidth):
     rows = []
     T = max(s.prefill_T)
     q, k, v, idx, count = prefill_inputs(s, T)
-    defaults = kernels.PREFILL_TILES if dev == "cuda" else kernels.INTERPRETER_PREFILL_TILES
+    defaults = kernels.launch_tiles("prefill", dev, torch.bfloat16, D)
     for tiles in [defaults] + PREFILL_VARIANTS:
         out = kernels.gated_prefill_tiled(q, k, v, idx, count, W, D ** -0.5, tiles)
         err = rel_err(out, kernels.gated_prefill_attention(q, k, v, idx, count, W, D ** -0.5))
@@ -523,7 +523,7 @@ def bench_sweep(s: Sizes, bandwidth):
     del q, k, v
     n = max(s.decode_keys)
     layers, _, nbytes = decode_layers(s, n)
-    defaults = kernels.DECODE_TILES if dev == "cuda" else kernels.INTERPRETER_DECODE_TILES
+    defaults = kernels.launch_tiles("decode", dev, torch.bfloat16, D)
     for tiles in [defaults] + DECODE_VARIANTS:
         err = rel_err(kernels.decode_attention_tiled(*layers[0], tiles), kernels.decode_attention(*layers[0]))
         seconds = time_decode(layers, tiles, dev)

@@ -109,18 +109,78 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor
 # arithmetic fp64 and compare g against a threshold other than PyTorch's float32 one.
 
 LOG2E = 1.4426950408889634
-# Tiles on a GPU, chosen from the sm_90 compiler's report (no register spills, K/V loads pipelined
-# into shared memory), not yet from timings. Prefill: BLOCK_M query rows (positions x the group's
-# query heads) by BLOCK_N keys. Decode: BLOCK_N keys per tile, a grid of programs_per_sm programs
-# per multiprocessor. bench_gpu.py --sweep times alternatives.
-PREFILL_TILES = dict(BLOCK_M=128, BLOCK_N=64, SEARCH_LANES=128, num_warps=8, num_stages=3)
-DECODE_TILES = dict(BLOCK_N=64, programs_per_sm=2, num_warps=4, num_stages=3)
-# float32 tiles take twice the shared memory and registers: the 16-bit prefill tiles would not fit.
-PREFILL_TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, SEARCH_LANES=128, num_warps=4, num_stages=2)
 # In the interpreter: small tiles, so that small tests cross tile edges; a search of several steps;
 # and a grid of 3 programs, so that heads straddle programs.
 INTERPRETER_PREFILL_TILES = dict(BLOCK_M=32, BLOCK_N=16, SEARCH_LANES=4)
 INTERPRETER_DECODE_TILES = dict(BLOCK_N=16, programs_per_sm=3)
+# On a GPU: prefill tiles of BLOCK_M query rows (positions x the group's query heads) by BLOCK_N keys;
+# decode tiles of BLOCK_N keys, on a grid of programs_per_sm programs per multiprocessor. A launcher
+# takes the first tile of its list meant for the head dim whose shared memory fits the device's block
+# (tiles_for). The lists go by how the dots run. Hopper's wgmma reads its operands from shared memory,
+# so at head dim 128 a 128 x 64 tile fits its registers; the mma of every other GPU (Ampere, Ada,
+# consumer Blackwell) holds them in registers and spills there, so 128 x 32. Float32 runs as three tf32
+# products of operands split in two halves (tf32x3), and spills at head dim 128 beyond 16 query rows.
+# Decode's rows, one group's query heads, are too few for wgmma: its tiles are the same everywhere.
+# The lists come from the compiler's reports (ptxas's registers and spills, Triton's shared memory)
+# for sm_80, sm_89 and sm_90 with triton 3.6 and 3.9, not yet from timings: tests/test_kernels.py
+# compiles every kernel at the tiles picked for an A100, an L40S and an H100, and fails on a spill or
+# on shared memory beyond the estimate or the device. bench_gpu.py --sweep times alternatives.
+GPU_TILES = {   # (op, dots): [(largest head dim, tiles), ...] best first
+    ("prefill", "wgmma"): [(128, dict(BLOCK_M=128, BLOCK_N=64, SEARCH_LANES=128, num_warps=8, num_stages=3))],
+    ("prefill", "mma"): [(64, dict(BLOCK_M=128, BLOCK_N=64, SEARCH_LANES=128, num_warps=8, num_stages=3)),
+                         (128, dict(BLOCK_M=128, BLOCK_N=32, SEARCH_LANES=128, num_warps=8, num_stages=3))],
+    ("prefill", "tf32x3"): [(64, dict(BLOCK_M=32, BLOCK_N=32, SEARCH_LANES=128, num_warps=4, num_stages=2)),
+                            (128, dict(BLOCK_M=16, BLOCK_N=32, SEARCH_LANES=128, num_warps=4, num_stages=2))],
+    ("decode", "wgmma"): [(128, dict(BLOCK_N=64, programs_per_sm=2, num_warps=4, num_stages=3))],
+    ("decode", "mma"): [(128, dict(BLOCK_N=64, programs_per_sm=2, num_warps=4, num_stages=3))],
+    ("decode", "tf32x3"): [(128, dict(BLOCK_N=32, programs_per_sm=2, num_warps=4, num_stages=3))],
+}
+
+
+class DeviceLimits(NamedTuple):
+    """What a GPU gives a kernel: the shared memory a block may opt in to (bytes), its multiprocessors,
+    its compute capability."""
+    shared_memory: int
+    multiprocessors: int
+    capability: tuple[int, int]
+
+
+def device_limits(device: torch.device | str) -> DeviceLimits:
+    props = torch.cuda.get_device_properties(device)
+    return DeviceLimits(props.shared_memory_per_block_optin, props.multi_processor_count, (props.major, props.minor))
+
+
+def shared_memory(tiles: dict, dtype: torch.dtype, head_dim: int, capability: tuple[int, int]) -> int:
+    """An upper bound of the shared memory (bytes) a kernel takes at these tiles, from where Triton puts
+    things: the K and V tiles, num_stages - 1 deep (num_stages from Hopper on, where wgmma reads a tile
+    in shared memory while the next one loads); the query rows and the softmax weights on their way to
+    the dots, twice in float32 (tf32x3's halves); 4 KiB of scratch. tests/test_kernels.py checks it
+    against the compiler's count."""
+    rows = tiles.get("BLOCK_M", 16)      # decode: a group's query heads, padded to 16 (groups of up to 16)
+    block_n, size = tiles["BLOCK_N"], dtype.itemsize
+    buffers = tiles["num_stages"] - (0 if capability >= (9, 0) and rows >= 64 else 1)
+    copies = 2 if dtype == torch.float32 else 1
+    return size * (2 * buffers * block_n * head_dim + copies * rows * (head_dim + block_n)) + 4096
+
+
+def tiles_for(op: str, dtype: torch.dtype, head_dim: int, limits: DeviceLimits) -> dict:
+    """The tiles of op ("prefill" or "decode") on a GPU with these limits: the first of its GPU_TILES list
+    meant for the head dim whose shared memory fits a block."""
+    dots = "tf32x3" if dtype == torch.float32 else "wgmma" if limits.capability[0] == 9 else "mma"
+    for largest_head_dim, tiles in GPU_TILES[op, dots]:
+        fits = shared_memory(tiles, dtype, head_dim, limits.capability) <= limits.shared_memory
+        if head_dim <= largest_head_dim and fits:
+            return tiles
+    major, minor = limits.capability
+    raise ValueError(f"no {op} tile for head dim {head_dim} in {dtype} fits sm_{major}{minor} "
+                     f"({limits.shared_memory // 1024} KiB of shared memory a block)")
+
+
+def launch_tiles(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> dict:
+    """The tiles op's launcher takes: on a GPU tiles_for the device, in the interpreter its own."""
+    if torch.device(device).type != "cuda":
+        return INTERPRETER_PREFILL_TILES if op == "prefill" else INTERPRETER_DECODE_TILES
+    return tiles_for(op, dtype, head_dim, device_limits(device))
 
 
 def _launch(kernel):
@@ -134,10 +194,6 @@ def _dot_options(x: Tensor) -> dict:
     if x.device.type != "cuda":
         return dict(UPCAST=True, PRECISION="ieee")
     return dict(UPCAST=False, PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
-
-
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -369,16 +425,13 @@ def gated_prefill_attention(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tenso
     as T * (W + admitted). (The reference's `block` is its own chunking; the kernel has its tiles.)
     Returns (B, Hq, T, D) in q's dtype, laid out as (B, T, Hq, D) so the output projection reads it as is.
     """
-    if q.device.type != "cuda":
-        tiles = INTERPRETER_PREFILL_TILES
-    else:
-        tiles = PREFILL_TILES_FP32 if q.dtype == torch.float32 else PREFILL_TILES
+    tiles = launch_tiles("prefill", q.device, q.dtype, q.shape[-1])
     return gated_prefill_tiled(q, k, v, admitted_idx, admitted_count, window, scale, tiles)
 
 
 def gated_prefill_tiled(q: Tensor, k: Tensor, v: Tensor, admitted_idx: Tensor, admitted_count: Tensor,
                         window: int, scale: float, tiles: dict) -> Tensor:
-    """The gated prefill kernel with the given tiles (PREFILL_TILES' keys)."""
+    """The gated prefill kernel with the given tiles (GPU_TILES' prefill keys)."""
     q, k, v = _rows(q), _rows(k), _rows(v)
     B, Hq, T, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -728,13 +781,13 @@ def decode_attention(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor
     tables are read by the kernels. Heads whose lengths differ by 100x cost the programs the same:
     work is cut into equal runs of tiles across all heads, not into a fixed number of splits per head.
     """
-    tiles = DECODE_TILES if q.device.type == "cuda" else INTERPRETER_DECODE_TILES
+    tiles = launch_tiles("decode", q.device, q.dtype, q.shape[-1])
     return decode_attention_tiled(q, ring_k, ring_v, ring_len, pool_k, pool_v, page_table, global_len, scale, tiles)
 
 
 def decode_attention_tiled(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor, pool_k: Tensor,
                            pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float, tiles: dict) -> Tensor:
-    """The decode kernels with the given tiles (DECODE_TILES' keys)."""
+    """The decode kernels with the given tiles (GPU_TILES' decode keys)."""
     q, ring_k, ring_v = (_rows(x) for x in (q, ring_k, ring_v))
     B, Hq, D = q.shape
     ring_len = ring_len.expand(B).contiguous()                                              # (B,) one per batch row
@@ -743,7 +796,8 @@ def decode_attention_tiled(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: 
     assert ring_k.stride() == ring_v.stride(), "the ring's k and v must share a layout"
     assert pool_k.is_contiguous() and pool_v.is_contiguous() and page_table.stride(-1) == 1 and global_len.is_contiguous()
     tiles = dict(tiles)
-    n_programs = tiles.pop("programs_per_sm") * _multiprocessors(q.device)
+    multiprocessors = device_limits(q.device).multiprocessors if q.device.type == "cuda" else 1
+    n_programs = tiles.pop("programs_per_sm") * multiprocessors
     shape = dict(HKV=Hkv, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=tiles.pop("BLOCK_N"),
                  BH_PAD=triton.next_power_of_2(B * Hkv))
     part_o = torch.empty(B * Hkv, n_programs, G, D, dtype=torch.float32, device=q.device)   # (B*Hkv, P, G, D)

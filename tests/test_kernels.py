@@ -259,74 +259,142 @@ def test_generate_triton_matches_torch_backend(capacity):
     assert len(tokens["torch"]) == 4 and tokens["triton"] == tokens["torch"]
 
 
-# Every kernel at Llama-3.1-8B attention shapes (bf16, D 128, G 4; and G 3, D 64; and float32), with the
-# GPU's tiles. The dtype of the pointers named K, V, Q... is the build's; the rest is POINTER_TYPES'.
-PREFILL, PREFILL_FP32 = ({k: v for k, v in tiles.items() if k.isupper()}
-                         for tiles in (kernels.PREFILL_TILES, kernels.PREFILL_TILES_FP32))
-DECODE = dict(BLOCK_N=kernels.DECODE_TILES["BLOCK_N"])
-HOPPER_BUILDS = [
-    ("_compact_kernel", dict(HKV=8, BLOCK_T=1024), 4, 1),
-    ("_gated_prefill_kernel", dict(HKV=8, G=4, D=128, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32", **PREFILL),
-     kernels.PREFILL_TILES["num_warps"], kernels.PREFILL_TILES["num_stages"]),
-    ("_gated_prefill_kernel", dict(HKV=8, G=3, D=64, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32", **PREFILL),
-     kernels.PREFILL_TILES["num_warps"], kernels.PREFILL_TILES["num_stages"]),
-    ("_gated_prefill_kernel", dict(HKV=8, G=4, D=128, SEARCH_STEPS=4, UPCAST=False, PRECISION="tf32x3", **PREFILL_FP32),
-     kernels.PREFILL_TILES_FP32["num_warps"], kernels.PREFILL_TILES_FP32["num_stages"]),
-    ("_store_kernel", dict(HKV=8, D=128, PAGE=16, BLOCK_S=64), 4, 1),
-    ("_promote_kernel", dict(HKV=8, D=128, PAGE=16, BLOCK_C=1024), 4, 1),
-    ("_decode_split_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, PAGE=16, BH_PAD=8, UPCAST=False, PRECISION="tf32", **DECODE),
-     kernels.DECODE_TILES["num_warps"], kernels.DECODE_TILES["num_stages"]),
-    ("_decode_split_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, PAGE=16, BH_PAD=8, UPCAST=False, PRECISION="tf32x3", **DECODE),
-     kernels.DECODE_TILES["num_warps"], kernels.DECODE_TILES["num_stages"]),
-    ("_decode_merge_kernel", dict(HKV=8, G=4, G_PAD=16, D=128, BH_PAD=8, **DECODE), 4, 1),
-]
+# --- ahead of time: every kernel built for the GPUs it targets, at the tiles its launcher picks there ---
+# Triton compiles for a GPU it does not have (its own passes, then ptxas), so every kernel is built here, in a
+# child process without the interpreter, for an A100, an L40S and an H100, in bfloat16, float16 and float32, at
+# head dims 64 and 128, with the tiles kernels.tiles_for picks from that GPU's limits, at 8 KV heads and pages
+# of 16 (Llama-3.1-8B's and Qwen3-4B's attention; SmolLM2-135M's at head dim 64).
+AOT_TARGETS = {   # each GPU's own limits: shared memory a block may opt in to, multiprocessors, compute capability
+    "sm_80": kernels.DeviceLimits(166912, 108, (8, 0)),     # A100
+    "sm_89": kernels.DeviceLimits(101376, 142, (8, 9)),     # L40S (an RTX 4090 has 128 multiprocessors, an L4 58)
+    "sm_90": kernels.DeviceLimits(232448, 132, (9, 0)),     # H100 SXM
+}
+AOT_KERNELS = ["_compact_kernel", "_gated_prefill_kernel", "_store_kernel", "_promote_kernel",
+               "_decode_split_kernel", "_decode_merge_kernel"]
+AOT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+AOT_GROUPS = {64: 3, 128: 4}   # head dim: query heads per KV head
+# The element types of the pointers that are not of the model's dtype.
 POINTER_TYPES = {"IDX": "*i64", "COUNT": "*i64", "RLEN": "*i64", "GLEN": "*i64", "KEEP": "*i64", "NKEEP": "*i64",
                  "TABLE": "*i64", "ROOM": "*i8", "G": "*fp32", "PG": "*fp32", "GSRC": "*fp32", "GO": "*fp32",
                  "PART_O": "*fp32", "PART_LSE": "*fp32"}
 
 
-def compile_for_hopper():
-    """Compile every kernel for sm_90a with Triton's own compiler and ptxas, no GPU needed; prints what it
-    found in each binary. Runs in a child process: kernels.py must be imported without the interpreter."""
+def aot_build(kernel: str, dtype: str, head_dim: int, limits: kernels.DeviceLimits):
+    """How kernel's launcher builds it for a GPU with these limits: (capability, kernel, signature, constexprs,
+    compile options), hashable, so that equal builds are compiled once; the tiles and the launcher's estimate of
+    their shared memory (None for the kernels without tiles, which launch with Triton's default options)."""
+    G, D, dt = AOT_GROUPS[head_dim], head_dim, AOT_DTYPES[dtype]
+    prefill, decode = (kernels.tiles_for(op, dt, D, limits) for op in ("prefill", "decode"))
+    dots = dict(UPCAST=False, PRECISION="tf32x3" if dt == torch.float32 else "tf32")   # kernels._dot_options on a GPU
+    tiles, constexprs = {
+        "_compact_kernel": (None, dict(HKV=8, BLOCK_T=1024)),
+        "_gated_prefill_kernel": (prefill, dict(HKV=8, G=G, D=D, SEARCH_STEPS=4, **dots)),
+        "_store_kernel": (None, dict(HKV=8, D=D, PAGE=16, BLOCK_S=64)),
+        "_promote_kernel": (None, dict(HKV=8, D=D, PAGE=16, BLOCK_C=1024)),
+        "_decode_split_kernel": (decode, dict(HKV=8, G=G, G_PAD=16, D=D, PAGE=16, BH_PAD=8, **dots)),
+        "_decode_merge_kernel": (None, dict(HKV=8, G=G, G_PAD=16, D=D, BLOCK_N=decode["BLOCK_N"], BH_PAD=8)),
+    }[kernel]
+    options, estimate = {}, None
+    if tiles is not None:
+        constexprs |= {key: value for key, value in tiles.items() if key.isupper()}
+        options = dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+        estimate = kernels.shared_memory(tiles, dt, D, limits.capability)
+    signature = {}
+    for arg in getattr(kernels, kernel).arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in ("qk_scale", "threshold"):
+            signature[arg] = "fp32"
+        elif arg in ("T", "C", "BH", "N_PROGRAMS", "window", "offset") or arg.startswith("stride"):
+            signature[arg] = "i32"
+        else:
+            signature[arg] = POINTER_TYPES.get(arg, "*" + dtype)
+    build = (limits.capability, kernel, tuple(signature.items()), tuple(constexprs.items()), tuple(options.items()))
+    return build, tiles, estimate
+
+
+def aot_compile(build) -> dict:
+    """Compile one build with Triton and ptxas; what they report of it. ptxas's registers and spills come from its
+    log, which Triton prints (TRITON_DUMP_PTXAS_LOG) when it compiles (TRITON_ALWAYS_COMPILE: never from its cache)."""
+    import contextlib
+    import io
     import re
+    import time
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
-    for name, constexprs, num_warps, num_stages in HOPPER_BUILDS:
-        kernel = getattr(kernels, name)
-        signature, attrs = {}, {}
-        for i, arg in enumerate(kernel.arg_names):
-            if arg in constexprs:
-                signature[arg] = "constexpr"
-            elif arg in ("qk_scale", "threshold"):
-                signature[arg] = "fp32"
-            elif arg in ("T", "C", "BH", "N_PROGRAMS", "window", "offset") or arg.startswith("stride"):
-                signature[arg] = "i32"
-            else:
-                signature[arg] = POINTER_TYPES.get(arg, "*fp32" if constexprs.get("PRECISION") == "tf32x3" else "*bf16")
-            if signature[arg][0] == "*" or arg.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]       # what the launcher infers for aligned tensors
-        binary = compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                         options=dict(num_warps=num_warps, num_stages=num_stages))
-        ttgir = binary.asm["ttgir"]
-        print(name, "shared", binary.metadata.shared, "async copies", ttgir.count("async_copy_global_to_local"),
-              "wgmma", len(re.findall(r"warp_group_dot ", ttgir)), flush=True)
-        assert binary.metadata.shared <= 227 * 1024, f"{name} needs more shared memory than an H100/H200 block has"
+    (major, minor), name, signature, constexprs, options = build
+    kernel, signature = getattr(kernels, name), dict(signature)
+    # Pointers 16-byte aligned and strides multiples of 16, as the launchers find them at these shapes.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
+             if signature[arg][0] == "*" or arg.startswith("stride")}
+    log = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        binary = compile(ASTSource(kernel, signature, dict(constexprs), attrs),
+                         target=GPUTarget("cuda", 10 * major + minor, 32), options=dict(options))
+    seconds = time.perf_counter() - start
+    registers = re.search(r"Used (\d+) registers", log.getvalue())
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    assert registers and spills, f"no ptxas report for {name} in: {log.getvalue()[-2000:]}"
+    ttgir = binary.asm["ttgir"]
+    return dict(shared=binary.metadata.shared, registers=int(registers[1]), spill_stores=int(spills[1]),
+                spill_loads=int(spills[2]), async_copies=ttgir.count("async_copy_global_to_local"),
+                wgmma=len(re.findall(r"warp_group_dot ", ttgir)), seconds=round(seconds, 1))
 
 
-def test_kernels_compile_for_hopper():
-    """The interpreter accepts code the GPU compiler rejects: every kernel must also lower to sm_90a
-    (H100/H200), and the attention kernels must pipeline their K/V loads (async copies)."""
+def aot_cases() -> dict:
+    """{(target, kernel, dtype, head dim): aot_build(...)} for every one."""
+    return {(target, kernel, dtype, D): aot_build(kernel, dtype, D, limits)
+            for target, limits in AOT_TARGETS.items() for kernel in AOT_KERNELS for dtype in AOT_DTYPES for D in AOT_GROUPS}
+
+
+def compile_ahead_of_time():
+    """Build every case, each distinct build once, in parallel, the slowest (float32 attention) first; print one
+    JSON line per case. Run without the interpreter: TRITON_INTERPRET=0 python tests/test_kernels.py"""
+    import json
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    os.environ.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")    # the workers inherit it
+    cases = aot_cases()
+    slowest_first = sorted(cases, key=lambda case: (cases[case][1] is None, case[2] != "fp32",
+                                                    case[1] != "_gated_prefill_kernel"))
+    builds = list(dict.fromkeys(cases[case][0] for case in slowest_first))
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        reports = dict(zip(builds, pool.map(aot_compile, builds)))
+    for (target, kernel, dtype, D), (build, tiles, estimate) in cases.items():
+        print(json.dumps(dict(target=target, kernel=kernel, dtype=dtype, head_dim=D, tiles=tiles, estimate=estimate,
+                              **reports[build])))
+
+
+def test_kernels_compile_ahead_of_time(capsys):
+    """The interpreter accepts code the GPU compiler rejects, and runs tiles that would spill registers or
+    overflow a GPU's shared memory. Every kernel must build for sm_80, sm_89 and sm_90 at the tiles its launcher
+    picks there, spill no register (ptxas's report), fit the GPU's shared memory and the launcher's estimate of it,
+    and pipeline its K/V loads (async copies; the 16-bit prefill's dots on Hopper's wgmma). Its time is printed."""
+    import json
+    import tempfile
+    import time
     pytest.importorskip("triton.backends.nvidia")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO), "TRITON_CACHE_DIR": cache}
+        result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line.split(" ", 1) for line in result.stdout.splitlines()]
-    assert [name for name, _ in lines] == [name for name, *_ in HOPPER_BUILDS]
-    for name, report in lines:
-        if name in ("_gated_prefill_kernel", "_decode_split_kernel"):
-            assert "async copies 0 " not in report, (name, report)
-        if name == "_gated_prefill_kernel":
-            assert "wgmma 0" not in report, report
+    builds = [json.loads(line) for line in result.stdout.splitlines()]
+    cases = aot_cases()
+    assert sorted((b["target"], b["kernel"], b["dtype"], b["head_dim"]) for b in builds) == sorted(cases)
+    for b in builds:
+        assert b["spill_stores"] == b["spill_loads"] == 0, b
+        assert b["shared"] <= AOT_TARGETS[b["target"]].shared_memory, b
+        if b["tiles"] is not None:
+            assert b["shared"] <= b["estimate"] and b["async_copies"] > 0, b
+        if b["kernel"] == "_gated_prefill_kernel" and b["target"] == "sm_90" and b["dtype"] != "fp32":
+            assert b["wgmma"] > 0, b
+    with capsys.disabled():
+        distinct = len({build for build, _, _ in cases.values()})
+        print(f"\n[ahead-of-time check: {len(builds)} kernel builds ({distinct} distinct) for "
+              f"{', '.join(AOT_TARGETS)}, no spills, in {seconds:.0f} s on {os.cpu_count()} CPUs]")
 
 
 def test_bench_gpu_dry_run():
@@ -346,4 +414,4 @@ def test_bench_gpu_dry_run():
 
 
 if __name__ == "__main__":
-    compile_for_hopper()
+    compile_ahead_of_time()
