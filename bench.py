@@ -20,6 +20,10 @@ C - 32 tokens, 16 new tokens, --max-seq-len C), the dense cache against the writ
 default budget (--gate, default the embedded model's gate), each with generate.py's prefill chunks and
 with the prompt in one call, and reports each process's peak RSS, the KV bytes its cache allocated (the
 memory a user gets back) and its prefill seconds.
+--select-budget N adds the systems selected and selected-compiled: the gated ones with selection in decode
+(Quest over the store's pages, N tokens attended per step and KV head; --gate full is Quest alone), compared
+with their gated twins. Every system's decode rows also give the bytes a step must read (weights, the K/V
+it attends, and the page summaries it scores, on average over the steps) and the time against that floor.
 """
 import argparse
 import copy
@@ -44,6 +48,8 @@ from model import CheckpointError
 
 # Each gated system is compared with the dense system that runs the same way.
 DENSE_TWIN = {"gated": "eager", "gated-compiled": "compiled"}
+# Each selecting system is compared with the gated system without selection.
+GATED_TWIN = {"selected": "gated", "selected-compiled": "gated-compiled"}
 
 
 def log(*args) -> None:
@@ -57,8 +63,9 @@ class Ours:
     One set of caches (and gates) per context, reused, so the compiled step sees the same buffers
     again instead of recompiling."""
 
-    def __init__(self, model, compiled: bool, gate: str | None = None, kv_budget: str | None = None):
-        self.model, self.gate, self.kv_budget, self.caches = model, gate, kv_budget, {}
+    def __init__(self, model, compiled: bool, gate: str | None = None, kv_budget: str | None = None,
+                 select_budget: int | None = None):
+        self.model, self.gate, self.kv_budget, self.select_budget, self.caches = model, gate, kv_budget, select_budget, {}
         # Automatic dynamic shapes: the second prompt length of the warm-up makes the length symbolic. (dynamic=True
         # would make the weights' sizes symbolic too, which the blocks' nested_compile_region does not take.)
         # Not fullgraph: the dense cache reads where a chunk ends on the host, to take the causal kernel when
@@ -69,7 +76,8 @@ class Ours:
 
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> RunStats:
         if max_seq_len not in self.caches:
-            gated = dict(kv_budget=self.kv_budget, backend="torch") if self.gate is not None else {}
+            gated = dict(kv_budget=self.kv_budget, backend="torch", select_budget=self.select_budget) \
+                if self.gate is not None else {}
             evictor = build_caches(self.model, max_seq_len, gate=self.gate, **gated).evictor
             self.caches[max_seq_len] = ([layer.attention.cache for layer in self.model.layers],
                                         [layer.attention.gate for layer in self.model.layers], evictor)
@@ -79,11 +87,18 @@ class Ours:
         new, timings = generate.generate(self.model, ids, new_tokens, prefill_step=self.prefill_step,
                                          decode_step=self.decode_step, evictor=evictor)
         assert len(new) == new_tokens
-        # K/V bytes held at the end: ring + store when gated; every token written when dense.
+        # K/V bytes held at the end: ring + store when gated; every token written when dense. K/V bytes a decode
+        # step reads, and summary bytes it scores, on average: the tokens attended per KV head (dense: every
+        # position up to the step's), over every layer's heads.
+        c = self.model.config
+        heads, per_token = c.n_layers * c.n_kv_heads, 2 * c.head_dim * self.model.output.weight.element_size()
         if self.gate is not None:
-            self.kv_held = admission_stats(self.model)["bytes_in_use"]
+            stats = admission_stats(self.model)
+            self.kv_held = stats["bytes_in_use"]
+            self.step_read = heads * (stats["tokens_read_per_step"] + stats["pages_scored_per_step"]) * per_token
         else:
             self.kv_held = dense_bytes(self.model, timings.prompt_tokens + timings.decode_steps)
+            self.step_read = heads * (timings.prompt_tokens + (timings.decode_steps + 1) / 2) * per_token
         return timings
 
 
@@ -232,7 +247,8 @@ def compile_times(checkpoint, systems: list[str], gate: str, contexts: list[int]
 
 
 def speeds(checkpoint, model, tokenizer, systems: list[str], prefill: list[int], contexts: list[int], new_tokens: int,
-           repeats: int, gate: str, kv_budget: str | None) -> tuple[list[str], dict[str, dict[str, float]]]:
+           repeats: int, gate: str, kv_budget: str | None,
+           select_budget: int | None = None) -> tuple[list[str], dict[str, dict[str, float]]]:
     """Each system warmed up at every cache size, then its prefill and decode rates (and the KV bytes a gated
     system holds), best of `repeats`: the rows measured, and results[system][row]."""
     largest = max([*prefill, *contexts]) + new_tokens
@@ -242,7 +258,9 @@ def speeds(checkpoint, model, tokenizer, systems: list[str], prefill: list[int],
               "eager": lambda: Ours(copy.deepcopy(model), compiled=False),
               "compiled": lambda: Ours(copy.deepcopy(model), compiled=True),
               "gated": lambda: Ours(copy.deepcopy(model), False, gate, kv_budget),
-              "gated-compiled": lambda: Ours(copy.deepcopy(model), True, gate, kv_budget)}
+              "gated-compiled": lambda: Ours(copy.deepcopy(model), True, gate, kv_budget),
+              "selected": lambda: Ours(copy.deepcopy(model), False, gate, kv_budget, select_budget),
+              "selected-compiled": lambda: Ours(copy.deepcopy(model), True, gate, kv_budget, select_budget)}
     runners = {}
     for name in systems:
         runners[name], t0 = makers[name](), time.perf_counter()
@@ -264,6 +282,7 @@ def speeds(checkpoint, model, tokenizer, systems: list[str], prefill: list[int],
                 log(f"{name}: {row} {rate:.1f}")
                 if new > 1 and hasattr(runners[name], "kv_held"):
                     results[name][f"KV MiB held @ {n}"] = runners[name].kv_held / 2**20
+                    results[name][f"KV MiB read a step @ {n}"] = runners[name].step_read / 2**20
     return list(rows), results
 
 
@@ -273,31 +292,40 @@ def print_table(checkpoint, systems: list[str], rows: list[str], results: dict, 
     system against its dense twin, then the weight-read floor."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    gated = [s for s in systems if s.startswith("gated")]
+    gated = [s for s in systems if s in DENSE_TWIN]
     print(f"{checkpoint} | float32 | batch 1 | greedy | {cpu}, {torch.get_num_threads()} threads | "
           f"torch {torch.__version__} | decode: {new_tokens} new tokens | best of {repeats}"
           + (f" | gated: --gate {gate}, window and threshold the defaults" if gated else "") + "\n")
     # Ratios: ours against transformers, and each gated system against its dense twin.
     pairs = [(s, "transformers") for s in systems if s != "transformers" and "transformers" in systems]
     pairs += [(s, DENSE_TWIN[s]) for s in gated if DENSE_TWIN[s] in systems]
+    pairs += [(s, GATED_TWIN[s]) for s in systems if s in GATED_TWIN and GATED_TWIN[s] in systems]
     print("| | " + " | ".join(systems) + "".join(f" | {a} / {b}" for a, b in pairs) + " |")
     print("|---" * (1 + len(systems) + len(pairs)) + "|")
-    kv_rows = [f"KV MiB held @ {c}" for c in contexts if any(f"KV MiB held @ {c}" in results[s] for s in systems)]
-    ms_rows = [f"decode @ {c} ms/token" for c in contexts]
+    kv_rows = [f"KV MiB {what} @ {c}" for c in contexts for what in ("held", "read a step")
+               if any(f"KV MiB {what} @ {c}" in results[s] for s in systems)]
+    ms_rows = [f"decode @ {c} {what}" for c in contexts for what in ("ms/token", "time / read floor")]
     for row in [*rows, *ms_rows, *kv_rows, *dict.fromkeys(r for rs in compile_rows.values() for r in rs)]:
         cells = [f"{results[s][row]:.1f}" if row in results[s] else "" for s in systems]
         ratio = row.endswith("tok/s") or row.startswith("KV")   # a ratio of times or of compile seconds misleads
+        ratio = ratio and not row.endswith("read floor")
         cells += [f"{results[a][row] / results[b][row]:.2f}x" if ratio and row in results[a] and row in results[b] else ""
                   for a, b in pairs]
         print(f"| {row} | " + " | ".join(cells) + " |")
     floor_ms = 1000 * weights / bandwidth
     print(f"\nweight-read floor: {floor_ms:.1f} ms/token ({weights / 1e6:.0f} MB of weights, read at "
-          f"{bandwidth / 1e9:.1f} GB/s by a torch sum over 512 MiB with {torch.get_num_threads()} threads)")
+          f"{bandwidth / 1e9:.1f} GB/s by a torch sum over 512 MiB with {torch.get_num_threads()} threads); "
+          f"time / read floor: a decode step's time over the time to read its weights, the K/V it attends and "
+          f"the summaries it scores (KV MiB read a step) at that rate")
 
 
 def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens=32, repeats=1,
          systems=("transformers", "eager", "compiled"), threads=0, gate=None, kv_budget=None, compile_time=False,
-         memory=None, batch_sizes=None) -> None:
+         memory=None, batch_sizes=None, select_budget=None) -> None:
+    if (select_budget is not None) != any(s in GATED_TWIN for s in systems):
+        if select_budget is not None:
+            raise generate.BadInput("--select-budget applies to the systems selected and selected-compiled: add one")
+        raise generate.BadInput("the systems selected and selected-compiled need --select-budget")
     if threads:
         torch.set_num_threads(threads)
     if memory:
@@ -311,15 +339,19 @@ def main(checkpoint=None, prefill=(512, 2048), contexts=(1024, 4096), new_tokens
     compile_rows = compile_times(checkpoint, systems, gate, contexts, new_tokens, threads) if compile_time else {}
     model, tokenizer = generate.load(checkpoint)
     rows, results = speeds(checkpoint, model, tokenizer, systems, prefill, contexts, new_tokens, repeats, gate,
-                           kv_budget)
+                           kv_budget, select_budget)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())   # a tied head counted once
+    bandwidth = read_bandwidth(threads)
     for name in systems:
         results[name] |= compile_rows.get(name, {})
         for c in contexts:
             if f"decode @ {c} tok/s" in results[name]:
-                results[name][f"decode @ {c} ms/token"] = 1000 / results[name][f"decode @ {c} tok/s"]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())   # a tied head counted once
+                results[name][f"decode @ {c} ms/token"] = ms = 1000 / results[name][f"decode @ {c} tok/s"]
+            if f"KV MiB read a step @ {c}" in results[name]:
+                floor_ms = 1000 * (weights + results[name][f"KV MiB read a step @ {c}"] * 2**20) / bandwidth
+                results[name][f"decode @ {c} time / read floor"] = ms / floor_ms
     print_table(checkpoint, systems, rows, results, compile_rows, contexts, new_tokens, repeats, gate, weights,
-                read_bandwidth(threads))
+                bandwidth)
 
 
 if __name__ == "__main__":
@@ -330,9 +362,12 @@ if __name__ == "__main__":
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps measured per context")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per cell")
     parser.add_argument("--systems", nargs="+", default=["transformers", "eager", "compiled"],
-                        choices=["transformers", "eager", "compiled", "gated", "gated-compiled"])
+                        choices=["transformers", "eager", "compiled", "gated", "gated-compiled", "selected",
+                                 "selected-compiled"])
     parser.add_argument("--gate", help="the --gate spec of the gated systems (default: random:0.2; for --memory "
                         "the embedded model's gate)")
+    parser.add_argument("--select-budget", type=int, help="the selected systems' tokens attended per decode step and "
+                        "KV head (generate.py's --select-budget)")
     parser.add_argument("--kv-budget", help="the gated systems' page pool, as generate.py's --kv-budget (default: its default)")
     parser.add_argument("--memory", type=int, nargs="+", metavar="C",
                         help="instead: peak memory of generate.py processes at these contexts, dense and gated")
@@ -352,6 +387,6 @@ if __name__ == "__main__":
                           args["contexts"])
         else:
             main(**args)
-    except CheckpointError as e:
+    except (CheckpointError, generate.BadInput) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from pages import PagePool, dynamic_sizes, gather_store, pages_for, pool_rows, release_pages
+from pages import PagePool, dynamic_sizes, gather_store, pages_for, pool_rows, release_pages, summarize_pages
 
 
 @contextlib.contextmanager
@@ -127,14 +127,19 @@ class WriteGatedCache(nn.Module):
     through a page table per head; lengths are device tensors. A head holds at most `capacity` tokens,
     rounded up to whole pages. When a head cannot take a page (its capacity, or the pool, is exhausted),
     an admitted token replaces the head's lowest-g entry if its g is higher: counted in `n_capacity_drops`.
+
+    Selection (select_pages k > 0, on a pool with summaries): a decode step reads the ring and at most k pages
+    of each head's store, chosen by their summaries (select, DESIGN.md's Selection); an append of several
+    tokens reads the whole store.
     """
 
     batch_buffers = ("ring_k", "ring_v", "ring_g", "page_table", "global_len", "n_left", "n_admitted",
-                     "n_capacity_drops", "n_evicted", "recent_q", "recent_pos")
+                     "n_capacity_drops", "n_evicted", "n_decoded", "n_scored", "n_read", "recent_q", "recent_pos")
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, threshold: float,
                  capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
-                 pool: PagePool | None = None, page_size: int = 16, observe: int = 0, n_heads: int = 0):
+                 pool: PagePool | None = None, page_size: int = 16, observe: int = 0, n_heads: int = 0,
+                 select_pages: int = 0):
         super().__init__()
         self.window, self.threshold = window, threshold
         self.backend = resolve_backend(backend, device)
@@ -147,6 +152,10 @@ class WriteGatedCache(nn.Module):
             pool = PagePool(B * H * pages_for(capacity, page_size), page_size, head_dim, dtype, device)
         self.pool = pool
         M = pages_for(capacity, pool.page_size)
+        if select_pages < 0 or (select_pages and not pool.summaries):
+            raise ValueError(f"selecting {select_pages} pages needs a count >= 0 and a page pool with summaries")
+        # A budget of at least the whole table reads every page in order: the same as no selection.
+        self.select_pages = min(select_pages, M)
 
         def buffer(name, shape, dtype, fill=0.0):
             self.register_buffer(name, torch.full(shape, fill, dtype=dtype, device=device), persistent=False)
@@ -162,6 +171,10 @@ class WriteGatedCache(nn.Module):
         buffer("n_admitted", (B, H), torch.int64)
         buffer("n_capacity_drops", (B, H), torch.int64)
         buffer("n_evicted", (B, H), torch.int64)
+        # Decode steps, the store's pages scored (selection) and the tokens attended (ring and store) over them.
+        buffer("n_decoded", (B, H), torch.int64)
+        buffer("n_scored", (B, H), torch.int64)
+        buffer("n_read", (B, H), torch.int64)
         # SnapKV eviction (evict) scores the store by the attention of the last `observe` queries: they are
         # kept in a ring of their own, with their positions (-1: empty).
         self.observe = observe
@@ -186,7 +199,7 @@ class WriteGatedCache(nn.Module):
         does this itself; a decode step never does)."""
         release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, self.pool.page_size)
         self.ring_g.fill_(-1.0)
-        for name in ("n_left", "n_admitted", "n_capacity_drops", "n_evicted"):
+        for name in ("n_left", "n_admitted", "n_capacity_drops", "n_evicted", "n_decoded", "n_scored", "n_read"):
             getattr(self, name).zero_()
         if self.observe:
             self.recent_pos.fill_(-1)
@@ -237,6 +250,9 @@ class WriteGatedCache(nn.Module):
             stored_idx, stored_count = self.within_capacity(recent_g, idx, count)
         before = self.global_len.clone()
         self.ops.store_admitted(*self.store(), recent_k, recent_v, recent_g, stored_idx, stored_count)
+        # The pages written: from the one that held the old last slot, as many as R + T tokens span, and one.
+        P = self.pool.page_size
+        self.summarize(before[..., None] // P + torch.arange(pages_for(R + T, P) + 1, device=before.device))
         self.n_left.add_((recent_g[:, :, :max(R + T - W, 0)] >= 0).sum(-1))
         self.n_admitted.add_(count)
         self.n_capacity_drops.add_(count - (self.global_len - before))
@@ -295,7 +311,8 @@ class WriteGatedCache(nn.Module):
         self.n_left.add_((g_out >= 0).long())
         self.n_admitted.add_(admitted.long())
         before = self.global_len.clone()
-        self.ops.promote(*self.store(), k_out, v_out, g_out, self.threshold)
+        written = self.ops.promote(*self.store(), k_out, v_out, g_out, self.threshold)        # (B, Hkv) slot or -1
+        self.summarize(written[..., None] // self.pool.page_size)                              # -1: the scratch page
         # An admitted token that did not lengthen the store either replaced an entry or was rejected:
         # either way one admitted token is gone.
         self.n_capacity_drops.add_((admitted & (self.global_len == before)).long())
@@ -307,9 +324,45 @@ class WriteGatedCache(nn.Module):
             self.recent_q[rows, :, pos % self.observe] = q[:, :, 0]
             self.recent_pos[rows, pos % self.observe] = pos
         ring_len = (pos + 1).clamp(max=self.window)                                            # (B,)
+        page_table, global_len = self.select(q[:, :, 0]) if self.select_pages else (self.page_table, self.global_len)
+        self.n_decoded.add_(1)
+        self.n_read.add_(ring_len[:, None] + global_len)
         y = self.ops.decode_attention(q[:, :, 0], self.ring_k, self.ring_v, ring_len,
-                                      self.pool.k, self.pool.v, self.page_table, self.global_len, self.scale)  # (B, Hq, D)
+                                      self.pool.k, self.pool.v, page_table, global_len, self.scale)  # (B, Hq, D)
         return y[:, :, None]
+
+    def select(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Quest's selection of each head's store pages for the decode query q (B, Hq, D), after RoPE, unscaled.
+
+        A page scores max over the head's query heads of sum_d max(q_d * kmax_d, q_d * kmin_d), in float32: an
+        upper bound of the page's logits. A head holding at most k = select_pages pages keeps them all; else its
+        partly filled last page (if any) and its highest-scored others (ties: the lower page), k in all. Returns
+        their page table (B, Hkv, k) in store order and the tokens they hold (B, Hkv), the decode attention's
+        page_table and global_len. Fixed shapes, no host sync.
+        """
+        P, k = self.pool.page_size, self.select_pages
+        B, Hkv, M = self.page_table.shape
+        G, D = q.shape[1] // Hkv, q.shape[-1]
+        held = pages_for(self.global_len, P)                                                   # (B, Hkv)
+        partial = self.global_len % P != 0                                                     # (B, Hkv) last page not full
+        qg = q.float().view(B, Hkv, G, 1, D)
+        kmin = self.pool.kmin[self.page_table].float()[:, :, None]                             # (B, Hkv, 1, M, D)
+        kmax = self.pool.kmax[self.page_table].float()[:, :, None]                             # (B, Hkv, 1, M, D)
+        score = torch.maximum(qg * kmax, qg * kmin).sum(-1).amax(2)                            # (B, Hkv, M)
+        col = torch.arange(M, device=q.device)
+        score = score.masked_fill(col >= held[..., None], float("-inf"))                       # no page there
+        score = score.masked_fill((col == held[..., None] - 1) & partial[..., None], float("inf"))   # always kept
+        # A stable sort puts the lower page first among equal scores; the chosen k go back to store order.
+        chosen = score.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values  # (B, Hkv, k)
+        n = held.clamp(max=k)                                                                  # pages chosen
+        length = torch.where(partial, (n - 1) * P + self.global_len % P, n * P)                # (B, Hkv)
+        self.n_scored.add_(held)
+        return self.page_table.gather(2, chosen), length
+
+    def summarize(self, columns: Tensor) -> None:
+        """Recompute the summaries of the pages at these page-table columns (B, Hkv, J), where the pool keeps them."""
+        if self.pool.summaries:
+            summarize_pages(self.pool, self.page_table, self.global_len, columns)
 
     def snapkv_scores(self, pooling: int) -> Tensor:
         """SnapKV's importance of every store slot (B, Hkv, C) (snapkv_importance): the attention the observed
@@ -342,6 +395,7 @@ class WriteGatedCache(nn.Module):
             rows[dst.flatten()] = rows[src.flatten()]
         getattr(self, counter).add_(self.global_len - keep)
         release_pages(self.pool.free_pages, self.pool.n_free, self.page_table, self.global_len, P, keep)
+        self.summarize(torch.arange(self.page_table.shape[-1], device=kept.device).expand_as(self.page_table))
 
     def store_contents(self, n_pages: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The global store (its first n_pages pages per head, default all) as contiguous tensors: k, v
@@ -358,6 +412,9 @@ class WriteGatedCache(nn.Module):
             "admitted": self.n_admitted + (self.ring_g > self.threshold).sum(-1),
             "capacity_drops": self.n_capacity_drops,
             "evicted": self.n_evicted,
+            "decoded": self.n_decoded,
+            "scored": self.n_scored,
+            "read": self.n_read,
         }
 
     def bytes_allocated(self) -> int:

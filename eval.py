@@ -13,7 +13,10 @@ among those inside it, separately), so it holds exactly G's KV bytes; `snapkv ~ 
 budget (SnapKVCache below); `none` (the window alone); `sink:N` (StreamingLLM). Then, per --budgets share of
 the dense cache, the compositions of the paper on a page pool of that size: `G + lowest-g @ X%` and `G +
 snapkv @ X%` (the gate with each eviction policy, cache.Eviction) and `snapkv alone @ X%` (every token
-admitted, SnapKV evicting); they run in the decode and retrieval tables.
+admitted, SnapKV evicting); they run in the decode and retrieval tables. Per --select-budgets N (tokens attended
+per decode step and KV head), selection (Quest, DESIGN.md's Selection): `G + select @ N` (the gate's store) and
+`quest alone @ N` (every token stored); decode steps only (prefill is not selected), so the decode and
+retrieval tables; their `read/step` column is the tokens a decode step attended per KV head.
 
 Protocols (the output states them too):
 - perplexity: one prefill of the whole document per policy. Prefill and decode obey the same visibility
@@ -66,9 +69,10 @@ from tokenizer import Tokenizer
 # pieces still merge. At 8k SmolLM2-135M missed the passkey even densely in the runs before ebeb3c7 (README then): those rows measure
 # the model.
 FULL = dict(lengths=[2048, 4096, 8192], docs=2, decode_tokens=128, passkey_lengths=[2048, 4096, 8192],
-            depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2, keys=4, budgets=[15, 25, 40])
+            depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=2, keys=4, budgets=[15, 25, 40], select_budgets=[384, 512, 1024])
 # --quick, a look in a few minutes and not a result: one gate (gate_files), one document, the passkey far back.
-QUICK = dict(lengths=[512], docs=1, decode_tokens=16, passkey_lengths=[512], depths=[0.0], trials=1, keys=0, budgets=[])
+QUICK = dict(lengths=[512], docs=1, decode_tokens=16, passkey_lengths=[512], depths=[0.0], trials=1, keys=0, budgets=[],
+             select_budgets=[])
 
 
 class EvalError(ValueError):
@@ -289,10 +293,12 @@ class Row:
     """One row of the tables: its name, and the gates and caches install_policy sets up for it."""
     name: str
     kind: str          # "dense", "gate" (a file), "builtin" (none, sink:N), "random" or "snapkv" (matched to a gate),
-                       # "budget" (a gate, or full, on a pool of a share of dense, with an eviction policy)
+                       # "budget" (a gate, or full, on a pool of a share of dense, with an eviction policy),
+                       # "select" (a gate, or full, with selection in decode)
     spec: str = ""     # the --gate spec (gate, builtin, budget) or the matched gate's name (random, snapkv)
     budget: str | None = None   # the pool: --kv-budget's forms (gate: None is the gate's default; budget: "X%")
     evict: str = "lowest-g"     # what makes room when the pool runs short (gate, budget)
+    select: int | None = None   # select: the tokens a decode step attends per KV head (--select-budget)
 
 
 def install_policy(model: Transformer, policy: Row, seq_len: int, window: int, recorded: dict, backend: str,
@@ -302,9 +308,9 @@ def install_policy(model: Transformer, policy: Row, seq_len: int, window: int, r
     if policy.kind == "dense":
         build_caches(model, seq_len)
         return None
-    if policy.kind in ("gate", "builtin", "budget"):
+    if policy.kind in ("gate", "builtin", "budget", "select"):
         setup = build_caches(model, seq_len, gate=policy.spec, window=window, backend=backend, kv_budget=policy.budget,
-                             evict=policy.evict)
+                             evict=policy.evict, select_budget=policy.select)
         install(model, [Recorder(layer.attention.gate) for layer in model.layers])
         return setup.evictor
     if policy.kind == "random":
@@ -406,7 +412,8 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
     """Token counts summed over layers and KV heads, read once after a sequence: tokens older than the
     window (left), those of them still held (kept), all held (held) and all seen; bytes per token; the
     bytes the caches allocated (rings, page tables and pools, each pool once); admitted tokens lost (lost): not
-    stored by a head without room, or evicted later."""
+    stored by a head without room, or evicted later; tokens attended by the decode steps (read) and the steps
+    (decoded), both counted per KV head (none for the dense cache)."""
     c = model.config
     caches = [layer.attention.cache for layer in model.layers]
     if isinstance(caches[0], DenseCache):
@@ -421,6 +428,7 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
             "held": total(n["held"] for n in counts), "seen": total(n["seen"] for n in counts),
             "bytes_per_token": caches[0].bytes_per_token(),
             "lost": total(n["capacity_drops"] for n in counts) + total(n["evicted"] for n in counts),
+            "read": total(n["read"] for n in counts), "decoded": total(n["decoded"] for n in counts),
             "allocated": allocated_bytes(caches)}
 
 
@@ -428,19 +436,22 @@ def kv_stats(model: Transformer, seen: int, window: int) -> dict[str, int]:
 # The grid
 
 # The rows --policies chooses among; "compositions" are the --budgets rows.
-FAMILIES = ("dense", "gate", "random", "snapkv", "none", "sink", "compositions")
+FAMILIES = ("dense", "gate", "random", "snapkv", "none", "sink", "compositions", "selection")
 
 
 def family_of(policy: Row) -> str:
-    return {"builtin": policy.spec.split(":")[0], "budget": "compositions"}.get(policy.kind, policy.kind)
+    return {"builtin": policy.spec.split(":")[0], "budget": "compositions", "select": "selection"}.get(policy.kind,
+                                                                                                     policy.kind)
 
 
 def policy_list(gates: list[tuple[str, str]], sink: int, kv_budget: str | None = None,
-                budgets: tuple[float, ...] = (), families: tuple[str, ...] = FAMILIES) -> list[Row]:
+                budgets: tuple[float, ...] = (), families: tuple[str, ...] = FAMILIES,
+                select_budgets: tuple[int, ...] = ()) -> list[Row]:
     """dense, each gate with its matched baselines, none, sink:N (a gate runs before the rows matched to it),
     then per budget (a share of dense, in %) the compositions: each gate with lowest-g and with snapkv
-    eviction, and snapkv alone (every token admitted, SnapKV evicting); only the rows of the given families.
-    kv_budget: the plain gate rows' pool."""
+    eviction, and snapkv alone (every token admitted, SnapKV evicting); then per select budget (tokens a decode
+    step attends) each gate with selection, and Quest alone (every token stored, selection); only the rows of
+    the given families. kv_budget: the plain gate rows' and the selection rows' pool."""
     rows = [Row("dense", "dense")]
     for name, path in gates:
         rows += [Row(name, "gate", path, kv_budget), Row(f"random ~ {name}", "random", name),
@@ -451,6 +462,9 @@ def policy_list(gates: list[tuple[str, str]], sink: int, kv_budget: str | None =
             rows += [Row(f"{name} + {evict} @ {share:g}%", "budget", path, f"{share:g}%", evict)
                      for evict in ("lowest-g", "snapkv")]
         rows.append(Row(f"snapkv alone @ {share:g}%", "budget", "full", f"{share:g}%", "snapkv"))
+    for n in select_budgets:
+        rows += [Row(f"{name} + select @ {n}", "select", path, kv_budget, select=n) for name, path in gates]
+        rows.append(Row(f"quest alone @ {n}", "select", "full", "unlimited", select=n))
     return [p for p in rows if family_of(p) in families]
 
 
@@ -472,7 +486,7 @@ def documents_task(model: Transformer, policies: list[Row], samples: dict, windo
     for L, docs in samples.items():
         for i, (doc, ids) in enumerate(docs):
             recorded, one_prefill, ref = {}, {}, None
-            for policy in [p for p in policies if p.kind not in ("snapkv", "budget")]:
+            for policy in [p for p in policies if p.kind not in ("snapkv", "budget", "select")]:
                 t0 = time.time()
                 setup(policy, L, recorded)
                 hidden = prefill_all(model, ids)                                                    # (L, dim)
@@ -569,7 +583,9 @@ def summarize(records: list[dict], policies: list[str], metrics: bool) -> list[d
                    "kv_bytes": total("held") * rs[0]["bytes_per_token"] / len(rs),
                    # Runs from before the pool have neither count.
                    "allocated": total("allocated") / len(rs) if all("allocated" in r for r in rs) else None,
-                   "lost": total("lost") if all("lost" in r for r in rs) else None}
+                   "lost": total("lost") if all("lost" in r for r in rs) else None,
+                   # Tokens a decode step attended per KV head (runs from before the count, and dense, have none).
+                   "read_per_step": total("read") / total("decoded") if all(r.get("decoded") for r in rs) else None}
             if metrics:
                 n = total("predictions")
                 row |= {"ppl": math.exp(total("nll_sum") / n), "kl": total("kl_sum") / n,
@@ -599,16 +615,16 @@ def markdown(header: list[str], lines: list[list[str]]) -> str:
 
 
 def memory_cells(row: dict) -> list[str]:
-    allocated, lost = row.get("allocated"), row.get("lost")
+    allocated, lost, read = row.get("allocated"), row.get("lost"), row.get("read_per_step")
     return [str(row["length"]), row["policy"], f"{row['admitted']:.1%}", f"{row['kv_held']:.1%}",
             f"{row['kv_bytes'] / 2**20:.1f}", "-" if allocated is None else f"{allocated / 2**20:.1f}",
-            "-" if lost is None else str(lost)]
+            "-" if lost is None else str(lost), "-" if read is None else f"{read:.0f}"]
 
 
 def report(result: dict) -> str:
     """The markdown on stdout: one table per task with its protocol, then the runs' footer."""
     window, decode_tokens = result["grid"]["window"], result["grid"]["decode_tokens"]
-    head = ["L", "policy", "admitted", "KV held", "KV MiB", "alloc MiB", "lost"]
+    head = ["L", "policy", "admitted", "KV held", "KV MiB", "alloc MiB", "lost", "read/step"]
     parts = []
     if result["perplexity"]:
         parts += [f"### Held-out perplexity and agreement with dense (one prefill per policy; scored: predictions "
@@ -644,7 +660,8 @@ def report(result: dict) -> str:
                  f"held at the end of each sequence against a dense cache of the same tokens (KV MiB: per sequence); alloc "
                  f"MiB: what the caches allocated per sequence (rings, page tables and the page pool: a gate's default "
                  f"budget, random's exact need, or the row's @ budget); lost: admitted tokens not stored for want of "
-                 f"room or evicted later, over all sequences (for snapkv ~ G, which scores every token, its evictions). "
+                 f"room or evicted later, over all sequences (for snapkv ~ G, which scores every token, its evictions); "
+                 f"read/step: tokens a decode step attended per KV head (window and store; - for dense). "
                  f"Model {runs[0]['model']}, W = {window}, {runs[0]['dtype']} on {joined('machine')}, {joined('date')}, "
                  f"{sum(r['wall_s'] for r in runs):.0f} s in {len(runs)} run{'s' * (len(runs) > 1)}: {commands}")
     return "\n\n".join(parts)
@@ -661,7 +678,8 @@ def plot(result: dict, path: str) -> None:
     share held), one panel per task: perplexity relative to dense at the
     same length (the documents differ per length, so raw perplexities do not compare across lengths), passkey
     accuracy as it is. Colour: the policy's family; marker: the length; a line joins a family's points at one
-    length, so each gate family traces its trade-off curve beside the matched baselines."""
+    length, so each gate family traces its trade-off curve beside the matched baselines. Where rows count the
+    tokens a decode step attends (selection), a last panel draws decode perplexity against those."""
     try:
         import matplotlib
     except ImportError:
@@ -669,21 +687,23 @@ def plot(result: dict, path: str) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [(task, label) for task, label in (("perplexity", "perplexity / dense (one prefill)"),
-                                                ("decode", "perplexity / dense (prefill + decode)"),
-                                                ("passkey", "passkey accuracy"),
-                                                ("multikey", "multi-key accuracy"))
+    panels = [(task, label, "memory") for task, label in (("perplexity", "perplexity / dense (one prefill)"),
+                                                          ("decode", "perplexity / dense (prefill + decode)"),
+                                                          ("passkey", "passkey accuracy"),
+                                                          ("multikey", "multi-key accuracy"))
               if result.get(task)]
+    if any(r.get("read_per_step") for r in result.get("decode", [])):
+        panels.append(("decode", "perplexity / dense (prefill + decode)", "read"))
     if not panels:   # a run of no task (--lengths and --passkey-lengths with nothing after them)
         say(f"no plot: the run has no table to draw (nothing written to {path})")
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    families = list(dict.fromkeys(policy_family(r["policy"], result["gates"]) for task, _ in panels
+    families = list(dict.fromkeys(policy_family(r["policy"], result["gates"]) for task, *_ in panels
                                   for r in result[task]))
     colors = {f: "black" if f == "dense" else plt.cm.tab10(i % 10) for i, f in enumerate(families)}
-    lengths = sorted({r["length"] for task, _ in panels for r in result[task]})
+    lengths = sorted({r["length"] for task, *_ in panels for r in result[task]})
     markers = dict(zip(lengths, "osD^vP*X"))
-    for ax, (task, label) in zip(axes[0], panels):
+    for ax, (task, label, x) in zip(axes[0], panels):
         for L in lengths:
             rows = [r for r in result[task] if r["length"] == L]
             dense = next((r for r in rows if r["policy"] == "dense"), None)
@@ -693,12 +713,15 @@ def plot(result: dict, path: str) -> None:
             value = (lambda r: r["accuracy"]) if retrieval else (lambda r: r["ppl"] / dense["ppl"])
             allocated = dense is not None and all(r.get("allocated") for r in rows)
             memory = (lambda r: r["allocated"] / dense["allocated"]) if allocated else (lambda r: r["kv_held"])
+            if x == "read":
+                memory, rows = (lambda r: r["read_per_step"]), [r for r in rows if r.get("read_per_step")]
             for family in families:
                 points = sorted((memory(r), value(r)) for r in rows
                                 if policy_family(r["policy"], result["gates"]) == family)
                 if points:
                     ax.plot(*zip(*points), color=colors[family], marker=markers[L], linewidth=0.8, alpha=0.85)
-        ax.set_xlabel("KV cache allocated (share of dense; held, for runs before the pool)")
+        ax.set_xlabel("tokens a decode step attends per KV head" if x == "read" else
+                      "KV cache allocated (share of dense; held, for runs before the pool)")
         ax.set_ylabel(label)
         ax.set_xscale("log")
         if task in ("passkey", "multikey"):
@@ -760,6 +783,9 @@ def check_grid(grid: dict, model: Transformer, gate_meta: dict, backend: str, de
         raise EvalError(f"depths {grid['depths']} must lie in [0, 1]")
     if any(not 0 < b <= 100 for b in grid["budgets"]):
         raise EvalError(f"--budgets {grid['budgets']}: each a share of the dense cache in (0, 100]")
+    if any(n < window + DEFAULT_PAGE_SIZE for n in grid["select_budgets"]):
+        raise EvalError(f"--select-budgets {grid['select_budgets']}: each at least the window plus one page "
+                        f"({window} + {DEFAULT_PAGE_SIZE})")
     parse_budget(grid["kv_budget"])   # a bad --kv-budget: GateError, one line
     families = grid["families"]
     if (lengths or passkey_lengths) and not families:
@@ -798,7 +824,8 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
         docs: int | None, decode_tokens: int | None, passkey_lengths: list[int] | None, depths: list[float] | None,
         trials: int | None, keys: int | None, window: int | None, sink: int, device: str | None, dtype: str | None, backend: str,
         threads: int, seed: int, out: str | None, plot_path: str | None, kv_budget: str | None = None,
-        budgets: list[float] | None = None, policies: list[str] | None = None) -> None:
+        budgets: list[float] | None = None, policies: list[str] | None = None,
+        select_budgets: list[int] | None = None) -> None:
     t_start = time.time()
     given = dict(lengths=lengths, docs=docs, decode_tokens=decode_tokens, passkey_lengths=passkey_lengths,
                  depths=depths, trials=trials, keys=keys)
@@ -814,14 +841,15 @@ def run(checkpoint: str | None, data: str, gates_dir: str, gate: list[str], quic
     gate_meta, window = gate_files(model, gates_dir, gate, window, quick)
     families = tuple(policies) if policies is not None else FAMILIES
     grid |= dict(window=window, sink=sink, seed=seed, kv_budget=kv_budget,
-                 budgets=budgets if budgets is not None else defaults["budgets"], families=list(families))
+                 budgets=budgets if budgets is not None else defaults["budgets"], families=list(families),
+                 select_budgets=select_budgets if select_budgets is not None else defaults["select_budgets"])
     check_grid(grid, model, gate_meta, backend, device)
 
     documents = source_order(read_documents(data))
     samples = document_samples(tok, documents, grid["lengths"], grid["docs"], device) if grid["lengths"] else {}
     passkey, multikey = retrieval_prompts(tok, documents, grid) or (None, None)
     rows = policy_list([(name, path) for name, (path, _) in gate_meta.items()], sink, kv_budget,
-                       tuple(grid["budgets"]), families)
+                       tuple(grid["budgets"]), families, tuple(grid["select_budgets"]))
     say(f"eval: {len(rows)} policies, perplexity at {grid['lengths']} x {grid['docs']} documents, decode "
         f"{grid['decode_tokens']} tokens, passkey (and {grid['keys']} keys) at {grid['passkey_lengths']} x depths "
         f"{grid['depths']} x {grid['trials']} trials, W = {window}, {device}")
@@ -908,6 +936,7 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
     grid = {**first["grid"], "lengths": union("lengths"), "passkey_lengths": union("passkey_lengths"),
             "depths": union("depths"), "trials": max(piece["grid"]["trials"] for piece in pieces),
             "budgets": sorted({b for piece in pieces for b in piece["grid"].get("budgets", [])}),
+            "select_budgets": sorted({n for piece in pieces for n in piece["grid"].get("select_budgets", [])}),
             "families": [f for f in FAMILIES if any(f in piece["grid"].get("families", FAMILIES) for piece in pieces)],
             "keys": next((piece["grid"]["keys"] for piece in pieces if piece["grid"].get("keys")), None)}
     policies = list(dict.fromkeys(p for piece in pieces for p in piece["policies"]))
@@ -917,7 +946,7 @@ def merge(paths: list[str], out: str | None, plot_path: str | None) -> None:
 
 # The options that define a grid to run; --merge takes the grid from its files and refuses them.
 GRID_OPTIONS = ("checkpoint", "gate", "quick", "lengths", "docs", "decode_tokens", "passkey_lengths", "depths",
-                "trials", "keys", "window", "kv_budget", "budgets", "policies")
+                "trials", "keys", "window", "kv_budget", "budgets", "policies", "select_budgets")
 
 
 def main(merge_paths: list[str] | None, **kwargs) -> None:
@@ -957,6 +986,9 @@ if __name__ == "__main__":
     parser.add_argument("--budgets", type=float, nargs="*", metavar="PCT",
                         help="budgets (%% of the dense cache) of the composition rows: each gate + lowest-g, each gate + "
                              "snapkv, snapkv alone (default: 15 25 40; --quick: none)")
+    parser.add_argument("--select-budgets", type=int, nargs="*", metavar="N",
+                        help="tokens a decode step attends per KV head in the selection rows: each gate + select, "
+                             "quest alone (default: 384 512 1024; --quick: none)")
     parser.add_argument("--policies", nargs="*", choices=FAMILIES, metavar="FAMILY",
                         help=f"run only these rows, of {', '.join(FAMILIES)} (default: all), e.g. a new gate alone "
                              f"(--policies gate) to set beside an earlier run's baselines; perplexity and decode "

@@ -480,6 +480,8 @@ class GatedSetup:
     page_size: int
     budget: str               # how the pool was sized
     evict: str | None         # what makes room when the pool runs low: lowest-g, snapkv, or nothing
+    select_budget: int | None = None   # tokens a decode step attends per KV head (selection), None: all
+    select_pages: int = 0     # the store pages a decode step reads per KV head under it (0: all)
     evictor: Eviction | None = None   # makes room in the pool; call its after_step from the decode loop
     metadata: dict = field(default_factory=dict)
 
@@ -521,6 +523,7 @@ def setup_write_gated(model: Transformer, gate: str | list[nn.Module], *, batch_
                       threshold: float | None = None, global_capacity: int | list[int] | None = None,
                       kv_budget: str | Budget | None = None, page_size: int = DEFAULT_PAGE_SIZE,
                       evict: str | None = EVICTION[0], backend: str = "auto", seed: int = 0,
+                      select_budget: int | None = None,
                       cache: type[WriteGatedCache] = WriteGatedCache) -> GatedSetup:
     """Install gates and a WriteGatedCache in every layer, their stores drawing on one PagePool.
 
@@ -531,7 +534,9 @@ def setup_write_gated(model: Transformer, gate: str | list[nn.Module], *, batch_
     get less; a list: one per layer); kv_budget (parse_budget's forms, or a Budget) sizes the pool, by default
     from the setting's measured admission.
     evict: lowest-g or snapkv, the Eviction that makes room when the pool runs short (cache.Eviction), or
-    None for none. cache: WriteGatedCache or a subclass built with its arguments (eval's SnapKVCache). Bad
+    None for none. select_budget: Quest's selection in decode (DESIGN.md's Selection), N tokens attended per
+    step per KV head, the window's W among them: (N - W) // page_size pages of the store; the pool then keeps
+    page summaries. cache: WriteGatedCache or a subclass built with its arguments (eval's SnapKVCache). Bad
     input raises GateError (one line); an unavailable backend raises ValueError (one line).
     """
     if evict is not None and evict not in EVICTION:
@@ -553,6 +558,10 @@ def setup_write_gated(model: Transformer, gate: str | list[nn.Module], *, batch_
         raise GateError(f"window {window} must be at least 1")
     if page_size < 1:
         raise GateError(f"page size {page_size} must be at least 1")
+    if select_budget is not None and select_budget < window + page_size:
+        raise GateError(f"--select-budget {select_budget}: must be at least the window plus one page "
+                        f"({window} + {page_size})")
+    select_pages = 0 if select_budget is None else (select_budget - window) // page_size
     needed = max_seq_len - window
     if policy.kind == "none":
         needed = 0
@@ -571,15 +580,16 @@ def setup_write_gated(model: Transformer, gate: str | list[nn.Module], *, batch_
                               head_dim=c.head_dim, capacity=per_layer, page_size=page_size, dense_tokens=max_seq_len,
                               element_size=torch.empty((), dtype=dtype).element_size(),
                               admitted_per_layer=admitted)
-    pool = PagePool(n_pages, page_size, c.head_dim, dtype, device)
+    pool = PagePool(n_pages, page_size, c.head_dim, dtype, device, summaries=select_budget is not None)
     # A window longer than the sequence sees the same keys as one of max_seq_len slots: allocate no more.
     ring = min(window, max_seq_len)
     observe = SNAPKV_OBSERVE if evict == "snapkv" else 0
     model.setup_caches(lambda i: cache(batch_size, c.n_kv_heads, c.head_dim, ring, threshold, per_layer[i],
-                                       dtype, device, backend, pool=pool, observe=observe, n_heads=c.n_heads))
+                                       dtype, device, backend, pool=pool, observe=observe, n_heads=c.n_heads,
+                                       select_pages=select_pages))
     evictor = Eviction([layer.attention.cache for layer in model.layers], evict) if evict is not None else None
     return GatedSetup(str(policy), window, threshold, capacity, backend, max_seq_len, n_pages, page_size, how, evict,
-                      evictor, metadata)
+                      select_budget, select_pages, evictor, metadata)
 
 
 def admission_stats(model: Transformer, counts: list[dict[str, Tensor]] | None = None) -> dict:
@@ -590,7 +600,8 @@ def admission_stats(model: Transformer, counts: list[dict[str, Tensor]] | None =
     admitted_fraction: tokens with g > tau among all tokens scored (those still in the ring included);
     bytes_in_use: K/V held (ring + store) vs dense_bytes, a dense cache of the same tokens;
     bytes_allocated: rings, page tables and the pool, all that the caches allocated;
-    capacity_drops: admitted tokens that a head without room (its capacity or the pool spent) threw away.
+    capacity_drops: admitted tokens that a head without room (its capacity or the pool spent) threw away;
+    pages_scored_per_step, tokens_read_per_step: what a decode step did per KV head, on average.
     """
     caches = [layer.attention.cache for layer in model.layers]
     pools = list({id(c.pool): c.pool for c in caches}.values())                                # for the page counts
@@ -608,6 +619,10 @@ def admission_stats(model: Transformer, counts: list[dict[str, Tensor]] | None =
         "pool_pages": sum(p.n_pages for p in pools),
         "capacity_drops": sum(counts["capacity_drops"]),
         "evicted": sum(counts["evicted"]),
+        # Per decode step and KV head, averaged over every layer's heads and steps: the store's pages scored
+        # (selection; 0 without it) and the tokens attended, ring and store.
+        "pages_scored_per_step": sum(counts["scored"]) / max(sum(counts["decoded"]), 1),
+        "tokens_read_per_step": sum(counts["read"]) / max(sum(counts["decoded"]), 1),
     }
 
 
@@ -622,7 +637,8 @@ def format_stats(stats: dict, dense_allocated: int | None = None, eviction: Evic
     return (f"admitted {stats['admitted_fraction']:.1%} of tokens (per layer: {per_layer})\n"
             f"KV bytes in use {stats['bytes_in_use'] / 2**20:.2f} MiB vs dense {stats['dense_bytes'] / 2**20:.2f} MiB "
             f"({stats['bytes_in_use'] / max(stats['dense_bytes'], 1):.1%}); allocated {stats['bytes_allocated'] / 2**20:.2f} MiB"
-            f"{dense}; pool pages in use {stats['pages_in_use']} of {stats['pool_pages']}\n"
+            f"{dense}; pool pages in use {stats['pages_in_use']} of {stats['pool_pages']}; a decode step read "
+            f"{stats['tokens_read_per_step']:.1f} tokens per KV head and scored {stats['pages_scored_per_step']:.1f} pages\n"
             f"admitted tokens lost to the capacity or the budget: {stats['capacity_drops'] + stats['evicted']} "
             f"({stats['capacity_drops']} not stored: a head without room keeps its highest-g tokens; {evicted})")
 

@@ -60,7 +60,7 @@ def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate
     """gate.build_caches for the command line: a bad option is BadInput, and the write-gated settings are said on
     stderr. Returns the bytes the caches allocated, and the Eviction to call between decode steps (None for the
     dense cache). gate None: the dense cache; else a --gate spec, and `gated` holds setup_write_gated's options
-    (window, threshold, global_capacity, kv_budget, page_size, evict, backend)."""
+    (window, threshold, global_capacity, kv_budget, page_size, evict, backend, select_budget)."""
     try:
         built = build_caches(model, max_seq_len, batch_size=batch_size, gate=gate, **gated)
     except ValueError as e:   # a bad spec or budget, a gate that does not fit, an unavailable backend
@@ -68,7 +68,9 @@ def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate
     if (setup := built.gated) is not None:
         print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
               f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
-              f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}", file=sys.stderr)
+              f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}"
+              + (f", select {setup.select_budget} tokens a step ({setup.select_pages} pages and the window)"
+                 if setup.select_budget is not None else ""), file=sys.stderr)
     return built.allocated, built.evictor
 
 
@@ -578,7 +580,7 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
          max_seq_len: int | None = None, compile: bool = False, gate: str | None = None, window: int | None = None,
          threshold: float | None = None, global_capacity: int | None = None, kv_budget: str | None = None,
          page_size: int = DEFAULT_PAGE_SIZE, evict: str = EVICTION[0], attn_backend: str = "auto",
-         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, interactive: bool = False) -> None:
+         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, interactive: bool = False, select_budget: int | None = None) -> None:
     validate(device=device, dtype=dtype, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
              top_p=top_p, repetition_penalty=repetition_penalty, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
              batch_size=batch_size, prompt=prompt, prompt_file=prompt_file, prompts_file=prompts_file, no_chat=no_chat,
@@ -587,6 +589,9 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
     if checkpoint is None and gate is None:   # the embedded model runs with its gate
         gate = str(DEFAULT_GATE)
     gate = None if gate == "dense" else gate
+    if gate is None and select_budget is not None:
+        raise BadInput("--select-budget selects among a write-gated store's pages: not with --gate dense "
+                       "(Quest alone is --gate full --select-budget N)")
     checkpoint = checkpoint_or_default(checkpoint)
     dtype = dtype or default_dtype(checkpoint, device)   # said on the statistics line
 
@@ -596,7 +601,8 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
     generating = dict(**sampling, prefill_chunk=prefill_chunk,
                       decode_step=compile_decode_step(device) if compile else decode_one_token)
     cache_options = dict(gate=gate, window=window, threshold=threshold, global_capacity=global_capacity,
-                         kv_budget=kv_budget, page_size=page_size, evict=evict, backend=attn_backend)
+                         kv_budget=kv_budget, page_size=page_size, evict=evict, backend=attn_backend,
+                         select_budget=select_budget)
     if interactive:
         run_chat(model, tokenizer, checkpoint, max_seq_len, max_new_tokens, seed, cache_options, **generating)
     elif texts is not None:
@@ -666,6 +672,9 @@ if __name__ == "__main__":
                         help="chat: each line of stdin is a user turn, each reply a line of stdout; the cache keeps "
                         f"the conversation, so a turn prefills only its new tokens (--max-seq-len default: "
                         f"{DEFAULT_CHAT_LEN})")
+    parser.add_argument("--select-budget", type=int, help="Quest's selection in decode: tokens each step attends "
+                        "per KV head, the window's among them; the rest are the store's pages whose key bounds "
+                        "score highest for the query (at least window + page size; default: all; prefill reads all)")
     parser.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"],
                         help="gated attention: PyTorch reference or Triton kernels (auto: triton on CUDA)")
     try:

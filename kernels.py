@@ -540,12 +540,13 @@ def store_admitted(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: T
 
 def promote_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
                 page_table: Tensor, global_len: Tensor, k_out: Tensor, v_out: Tensor, g_out: Tensor,
-                threshold: float) -> None:
+                threshold: float) -> Tensor:
     """Decode: the token leaving the ring enters its head's store if g > tau, in place, no host sync.
 
     k_out, v_out: (B, Hkv, D); g_out: (B, Hkv) (an empty ring slot has g = -1, never admitted). A head
     whose last page is full takes a new page; when its capacity or the pool has none left, the token
-    replaces the head's lowest-g entry, and only if its own g is higher.
+    replaces the head's lowest-g entry, and only if its own g is higher. Returns the store slot each head
+    wrote (B, Hkv) int64, -1 where none: the page whose summary (selection) must be recomputed.
     """
     B, Hkv, M = page_table.shape
     P, D = pool_k.shape[1:]
@@ -561,10 +562,11 @@ def promote_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tens
     pool_v.view(-1, D)[row] = v_out.flatten(0, 1).to(pool_v.dtype)
     pool_g.view(-1)[row] = g_out.flatten().to(pool_g.dtype)
     global_len.add_((write & room).to(global_len.dtype))
+    return torch.where(write, slot, -1)
 
 
 @triton.jit
-def _promote_kernel(PK, PV, PG, TABLE, GLEN, ROOM, KO, VO, GO,
+def _promote_kernel(PK, PV, PG, TABLE, GLEN, ROOM, KO, VO, GO, WRITTEN,
                     stride_tb, stride_th, stride_kob, stride_koh, stride_vob, stride_voh, stride_gob, stride_goh, threshold,
                     HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_C: tl.constexpr):
     bh = tl.program_id(0)
@@ -597,12 +599,13 @@ def _promote_kernel(PK, PV, PG, TABLE, GLEN, ROOM, KO, VO, GO,
     tl.store(PV + row * D + d, tl.load(VO + b * stride_vob + h * stride_voh + d), mask=write_row)
     tl.store(PG + row, g_new, mask=write)
     tl.store(GLEN + bh, n + (write & room).to(n.dtype))
+    tl.store(WRITTEN + bh, tl.where(write, slot, -1))
 
 
 @triton_op("wgkv::promote", mutates_args={"pool_k", "pool_v", "pool_g", "free_pages", "n_free", "page_table", "global_len"})
 def promote(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, n_free: Tensor,
             page_table: Tensor, global_len: Tensor, k_out: Tensor, v_out: Tensor, g_out: Tensor,
-            threshold: float) -> None:
+            threshold: float) -> Tensor:
     """promote_ref as one launch of one program per (batch, KV head) after the page grant, no host sync.
 
     The reference scans every head's C gates on every step; here a head reads them only when it has no
@@ -614,11 +617,13 @@ def promote(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, 
     P = pool_k.shape[1]
     admitted = g_out > threshold                                                            # (B, Hkv)
     room = (store_room(free_pages, n_free, page_table, global_len, P, admitted.long()) > 0).to(torch.int8)
+    written = torch.empty(B, Hkv, dtype=torch.int64, device=k_out.device)                    # (B, Hkv)
     block = 1024 if k_out.device.type == "cuda" else 16
     _launch(_promote_kernel)[(B * Hkv,)](
-        pool_k, pool_v, pool_g, page_table, global_len, room, k_out, v_out, g_out,
+        pool_k, pool_v, pool_g, page_table, global_len, room, k_out, v_out, g_out, written,
         page_table.stride(0), page_table.stride(1), k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1),
         g_out.stride(0), g_out.stride(1), threshold, HKV=Hkv, D=D, PAGE=P, BLOCK_C=block)
+    return written
 
 
 # --- dual-cache decode attention --------------------------------------------------------------

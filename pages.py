@@ -8,6 +8,11 @@ C = M * P. Page N is scratch: it is never handed out, unused table entries point
 heads that write nothing go there, so that every write is unconditional and no two heads write the same
 row. free_pages (N + 1,) is a stack whose first n_free (1,) entries are the free pages (its last entry is
 scratch as well).
+
+With summaries (selection, DESIGN.md's Selection), kmin and kmax (N + 1, D) hold each page's elementwise min
+and max over the keys of its filled slots. A page's summary is recomputed from its keys (summarize_pages)
+whenever one of its slots is written or moved, so it is exact after any path; a page given back to the free
+stack keeps stale values until it is written again, and nothing reads a page its head does not hold.
 """
 import torch
 import torch.nn as nn
@@ -47,7 +52,8 @@ class PagePool(nn.Module):
     n_pages is scratch (see above); the free stack and its count live on the device.
     """
 
-    def __init__(self, n_pages: int, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, n_pages: int, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 summaries: bool = False):
         super().__init__()
         if n_pages < 0 or page_size < 1:
             raise ValueError(f"a page pool needs n_pages >= 0 and page_size >= 1, not {n_pages} and {page_size}")
@@ -59,6 +65,11 @@ class PagePool(nn.Module):
         self.register_buffer("free_pages", torch.empty(N + 1, dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("n_free", torch.empty(1, dtype=torch.int64, device=device), persistent=False)
         dynamic_sizes((self.k, 0), (self.v, 0), (self.g, 0), (self.free_pages, 0))
+        self.summaries = summaries
+        if summaries:
+            self.register_buffer("kmin", torch.full((N + 1, D), float("inf"), dtype=dtype, device=device), persistent=False)
+            self.register_buffer("kmax", torch.full((N + 1, D), float("-inf"), dtype=dtype, device=device), persistent=False)
+            dynamic_sizes((self.kmin, 0), (self.kmax, 0))
         self.reset()
 
     @property
@@ -78,6 +89,21 @@ def pool_rows(page_table: Tensor, slots: Tensor, page_size: int) -> Tensor:
     """Flat pool rows (page * P + offset) of store slots: page_table (B, Hkv, M), slots (B, Hkv, S) -> (B, Hkv, S)."""
     pages = page_table.gather(2, (slots // page_size).clamp(max=page_table.shape[-1] - 1))
     return pages * page_size + slots % page_size
+
+
+def summarize_pages(pool: PagePool, page_table: Tensor, global_len: Tensor, columns: Tensor) -> None:
+    """Recompute the summaries (kmin, kmax) of the pages at these page-table columns (B, Hkv, J) from their
+    filled slots (those below global_len (B, Hkv)), in place, on the device. A column past the table, or one
+    whose page holds no token, updates the scratch page instead, so every write is unconditional; a column
+    named twice writes the same values twice."""
+    P, N, M = pool.page_size, pool.n_pages, page_table.shape[-1]
+    held = (columns >= 0) & (columns < M) & (columns * P < global_len[..., None])           # (B, Hkv, J)
+    pages = torch.where(held, page_table.gather(2, columns.clamp(0, M - 1)), N)             # (B, Hkv, J)
+    filled = columns[..., None] * P + torch.arange(P, device=columns.device) < global_len[..., None, None]  # (B, Hkv, J, P)
+    keys = pool.k[pages]                                                                     # (B, Hkv, J, P, D)
+    inf = torch.tensor(float("inf"), dtype=keys.dtype, device=keys.device)
+    pool.kmin[pages.flatten()] = torch.where(filled[..., None], keys, inf).amin(3).flatten(0, 2)
+    pool.kmax[pages.flatten()] = torch.where(filled[..., None], keys, -inf).amax(3).flatten(0, 2)
 
 
 def gather_store(pool: Tensor, page_table: Tensor, n_pages: int) -> Tensor:

@@ -128,6 +128,32 @@ def test_budget_rows_compose_the_gate_with_each_eviction(setup):
     assert "| tiny-0.5 + snapkv @ 30% |" in proc.stdout
 
 
+def test_select_rows_read_their_budget(setup):
+    """--select-budgets 64: the gate with selection and Quest alone, in the decode and retrieval tables (prefill is
+    not selected), each decode step attending at most 64 tokens per KV head; a budget below the window plus a
+    page: one line, exit 2."""
+    root, checkpoint = setup
+    out = root / "select.json"
+    common = ["--quick", "--checkpoint", str(checkpoint), "--data", str(root / "heldout"), "--gates-dir",
+              str(root / "gates"), "--lengths", "160", "--decode-tokens", "16", "--passkey-lengths", "400",
+              "--depths", "0.5", "--keys", "0"]
+    proc = run_eval(*common, "--select-budgets", "64", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    select_rows = ["tiny-0.5 + select @ 64", "quest alone @ 64"]
+    assert not set(select_rows) & {r["policy"] for r in result["perplexity"]}
+    for table in ("decode", "passkey"):
+        rows = {r["policy"]: r for r in result[table]}
+        assert list(rows)[-2:] == select_rows
+        assert all(0 < rows[name]["read_per_step"] <= 64 for name in select_rows)
+        assert rows["tiny-0.5"]["read_per_step"] > 64 and rows["dense"]["read_per_step"] is None
+        assert rows["quest alone @ 64"]["kv_held"] == 1.0
+    assert [ev.policy_family(name, result["gates"]) for name in select_rows] == ["tiny-0.5 + select", "quest alone"]
+    assert "| read/step |" in proc.stdout and "| tiny-0.5 + select @ 64 |" in proc.stdout
+    proc = run_eval(*common, "--select-budgets", "40")
+    assert proc.returncode == 2 and "--select-budgets" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_plot_without_matplotlib_says_why_and_writes_nothing(quick, tmp_path, monkeypatch, capsys):
     _, result = quick
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # what an environment without it raises

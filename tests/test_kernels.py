@@ -221,14 +221,18 @@ def test_promote():
     lowest = pages.pool_rows(page_table, torch.tensor([7, 13]).expand(B, Hkv, 2), P)[1, 0]
     pool_g.view(-1)[lowest] = 0.55                       # a tie for the lowest: the first slot goes
     ref_state = [x.clone() for x in state]
+    replaced = []
     for step in range(6):
         k_out, v_out = randn(B, Hkv, D, dtype=torch.bfloat16), randn(Hkv, B, D, dtype=torch.bfloat16).transpose(0, 1)
         # Gates: an empty ring slot (-1), below tau, admitted but below a full store's lowest, and high.
         g_out = torch.tensor([[-1.0, 0.2, 0.51], [0.7, 0.95, 0.9]], device=DEVICE).roll(step, dims=1)
-        kernels.promote(*state, k_out, v_out, g_out, TAU)
-        kernels.promote_ref(*ref_state, k_out, v_out, g_out, TAU)
+        written = kernels.promote(*state, k_out, v_out, g_out, TAU)
+        assert torch.equal(written, kernels.promote_ref(*ref_state, k_out, v_out, g_out, TAU))
         assert same_store(state, ref_state)
+        replaced.append(written.clone())
     assert int(state[4]) == 0 and int(state[6][0, 1]) == 20 and int(state[6][0, 0]) > 0
+    written = torch.stack(replaced)                      # (steps, B, Hkv): -1 where nothing was written
+    assert (written == -1).any() and written[:2, 1, 0].tolist() == [7, 13]     # the tie's first slot, then the other
 
 
 def test_paged_sweep_a_few_dozen_cases():
@@ -276,7 +280,7 @@ AOT_GROUPS = {64: 3, 128: 4}   # head dim: query heads per KV head
 # The element types of the pointers that are not of the model's dtype.
 POINTER_TYPES = {"IDX": "*i64", "COUNT": "*i64", "RLEN": "*i64", "GLEN": "*i64", "KEEP": "*i64", "NKEEP": "*i64",
                  "TABLE": "*i64", "ROOM": "*i8", "G": "*fp32", "PG": "*fp32", "GSRC": "*fp32", "GO": "*fp32",
-                 "PART_O": "*fp32", "PART_LSE": "*fp32"}
+                 "PART_O": "*fp32", "PART_LSE": "*fp32", "WRITTEN": "*i64"}
 
 
 def aot_build(kernel: str, dtype: str, head_dim: int, limits: kernels.DeviceLimits):
