@@ -4,7 +4,7 @@
     python generate.py --prompt-file prompts/with-statement.md --gate dense  # the same with the dense cache
     python generate.py --checkpoint checkpoints/meta-llama/Llama-3.2-1B-Instruct --compile
     python generate.py --interactive                                          # a chat that keeps its cache
-    torchrun --nproc-per-node 2 generate.py --checkpoint DIR --device cuda   # one model over 2 GPUs (tensor parallel)
+    torchrun --standalone --nproc-per-node 2 generate.py --checkpoint DIR --device cuda   # one model, 2 GPUs
 
 The completion streams to stdout as it is decoded; statistics go to stderr. Every model call appends
 tokens to the caches (a prompt in chunks of --prefill-chunk, a decode step, a new turn of a chat); the
@@ -72,7 +72,8 @@ def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate
     if (setup := built.gated) is not None:
         print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
               f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
-              f"tokens{' per rank' if model.tp.world > 1 else ''} ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}", file=sys.stderr)
+              f"tokens{' per rank' if model.tp.world > 1 else ''} ({setup.budget}), evict {setup.evict}, "
+              f"attention backend {setup.backend}", file=sys.stderr)
     return built.allocated, built.evictor
 
 

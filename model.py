@@ -15,11 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 
@@ -81,7 +81,8 @@ class LlamaConfig:
         bad = [f"{name} {n}" for name, n in sizes.items() if n % world]
         if bad:
             raise CheckpointError(f"tensor parallelism over {world} processes needs {world} to divide the model's "
-                                  f"query heads, KV heads and intermediate size, and it does not divide its {', '.join(bad)}")
+                                  f"query heads, KV heads and intermediate size, and it does not divide its "
+                                  f"{', '.join(bad)}")
         return replace(self, n_heads=self.n_heads // world, n_kv_heads=self.n_kv_heads // world,
                        intermediate_size=self.intermediate_size // world)
 

@@ -81,7 +81,8 @@ def test_dense_cache_under_tp_gives_one_process_tokens(tmp_path, models):
 
 
 def test_write_gated_cache_under_tp_gives_one_process_tokens(tmp_path, models):
-    check_against_one_process(tmp_path, cases(models, {h: authors_gate(tmp_path / f"tiny{h}-0.1.pt", h) for h in models}))
+    gates = {h: authors_gate(tmp_path / f"tiny{h}-0.1.pt", h) for h in models}
+    check_against_one_process(tmp_path, cases(models, gates))
 
 
 def test_generate_under_torchrun_prints_one_process_output_once(tmp_path, models):
