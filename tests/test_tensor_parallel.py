@@ -1,7 +1,7 @@
-"""Tensor parallelism on the CPU (gloo): two ranks under torchrun give one process's greedy tokens and logits, with the
-dense and the write-gated cache, each rank's caches 1/N of one process's; generate.py under torchrun prints what one
-process prints, once; an N that does not divide the model fails fast on every rank. One torchrun per cache type
-covers its cases (tests/tp_worker.py)."""
+"""Tensor parallelism on the CPU (gloo): two ranks under torchrun give one process's greedy tokens and logits with the
+dense and the write-gated cache (GQA, attention biases, Qwen3), each rank's caches 1/N of one process's;
+generate.py under torchrun prints what one process prints, once; an N that does not divide the model fails fast
+on every rank. One torchrun per cache type covers its cases (tests/tp_worker.py)."""
 import json
 import os
 import socket
@@ -77,7 +77,11 @@ def cases(models: dict[int, Path], gates: dict[int, Path] | None = None) -> list
 
 
 def test_dense_cache_under_tp_gives_one_process_tokens(tmp_path, models):
-    check_against_one_process(tmp_path, cases(models))
+    # Also a Llama with attention biases (wo's is added by rank 0 alone) and a Qwen3 (its q/k norms replicated).
+    others = [save_tiny_checkpoint(tmp_path / "bias", "chatml", seed=5, attention_bias=True),
+              save_tiny_checkpoint(tmp_path / "qwen3", "qwen3-instruct", seed=6)]
+    check_against_one_process(tmp_path, cases(models) + [{"checkpoint": str(path), "gate": None, "compiled": False}
+                                                         for path in others])
 
 
 def test_write_gated_cache_under_tp_gives_one_process_tokens(tmp_path, models):
