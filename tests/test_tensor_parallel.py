@@ -116,19 +116,33 @@ def test_generate_under_torchrun_prints_one_process_output_once(tmp_path, models
     assert len(one.stdout.splitlines()) == 2 and tp.stdout == one.stdout
 
 
-def test_an_n_that_does_not_divide_the_model_fails_fast_on_every_rank(models):
-    """3 processes for 4 query heads, 2 KV heads, intermediate size 128: each worker (started as torchrun starts
-    them, to see each one's exit code) exits 2, and rank 0 alone said why, in one line."""
+def as_torchrun_starts(n: int, *args: str) -> list[tuple[int, str, str]]:
+    """generate.py args in n workers started with torchrun's environment (on a free port), to see each one's exit
+    code (torchrun stops the others once one fails): (exit code, stdout, stderr) per rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    workers = [subprocess.Popen([sys.executable, "generate.py", "--checkpoint", str(models[2]), "--gate", "dense"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                env=ENV | dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="3",
-                                               RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="3"))
-               for r in range(3)]
-    results = [w.communicate(timeout=300) for w in workers]
-    assert [w.returncode for w in workers] == [2, 2, 2], results
-    assert [out for out, _ in results] == ["", "", ""] and [err for _, err in results[1:]] == ["", ""], results
-    line, = results[0][1].splitlines()
-    assert "tensor parallelism over 3 processes" in line and "KV heads 2" in line, line
+    workers = [subprocess.Popen([sys.executable, "generate.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT,
+                                env=ENV | dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n),
+                                               RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n)))
+               for r in range(n)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    return [(w.returncode, *output) for w, output in zip(workers, outputs)]
+
+
+@pytest.mark.parametrize("case", ["bad N", "gate of another model"])
+def test_bad_input_fails_fast_on_every_rank(tmp_path, models, case):
+    """3 processes for 4 query heads, 2 KV heads, intermediate size 128; or a gate file with 4 KV heads for the
+    model with 2 (its whole count, not a rank's 1): each worker exits 2, and rank 0 alone said why, in one line."""
+    if case == "bad N":
+        results = as_torchrun_starts(3, "--checkpoint", str(models[2]), "--gate", "dense")
+        expected = ["tensor parallelism over 3 processes", "KV heads 2"]
+    else:
+        gate = authors_gate(tmp_path / "other-0.1.pt", 4)
+        results = as_torchrun_starts(2, "--checkpoint", str(models[2]), "--gate", str(gate))
+        expected = ["has 4 KV heads in layer 0, the model has 2"]
+    assert [code for code, _, _ in results] == [2] * len(results), results
+    assert all(out == "" for _, out, _ in results) and all(err == "" for _, _, err in results[1:]), results
+    line, = results[0][2].splitlines()
+    assert all(text in line for text in expected), line
