@@ -1,7 +1,7 @@
 """Tensor parallelism on the CPU (gloo): two ranks under torchrun give one process's greedy tokens and logits with the
 dense and the write-gated cache (GQA, attention biases, Qwen3), each rank's caches 1/N of one process's;
-generate.py under torchrun prints what one process prints, once; an N that does not divide the model fails fast
-on every rank. One torchrun per cache type covers its cases (tests/tp_worker.py)."""
+generate.py under torchrun prints what one process prints, once; an N that does not divide the model, or a gate
+file for another model, fails fast on every rank. One torchrun per cache type covers its cases (tests/tp_worker.py)."""
 import json
 import os
 import socket
