@@ -652,34 +652,30 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
              batch_size=batch_size, prompt=prompt, prompt_file=prompt_file, prompts_file=prompts_file, no_chat=no_chat,
              interactive=interactive)
     tp, device = start_tensor_parallel(device)   # under torchrun: this process's rank, its share and device
-    try:
-        prompt, texts = from_rank0(tp, read_input, prompt, prompt_file, prompts_file, jsonl)
-        if checkpoint is None and gate is None:   # the embedded model runs with its gate
-            gate = str(DEFAULT_GATE)
-        gate = None if gate == "dense" else gate
-        checkpoint = from_rank0(tp, checkpoint_or_default, checkpoint)   # converts the embedded one once
-        dtype = dtype or default_dtype(checkpoint, device)   # said on the statistics line
-        if seed is None and tp.world > 1:   # the ranks sample with one seed, so they draw the same tokens
-            seed = from_rank0(tp, random.randrange, 2**31)
+    prompt, texts = from_rank0(tp, read_input, prompt, prompt_file, prompts_file, jsonl)
+    if checkpoint is None and gate is None:   # the embedded model runs with its gate
+        gate = str(DEFAULT_GATE)
+    gate = None if gate == "dense" else gate
+    checkpoint = from_rank0(tp, checkpoint_or_default, checkpoint)   # converts the embedded one once
+    dtype = dtype or default_dtype(checkpoint, device)   # said on the statistics line
+    if seed is None and tp.world > 1:   # the ranks sample with one seed, so they draw the same tokens
+        seed = from_rank0(tp, random.randrange, 2**31)
 
-        model, tokenizer = load(checkpoint, device, DTYPES[dtype], tp)
-        sampling = sampling_settings(checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     repetition_penalty=repetition_penalty)
-        generating = dict(**sampling, prefill_chunk=prefill_chunk,
-                          decode_step=compile_decode_step(device) if compile else decode_one_token)
-        cache_options = dict(gate=gate, window=window, threshold=threshold, global_capacity=global_capacity,
-                             kv_budget=kv_budget, page_size=page_size, evict=evict, backend=attn_backend)
-        if interactive:
-            run_chat(model, tokenizer, checkpoint, max_seq_len, max_new_tokens, seed, cache_options, **generating)
-        elif texts is not None:
-            batches(model, tokenizer, texts, batch_size, max_seq_len, max_new_tokens, jsonl, no_chat, seed,
-                    cache_options, **generating)
-        else:
-            run_prompt(model, tokenizer, prompt, no_chat, max_seq_len, max_new_tokens, seed, compile, cache_options,
-                       **generating)
-    finally:
-        if tp.world > 1:
-            dist.destroy_process_group()
+    model, tokenizer = load(checkpoint, device, DTYPES[dtype], tp)
+    sampling = sampling_settings(checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty)
+    generating = dict(**sampling, prefill_chunk=prefill_chunk,
+                      decode_step=compile_decode_step(device) if compile else decode_one_token)
+    cache_options = dict(gate=gate, window=window, threshold=threshold, global_capacity=global_capacity,
+                         kv_budget=kv_budget, page_size=page_size, evict=evict, backend=attn_backend)
+    if interactive:
+        run_chat(model, tokenizer, checkpoint, max_seq_len, max_new_tokens, seed, cache_options, **generating)
+    elif texts is not None:
+        batches(model, tokenizer, texts, batch_size, max_seq_len, max_new_tokens, jsonl, no_chat, seed,
+                cache_options, **generating)
+    else:
+        run_prompt(model, tokenizer, prompt, no_chat, max_seq_len, max_new_tokens, seed, compile, cache_options,
+                   **generating)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -753,3 +749,6 @@ if __name__ == "__main__":
         except (BadInput, CheckpointError) as e:
             print(f"generate.py: error: {e}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            if dist.is_initialized():   # torchrun: main started the ranks' process group
+                dist.destroy_process_group()
