@@ -237,19 +237,21 @@ def _gates_from_state(state: dict[str, Tensor], source: Path) -> list[WriteGate]
 
 
 def check_fits(gates: list[nn.Module], model: Transformer, source: str = "gate") -> None:
-    """Raise GateError naming the first way the learned gates do not fit the model, and both shapes."""
+    """Raise GateError naming the first way the learned gates do not fit the model, and both shapes. The gates are
+    the whole model's (a gate file's): under tensor parallelism they have every rank's KV heads."""
     c = model.config
+    n_kv_heads = c.n_kv_heads * model.tp.world
     learned = [g for g in gates if isinstance(g, WriteGate)]
     # Both shapes in every message: a gate for another model is the usual cause (Llama-3.1-8B's and Qwen3-4B's
     # differ only in the layer count).
     theirs = f"{len(gates)} layers" + (f", {learned[0].n_kv_heads} KV heads, head dim {learned[0].head_dim}" if learned else "")
-    shapes = f" (gate: {theirs}; model: {c.n_layers} layers, {c.n_kv_heads} KV heads, head dim {c.head_dim})"
+    shapes = f" (gate: {theirs}; model: {c.n_layers} layers, {n_kv_heads} KV heads, head dim {c.head_dim})"
     if len(gates) != c.n_layers:
         raise GateError(f"{source} has {len(gates)} layers, the model has {c.n_layers}{shapes}")
     for i, gate in enumerate(gates):
         if isinstance(gate, WriteGate):
-            if gate.n_kv_heads != c.n_kv_heads:
-                raise GateError(f"{source} has {gate.n_kv_heads} KV heads in layer {i}, the model has {c.n_kv_heads}{shapes}")
+            if gate.n_kv_heads != n_kv_heads:
+                raise GateError(f"{source} has {gate.n_kv_heads} KV heads in layer {i}, the model has {n_kv_heads}{shapes}")
             if gate.head_dim != c.head_dim:
                 raise GateError(f"{source} has head dim {gate.head_dim} in layer {i}, the model has {c.head_dim}{shapes}")
 
@@ -350,17 +352,36 @@ def parse_policy(spec: str) -> Policy:
 
 
 def make_gates(policy: Policy, model: Transformer, seed: int = 0) -> tuple[list[nn.Module], dict]:
-    """One gate module per layer for the policy, and the gate file's metadata ({} for the built-ins)."""
+    """One gate module per layer for the policy, for the model's KV heads (under tensor parallelism this rank's,
+    rank_heads), and the gate file's metadata ({} for the built-ins)."""
     c = model.config
     if policy.kind == "file":
         gates, metadata = load_gates(policy.path)
         check_fits(gates, model, f"gate file {policy.path}")
-        return gates, metadata
+        return rank_heads(gates, model.tp), metadata
     if policy.kind == "random":
-        return [RandomGate(policy.fraction, c.n_kv_heads, i, seed) for i in range(c.n_layers)], {}
+        gates = [RandomGate(policy.fraction, c.n_kv_heads * model.tp.world, i, seed) for i in range(c.n_layers)]
+        return rank_heads(gates, model.tp), {}
     if policy.kind == "sink":
         return [SinkGate(policy.n_sink) for _ in range(c.n_layers)], {}
     return [ConstantGate(1.0 if policy.kind == "full" else 0.0) for _ in range(c.n_layers)], {}
+
+
+def rank_heads(gates: list[nn.Module], tp) -> list[nn.Module]:
+    """The gates of this rank's KV heads (model.TensorParallel: rank r of N holds heads r*H/N..(r+1)*H/N - 1), cut
+    in place from the whole model's: a learned gate's per-head weights, a random gate's per-head keys (so each
+    head admits what it admits in one process); the other policies treat every head alike."""
+    for gate in gates if tp.world > 1 else ():
+        if isinstance(gate, WriteGate):
+            n = gate.n_kv_heads // tp.world
+            own = slice(tp.rank * n, (tp.rank + 1) * n)
+            for name in ("w1", "b1", "w2", "b2"):
+                setattr(gate, name, nn.Parameter(getattr(gate, name)[own].clone()))
+            gate.n_kv_heads = n
+        elif isinstance(gate, RandomGate):
+            n = gate.head_keys.shape[0] // tp.world
+            gate.head_keys = gate.head_keys[tp.rank * n:(tp.rank + 1) * n].clone()
+    return gates
 
 
 def gate_settings(specs: list[str], model: Transformer) -> dict[str, tuple[str, dict]]:
@@ -542,6 +563,8 @@ def setup_write_gated(model: Transformer, gate: str | list[nn.Module], *, batch_
     if evict is not None and evict not in EVICTION:
         raise GateError(f"--evict {evict!r}: expected one of {', '.join(EVICTION)}")
     budget = kv_budget if isinstance(kv_budget, Budget) else parse_budget(kv_budget)
+    if budget is not None and budget.kind in ("bytes", "tokens"):   # tensor parallelism: each rank's pool its share
+        budget = replace(budget, value=budget.value / model.tp.world)
     if isinstance(gate, str):
         policy = parse_policy(gate)
         gates, metadata = make_gates(policy, model, seed)

@@ -4,6 +4,7 @@
     python generate.py --prompt-file prompts/with-statement.md --gate dense  # the same with the dense cache
     python generate.py --checkpoint checkpoints/meta-llama/Llama-3.2-1B-Instruct --compile
     python generate.py --interactive                                          # a chat that keeps its cache
+    torchrun --standalone --nproc-per-node 2 generate.py --checkpoint DIR --device cuda   # one model, 2 GPUs
 
 The completion streams to stdout as it is decoded; statistics go to stderr. Every model call appends
 tokens to the caches (a prompt in chunks of --prefill-chunk, a decode step, a new turn of a chat); the
@@ -13,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import resource
 import sys
 import time
@@ -20,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import Tensor
 
 from cache import Eviction, one_row, summed_counts
 from convert_gguf import checkpoint_or_default
 from gate import DEFAULT_PAGE_SIZE, EVICTION, admission_stats, build_caches, dense_bytes, format_stats
-from model import DTYPES, CheckpointError, Transformer, default_dtype
+from model import DTYPES, CheckpointError, TensorParallel, Transformer, default_dtype, start_tensor_parallel
 from tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -43,13 +46,14 @@ class BadInput(ValueError):
     """Input the user can fix; the CLI prints the one-line message and exits with code 2."""
 
 
-def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer of a Hugging Face checkpoint directory."""
+def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+         tp: TensorParallel = TensorParallel()) -> tuple[Transformer, Tokenizer]:
+    """The model (under tensor parallelism this rank's share) and tokenizer of a Hugging Face checkpoint directory."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint {checkpoint} is not a directory")
     try:
-        model = Transformer.from_pretrained(checkpoint, dtype=dtype, device=device)
+        model = Transformer.from_pretrained(checkpoint, dtype=dtype, device=device, tp=tp)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint {checkpoint} has unreadable weights: {e}") from None
     return model, Tokenizer(checkpoint)
@@ -68,7 +72,8 @@ def setup_caches(model: Transformer, max_seq_len: int, batch_size: int = 1, gate
     if (setup := built.gated) is not None:
         print(f"write-gated KV: gate {setup.policy}, window {setup.window}, threshold {setup.threshold}, "
               f"global capacity {setup.capacity} tokens per head, pool {setup.pool_pages} pages of {setup.page_size} "
-              f"tokens ({setup.budget}), evict {setup.evict}, attention backend {setup.backend}"
+              f"tokens{' per rank' if model.tp.world > 1 else ''} ({setup.budget}), evict {setup.evict}, "
+              f"attention backend {setup.backend}"
               + (f", select {setup.select_budget} tokens a step ({setup.select_pages} pages and the window)"
                  if setup.select_budget is not None else ""), file=sys.stderr)
     return built.allocated, built.evictor
@@ -360,6 +365,70 @@ def chat(model: Transformer, tokenizer: Tokenizer, lines, max_seq_len: int, max_
     return conversation
 
 
+# Tensor parallelism (torchrun): every rank runs this file; rank 0 reads the input and prints, the others follow.
+
+def from_rank0(tp: TensorParallel, read, *args):
+    """read(*args) on rank 0 alone, its result handed to every rank: input (prompts, stdin, a seed) is read once.
+    A BadInput or CheckpointError there is raised on every rank, so that all of them exit 2."""
+    if tp.world == 1:
+        return read(*args)
+    box = [None]
+    if tp.rank == 0:
+        try:
+            box = [(read(*args), None)]
+        except (BadInput, CheckpointError) as e:
+            box = [(None, str(e))]
+    dist.broadcast_object_list(box, src=0, group=tp.group)
+    value, error = box[0]
+    if error is not None:
+        raise BadInput(error)
+    return value
+
+
+def rank0_lines(tp: TensorParallel, lines):
+    """The lines rank 0 reads (stdin for --interactive), each handed to every rank as it comes."""
+    lines = iter(lines)
+    while (line := from_rank0(tp, next, lines, None)) is not None:
+        yield line
+
+
+def over_ranks(tp: TensorParallel, value) -> list:
+    """value (a host object) of every rank, in rank order; [value] in one process. Every rank calls it."""
+    if tp.world == 1:
+        return [value]
+    values = [None] * tp.world
+    dist.all_gather_object(values, value, group=tp.group)
+    return values
+
+
+def memory_said(model: Transformer, kv_bytes: int) -> str:
+    """The statistics line's KV bytes and peak memory: under tensor parallelism summed over the ranks, then each's."""
+    ranks = over_ranks(model.tp, (kv_bytes, peak_memory(model.output.weight.device)))
+    if len(ranks) == 1:
+        return f"KV cache: {kv_bytes:,} bytes | peak memory: {ranks[0][1]}"
+    return (f"KV cache: {sum(b for b, _ in ranks):,} bytes over {len(ranks)} ranks | "
+            + ", ".join(f"rank {r}: KV cache {b:,} bytes, peak memory {m}" for r, (b, m) in enumerate(ranks)))
+
+
+def gated_said(model: Transformer, dense: int, evictor: Eviction | None, counts: list[dict] | None = None) -> str:
+    """format_stats of the write-gated caches (counts: RunStats.counts, else what they hold now); dense: a dense
+    cache's bytes. Under tensor parallelism every rank's together (counts, pools and bytes summed), then a line per
+    rank (each pool evicts among its own heads)."""
+    local = summed_counts([layer.attention.cache for layer in model.layers]) if counts is None else counts
+    mine = admission_stats(model, local)
+    ranks = over_ranks(model.tp, ([{k: int(n) for k, n in layer.items()} for layer in local], mine,
+                                  evictor.passes if evictor else 0))
+    if len(ranks) == 1:
+        return format_stats(mine, dense, evictor)
+    summed = [{k: torch.tensor(sum(r[0][i][k] for r in ranks)) for k in layer} for i, layer in enumerate(local)]
+    total = admission_stats(model, summed) | {k: sum(r[1][k] for r in ranks)
+                                              for k in ("bytes_allocated", "pages_in_use", "pool_pages")}
+    return "\n".join([format_stats(total, dense * len(ranks), evictor), *(
+        f"rank {r}: admitted {s['admitted_fraction']:.1%}, KV bytes in use {s['bytes_in_use'] / 2**20:.2f} MiB, "
+        f"allocated {s['bytes_allocated'] / 2**20:.2f} MiB, pool pages in use {s['pages_in_use']} of "
+        f"{s['pool_pages']}, {s['evicted']} evicted by {passes} passes" for r, (_, s, passes) in enumerate(ranks))])
+
+
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
@@ -487,9 +556,11 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, checkpoint, max_seq_len: 
     if seed is not None:
         torch.manual_seed(seed)
     say_sampling(generating)
-    chat(model, tokenizer, sys.stdin, max_seq_len, max_new_tokens, evictor=evictor, **generating)
+    # out given here, not chat's default (bound at import): under torchrun the other ranks' stdout is redirected.
+    chat(model, tokenizer, rank0_lines(model.tp, sys.stdin), max_seq_len, max_new_tokens, evictor=evictor,
+         out=sys.stdout, **generating)
     if cache_options["gate"] is not None:
-        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+        print(gated_said(model, dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
 
 
 def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], batch_size: int, max_seq_len: int | None,
@@ -531,11 +602,10 @@ def batches(model: Transformer, tokenizer: Tokenizer, texts: list[str], batch_si
     decode = (f"{t.decoded / t.decode_s:.1f} tok/s over {t.rows} rows ({t.decoded} tokens in {t.decode_steps} steps)"
               if t.decode_steps else "no steps")
     print(f"{len(prompts)} prompts: prompt tokens {t.prompt_tokens} | prefill: {t.prefill_s:.3f} s | new tokens: "
-          f"{sum(map(len, new))} | decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: "
-          f"{peak_memory(device)} | {dtype_said(model)}", file=sys.stderr)
+          f"{sum(map(len, new))} | decode: {decode} | {memory_said(model, kv_bytes)} | {dtype_said(model)}", file=sys.stderr)
     if gate is not None:
-        print(f"all {len(prompts)} prompts, each as it finished: " + format_stats(
-            admission_stats(model, t.counts), dense_bytes(model, max_seq_len, rows), evictor), file=sys.stderr)
+        print(f"all {len(prompts)} prompts, each as it finished: " + gated_said(
+            model, dense_bytes(model, max_seq_len, rows), evictor, t.counts), file=sys.stderr)
 
 
 def run_prompt(model: Transformer, tokenizer: Tokenizer, prompt: str, no_chat: bool, max_seq_len: int | None,
@@ -564,13 +634,11 @@ def run_prompt(model: Transformer, tokenizer: Tokenizer, prompt: str, no_chat: b
                       on_token=lambda i: print(stream.push(i), end="", flush=True), **generating)
     print(stream.flush(), flush=True)
 
-    device = model.output.weight.device
     decode = f"{t.decode_steps / t.decode_s:.1f} tok/s ({t.decode_steps} steps)" if t.decode_steps else "no steps"
     print(f"prompt tokens: {T} | prefill: {t.prefill_s:.3f} s, {T / t.prefill_s:.1f} tok/s | new tokens: {len(new)} "
-          f"| decode: {decode} | KV cache: {kv_bytes:,} bytes | peak memory: {peak_memory(device)} | {dtype_said(model)}",
-          file=sys.stderr)
+          f"| decode: {decode} | {memory_said(model, kv_bytes)} | {dtype_said(model)}", file=sys.stderr)
     if cache_options["gate"] is not None:
-        print(format_stats(admission_stats(model), dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
+        print(gated_said(model, dense_bytes(model, max_seq_len), evictor), file=sys.stderr)
 
 
 def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, prompt_file: str | None = None,
@@ -585,17 +653,20 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
              top_p=top_p, repetition_penalty=repetition_penalty, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
              batch_size=batch_size, prompt=prompt, prompt_file=prompt_file, prompts_file=prompts_file, no_chat=no_chat,
              interactive=interactive)
-    prompt, texts = read_input(prompt, prompt_file, prompts_file, jsonl)
+    tp, device = start_tensor_parallel(device)   # under torchrun: this process's rank, its share and device
+    prompt, texts = from_rank0(tp, read_input, prompt, prompt_file, prompts_file, jsonl)
     if checkpoint is None and gate is None:   # the embedded model runs with its gate
         gate = str(DEFAULT_GATE)
     gate = None if gate == "dense" else gate
     if gate is None and select_budget is not None:
         raise BadInput("--select-budget selects among a write-gated store's pages: not with --gate dense "
                        "(Quest alone is --gate full --select-budget N)")
-    checkpoint = checkpoint_or_default(checkpoint)
+    checkpoint = from_rank0(tp, checkpoint_or_default, checkpoint)   # converts the embedded one once
     dtype = dtype or default_dtype(checkpoint, device)   # said on the statistics line
+    if seed is None and tp.world > 1:   # the ranks sample with one seed, so they draw the same tokens
+        seed = from_rank0(tp, random.randrange, 2**31)
 
-    model, tokenizer = load(checkpoint, device, DTYPES[dtype])
+    model, tokenizer = load(checkpoint, device, DTYPES[dtype], tp)
     sampling = sampling_settings(checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty)
     generating = dict(**sampling, prefill_chunk=prefill_chunk,
@@ -677,8 +748,16 @@ if __name__ == "__main__":
                         "score highest for the query (at least window + page size; default: all; prefill reads all)")
     parser.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"],
                         help="gated attention: PyTorch reference or Triton kernels (auto: triton on CUDA)")
-    try:
-        main(**vars(parser.parse_args()))
-    except (BadInput, CheckpointError) as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # Under torchrun only rank 0 prints (its errors included); an unexpected error's traceback still shows on
+    # every rank, printed after the redirection ends.
+    quiet = int(os.environ.get("RANK", "0")) > 0
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null) if quiet else contextlib.nullcontext(), \
+            contextlib.redirect_stderr(null) if quiet else contextlib.nullcontext():
+        try:
+            main(**vars(parser.parse_args()))
+        except (BadInput, CheckpointError) as e:
+            print(f"generate.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            if dist.is_initialized():   # torchrun: main started the ranks' process group
+                dist.destroy_process_group()

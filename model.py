@@ -10,10 +10,13 @@ plain causal attention over the tokens it is given.
 """
 import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -68,6 +71,21 @@ class LlamaConfig:
         if rope_type not in ("default", "llama3"):
             raise CheckpointError(f"rope scaling type {rope_type!r} is not supported (supported: none, 'llama3')")
 
+    def shard(self, world: int) -> "LlamaConfig":
+        """One rank's share under tensor parallelism over `world` processes: its query and KV heads and its slice
+        of the MLP (whole heads each, so every query head's KV head is on its rank). CheckpointError, one line,
+        where world does not divide them."""
+        if world == 1:
+            return self
+        sizes = {"query heads": self.n_heads, "KV heads": self.n_kv_heads, "intermediate size": self.intermediate_size}
+        bad = [f"{name} {n}" for name, n in sizes.items() if n % world]
+        if bad:
+            raise CheckpointError(f"tensor parallelism over {world} processes needs {world} to divide the model's "
+                                  f"query heads, KV heads and intermediate size, and it does not divide its "
+                                  f"{', '.join(bad)}")
+        return replace(self, n_heads=self.n_heads // world, n_kv_heads=self.n_kv_heads // world,
+                       intermediate_size=self.intermediate_size // world)
+
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
         """Build from the dict of a Hugging Face LlamaForCausalLM or Qwen3ForCausalLM config.json; fail
@@ -115,6 +133,35 @@ class LlamaConfig:
         kwargs = {ours: hf[theirs] for theirs, ours in mapping.items() if hf.get(theirs) is not None}
         kwargs.setdefault("n_kv_heads", kwargs["n_heads"])
         return cls(**kwargs, rope_theta=float(theta), rope_scaling=rope, qk_norm=qwen3)
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's share of a model split over `world` processes (gpt-fast's tensor parallelism, started by
+    torchrun): rank `rank` holds query and KV heads and MLP columns rank*n/world..(rank+1)*n/world - 1 of each
+    layer, and `group` sums the partial outputs of the row-parallel projections. world 1: the whole model."""
+    rank: int = 0
+    world: int = 1
+    group: dist.ProcessGroup | None = None
+
+
+def start_tensor_parallel(device: str) -> tuple[TensorParallel, str]:
+    """The TensorParallel of this process and its device: under torchrun (WORLD_SIZE > 1) the process group is
+    started, gloo on CPUs and NCCL on GPUs with one GPU per process (cuda:LOCAL_RANK); else the whole model."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return TensorParallel(), device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return TensorParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD), device
+
+
+def all_reduce(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The sum over the ranks of a row-parallel projection's partial outputs; x itself in one process. A functional
+    collective, which a compiled step traces (fullgraph) and a CUDA graph captures."""
+    return x if group is None else funcol.all_reduce(x, "sum", group)
 
 
 class RMSNorm(nn.Module):
@@ -168,8 +215,9 @@ class Linear(nn.Linear):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, group: dist.ProcessGroup | None = None):
         super().__init__()
+        self.group = group    # tensor parallelism: the heads are this rank's, wo's output a partial sum
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         bias = config.attention_bias
         self.wq = Linear(config.dim, config.n_heads * config.head_dim, bias=bias)
@@ -198,27 +246,28 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, Hq, T, D)
         else:
             y = self.cache(q, k, v, g, input_pos)                                         # (B, Hq, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return all_reduce(self.wo(y.transpose(1, 2).reshape(B, T, -1)), self.group)               # (B, T, dim)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, group: dist.ProcessGroup | None = None):
         super().__init__()
+        self.group = group    # tensor parallelism: the intermediate columns are this rank's, w2's output a partial sum
         self.w1 = Linear(config.dim, config.intermediate_size, bias=False)   # gate_proj
         self.w3 = Linear(config.dim, config.intermediate_size, bias=False)   # up_proj
         self.w2 = Linear(config.intermediate_size, config.dim, bias=False)   # down_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.group)
 
 
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, group: dist.ProcessGroup | None = None):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, group)
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward = FeedForward(config, group)
 
     # Every block runs the same code on tensors of the same shapes: compiled, the block becomes one
     # subgraph that every layer calls, compiled once instead of once per layer (the step stays one graph,
@@ -230,11 +279,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, tp: TensorParallel = TensorParallel()):
+        """config: the checkpoint's; under tensor parallelism self.config is this rank's share of it
+        (LlamaConfig.shard), from which its caches are built. The embeddings, norms and head are replicated."""
         super().__init__()
-        self.config = config
+        self.tp = tp
+        self.config = config = config.shard(tp.world)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, tp.group) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.output = Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config).float(), persistent=False)   # (D/2,)
@@ -272,13 +324,14 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "Transformer":
-        """Load a Hugging Face Llama or Qwen3 directory (config.json + *.safetensors, single or sharded)."""
+                        device: str | torch.device = "cpu", tp: TensorParallel = TensorParallel()) -> "Transformer":
+        """Load a Hugging Face Llama or Qwen3 directory (config.json + *.safetensors, single or sharded); under
+        tensor parallelism only this rank's slices of the split weights are read (read_tensor)."""
         from safetensors import safe_open
         checkpoint = Path(checkpoint)
         config = LlamaConfig.from_hf(read_json(checkpoint / "config.json"))
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, tp)
         index = checkpoint / "model.safetensors.index.json"
         if index.exists():
             files = sorted(set(read_json(index)["weight_map"].values()))
@@ -294,7 +347,7 @@ class Transformer(nn.Module):
                     ours = hf_to_ours(hf_name)
                     if ours is None:
                         continue
-                    state[ours] = f.get_tensor(hf_name).to(dtype)
+                    state[ours] = read_tensor(f, hf_name, ours, tp).to(dtype)
         if config.tie_word_embeddings or ("output.weight" not in state and "tok_embeddings.weight" in state):
             state.setdefault("output.weight", state.get("tok_embeddings.weight"))
         missing = sorted(set(expected) - set(state))
@@ -342,6 +395,30 @@ _HF_LAYER_NAMES = {
     "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
     "mlp.down_proj": "feed_forward.w2",
 }
+
+
+# The weights tensor parallelism splits, by the dim that is split: 0 for the column-parallel projections (their
+# output features: whole heads, MLP columns), 1 for the row-parallel ones (their input features), whose partial
+# outputs all_reduce sums.
+_SPLIT_DIM = {"attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "feed_forward.w1": 0, "feed_forward.w3": 0,
+              "attention.wo": 1, "feed_forward.w2": 1}
+
+
+def read_tensor(f, hf_name: str, ours: str, tp: TensorParallel) -> Tensor:
+    """The tensor `hf_name` of an open safetensors file as this rank holds it: for a split weight (_SPLIT_DIM) or
+    a column-parallel bias only its slice is read (get_slice); a row-parallel bias is added once, by rank 0;
+    anything else whole (replicated)."""
+    module, _, kind = ours.rpartition(".")
+    split = _SPLIT_DIM.get(module.partition(".")[2].partition(".")[2])     # layers.{i}.<module>
+    if tp.world == 1 or split is None:
+        return f.get_tensor(hf_name)
+    if kind == "bias" and split == 1:
+        bias = f.get_tensor(hf_name)
+        return bias if tp.rank == 0 else torch.zeros_like(bias)
+    sliced = f.get_slice(hf_name)
+    n = sliced.get_shape()[split] // tp.world
+    own = slice(tp.rank * n, (tp.rank + 1) * n)
+    return sliced[own] if split == 0 else sliced[:, own]
 
 
 def hf_to_ours(name: str) -> str | None:

@@ -242,7 +242,7 @@ def test_device_cuda_loads_the_checkpoints_dtype(tiny_checkpoint, monkeypatch):
     class Loaded(Exception):
         pass
 
-    def load(checkpoint, device, dtype):
+    def load(checkpoint, device, dtype, tp):
         asked.update(device=device, dtype=dtype)
         raise Loaded
 
