@@ -15,7 +15,7 @@ import torch
 from gate import WriteGate
 from model import Transformer
 from tiny import save_tiny_checkpoint
-from tp_worker import run_cases
+from tp_worker import SELECT_PAGE, WINDOW, run_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -59,7 +59,7 @@ def check_against_one_process(tmp_path: Path, cases: list[dict]) -> None:
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for i, case in enumerate(cases):
         model = Transformer.from_pretrained(case["checkpoint"])
-        one = run_cases(model, case["gate"], compiled=False)
+        one = run_cases(model, case["gate"], compiled=False, select=case.get("select"))
         assert sum(map(len, one["eager"])) >= 20, "the model stops too soon to compare much"
         page = 16 * (2 * model.config.head_dim * 4 + 4)           # K, V (float32) and g of one page
         for rank in (r[i] for r in ranks):
@@ -86,7 +86,9 @@ def test_dense_cache_under_tp_gives_one_process_tokens(tmp_path, models):
 
 def test_write_gated_cache_under_tp_gives_one_process_tokens(tmp_path, models):
     gates = {h: authors_gate(tmp_path / f"tiny{h}-0.1.pt", h) for h in models}
-    check_against_one_process(tmp_path, cases(models, gates))
+    # And with selection: each rank scores and reads its own heads' pages (2 of each store's, beside the window).
+    selected = {"checkpoint": str(models[4]), "gate": str(gates[4]), "compiled": False, "select": WINDOW + 2 * SELECT_PAGE}
+    check_against_one_process(tmp_path, cases(models, gates) + [selected])
 
 
 def test_generate_under_torchrun_prints_one_process_output_once(tmp_path, models):
