@@ -5,6 +5,8 @@ Prints a markdown table on stdout, progress on stderr.
     python bench.py                                               # BENCHMARKS.md's speed table: embedded SmolLM2, float32
     python bench.py --prefill 512 --contexts 1024 --new-tokens 16  # a shorter run
     python bench.py --systems eager gated --prefill 2048 4096 8192 --contexts 2048 4096 8192   # dense vs --gate
+    python bench.py --systems eager gated --gate gates/smollm2-135m-instruct-lambda0.16.safetensors --prefill 64 \
+        --contexts 1024 4096 8192 --new-tokens 16    # the default path: eager decode, gated (make generate's gate) vs dense
 
 Prefill tok/s: prompt tokens over the time to the first new token. Decode tok/s at context C: a prompt
 of C tokens, then --new-tokens tokens; decode steps over their time (the prefill is not counted), also as

@@ -308,14 +308,14 @@ class WriteGatedCache(nn.Module):
         v_out = self.ring_v[rows, :, slot]                                                     # (B, Hkv, D)
         g_out = self.ring_g[rows, :, slot]                                                     # (B, Hkv)
         admitted = g_out > self.threshold                                                      # (B, Hkv)
-        self.n_left.add_((g_out >= 0).long())
-        self.n_admitted.add_(admitted.long())
+        self.n_left.add_(g_out >= 0)                                                           # bools add as 0/1
+        self.n_admitted.add_(admitted)
         before = self.global_len.clone()
         written = self.ops.promote(*self.store(), k_out, v_out, g_out, self.threshold)        # (B, Hkv) slot or -1
         self.summarize(written[..., None] // self.pool.page_size)                              # -1: the scratch page
         # An admitted token that did not lengthen the store either replaced an entry or was rejected:
         # either way one admitted token is gone.
-        self.n_capacity_drops.add_((admitted & (self.global_len == before)).long())
+        self.n_capacity_drops.add_(admitted & (self.global_len == before))
         # Indexing (index_put_), which Inductor writes in place after the reads of the old slot above.
         self.ring_k[rows, :, slot] = k[:, :, 0]
         self.ring_v[rows, :, slot] = v[:, :, 0]

@@ -26,10 +26,10 @@ import triton.language as tl       # noqa: E402
 from torch.library import triton_op, wrap_triton   # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction   # noqa: E402
 
-from pages import pool_rows, store_room   # noqa: E402
+from pages import gather_store, pool_rows, store_room   # noqa: E402
 
 
-# partial_attention_ref's .item() becomes a symbolic size in the compiled graph instead of a graph break.
+# The references' .item() (the keys in use) becomes a symbolic size in the compiled graph instead of a graph break.
 torch._dynamo.config.capture_scalar_outputs = True
 
 
@@ -552,8 +552,8 @@ def promote_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tens
     P, D = pool_k.shape[1:]
     admitted = g_out > threshold                                                            # (B, Hkv)
     room = store_room(free_pages, n_free, page_table, global_len, P, admitted.long()) > 0   # (B, Hkv)
-    slots = torch.arange(M * P, device=g_out.device).expand(B, Hkv, -1)                    # (B, Hkv, C)
-    held_g = torch.where(slots < global_len[..., None], pool_g.view(-1)[pool_rows(page_table, slots, P)], float("inf"))
+    empty = torch.arange(M * P, device=g_out.device) >= global_len[..., None]              # (B, Hkv, C)
+    held_g = gather_store(pool_g, page_table, M).masked_fill(empty, float("inf"))           # (B, Hkv, C)
     lowest_g, lowest = held_g.min(-1)                                                       # (B, Hkv)
     write = admitted & (room | (g_out > lowest_g))
     slot = torch.where(room, global_len, lowest)
@@ -628,52 +628,50 @@ def promote(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tensor, 
 
 # --- dual-cache decode attention --------------------------------------------------------------
 
-def paged_attention_ref(q: Tensor, pool_k: Tensor, pool_v: Tensor, page_table: Tensor, lengths: Tensor,
-                        scale: float) -> tuple[Tensor, Tensor]:
-    """Decode attention over the first `lengths` tokens of each head's paged store, read in place.
+def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
+                         pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
+    """One decode query over the ring (its first ring_len slots) and the paged global store (ragged): one softmax
+    over both key sets, the ring's keys first.
 
-    q: (B, Hq, D); pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); lengths: (B, Hkv).
-    Returns o: (B, Hq, D) float32 and lse: (B, Hq) float32, as partial_attention_ref.
-    Neither product copies the pages out first: the scores are a product-sum over rows picked from the pool,
-    which Inductor fuses into one loop, and the weighted sum of V rows is an embedding bag (a gather-reduce
-    kernel). The weights are rounded to the store's dtype there, as the Triton kernel rounds them.
+    q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (B,) per batch row (rows at different positions),
+    or () for all; pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); global_len: (B, Hkv).
+    Returns (B, Hq, D) in q's dtype; a head that sees no key gives 0.
+    The store is read in place, its pages never copied out first: its scores are a product-sum over rows picked
+    from the pool, which Inductor fuses into one loop, and the weighted sum of its V rows is an embedding bag (a
+    gather-reduce kernel), the weights rounded to the store's dtype as the Triton kernel rounds them.
     """
     B, Hkv, M = page_table.shape
-    Hq, (P, D) = q.shape[1], pool_k.shape[1:]
+    Hq, W, (P, D) = q.shape[1], ring_k.shape[2], pool_k.shape[1:]
     G, S = Hq // Hkv, M * P
     if q.device.type == "cpu" or not torch.compiler.is_compiling():
-        # Read only the slots in use (a host read, as partial_attention_ref's, and for the same reasons).
-        # At least two when the store has two, so that compiled code knows the keys are not one row.
+        # Read only the store's slots in use, so a store sized for the whole context costs what it holds. That
+        # reads the lengths on the host: free on a CPU, where torch.compile keeps the length as a symbolic size
+        # (capture_scalar_outputs, above) and one graph serves every length; on a GPU a sync, so compiled there
+        # the shapes stay static and the mask does the work (the Triton kernel skips the empty tiles itself).
+        # At least two slots where there are two, so that compiled code knows the keys are not one row (a layout
+        # question Inductor asks, which it cannot answer of a data-dependent size).
         shortest = min(2, S)
-        S = lengths.max().clamp(min=shortest).item()
+        S = global_len.max().clamp(min=shortest).item()
         torch._check(S >= 1)
         torch._check(S >= shortest)
         torch._check(S <= M * P)
     rows = pool_rows(page_table, torch.arange(S, device=q.device).expand(B, Hkv, S), P)     # (B, Hkv, S)
-    k = pool_k.view(-1, D)[rows]                                                            # (B, Hkv, S, D) fused, not stored
-    qg = q.float().view(B, Hkv, G, 1, D)
-    scores = (qg * k[:, :, None].float()).sum(-1).mul_(scale)                               # (B, Hkv, G, S)
-    scores.masked_fill_(torch.arange(S, device=q.device) >= lengths[..., None, None], float("-inf"))
+    qg = q.float().view(B, Hkv, G, D)
+    ring = qg @ ring_k.float().transpose(-1, -2)                                             # (B, Hkv, G, W)
+    stored = (qg[:, :, :, None] * pool_k.view(-1, D)[rows][:, :, None].float()).sum(-1)      # (B, Hkv, G, S) fused
+    # Key j of the W + S is seen if it is a ring slot below ring_len or a store slot below global_len.
+    j = torch.arange(W + S, device=q.device)
+    ends = torch.where(j < W, ring_len.expand(B)[:, None, None], W + global_len[..., None])  # (B, Hkv, W + S)
+    scores = torch.cat((ring, stored), dim=-1).mul_(scale).masked_fill_((j >= ends)[:, :, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)                                     # (B, Hkv, G, 1)
-    # An empty store has lse = -inf; subtracting a finite floor instead keeps its weights at 0, not NaN.
-    weights = scores.sub_(lse.clamp(min=torch.finfo(torch.float32).min)).exp_()             # (B, Hkv, G, S)
+    # A head that sees no key has lse = -inf; subtracting a finite floor instead keeps its weights at 0, not NaN.
+    weights = scores.sub_(lse.clamp(min=torch.finfo(torch.float32).min)).exp_()             # (B, Hkv, G, W + S)
     bags = rows[:, :, None].expand(B, Hkv, G, S).reshape(B * Hq, S)                         # (B*Hq, S) V rows per query
-    o = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
-                        per_sample_weights=weights.reshape(B * Hq, S).to(pool_v.dtype))    # (B*Hq, D)
-    return o.view(B, Hq, D).float(), lse.view(B, Hq)
-
-
-def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
-                         pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
-    """One decode query over the ring (its first ring_len slots) and the paged global store (ragged).
-
-    q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (B,) per batch row (rows at different positions),
-    or () for all; pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); global_len: (B, Hkv).
-    Returns (B, Hq, D) in q's dtype.
-    """
-    o_ring, lse_ring = partial_attention_ref(q, ring_k, ring_v, ring_len.expand(q.shape[0])[:, None], scale)
-    o_glob, lse_glob = paged_attention_ref(q, pool_k, pool_v, page_table, global_len, scale)
-    return merge_attention(o_ring, lse_ring, o_glob, lse_glob)[0].to(q.dtype)
+    o_store = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
+                              per_sample_weights=weights[..., W:].reshape(B * Hq, S).to(pool_v.dtype))   # (B*Hq, D)
+    o = torch.baddbmm(o_store.view(B * Hkv, G, D).float(), weights[..., :W].reshape(B * Hkv, G, W),
+                      ring_v.float().reshape(B * Hkv, W, D))                                 # (B*Hkv, G, D)
+    return o.view(B, Hq, D).to(q.dtype)
 
 
 # Split-K over a fixed grid: the keys of all heads (ring, then global store) are cut into tiles

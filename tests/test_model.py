@@ -73,3 +73,45 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"layers\.1\.feed_forward\.w3\.weight"):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_wide_projections_are_column_major_with_the_checkpoints_values(tmp_path):
+    """from_pretrained stores the projections wider than tall column-major (model.Linear), one copy, the tied
+    embedding sharing the head's; names, shapes and values are the checkpoint's."""
+    from safetensors.torch import load_file
+    from model import Linear, hf_to_ours
+    hf_call("save_random_model", tmp_path, "llama", **CONFIGS["gqa-tied"])
+    ours = Transformer.from_pretrained(tmp_path)
+    saved = {hf_to_ours(k): v for k, v in load_file(tmp_path / "model.safetensors").items()}
+    assert set(ours.state_dict()) == set(Transformer(ours.config).state_dict())
+    layouts = set()
+    for name, module in ours.named_modules():
+        if isinstance(module, Linear):
+            w, wide = module.weight, module.out_features > module.in_features
+            assert w.t().is_contiguous() if wide else w.is_contiguous(), name
+            torch.testing.assert_close(w, saved.get(f"{name}.weight", saved["tok_embeddings.weight"]), rtol=0, atol=0)
+            layouts.add(wide)
+    assert layouts == {True, False}, "the tiny model should have projections of both kinds"
+    assert ours.output.weight is ours.tok_embeddings.weight
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_one_row_linear_equals_f_linear_eager_and_compiled(layout):
+    """A decode step's one-row product in either layout, eager and compiled, and the input gradient the gate
+    trainer backpropagates through it: F.linear on the contiguous weight."""
+    import torch.nn.functional as F
+    from model import Linear, column_major
+    torch.manual_seed(0)
+    layer = Linear(16, 48, bias=True).requires_grad_(False)
+    reference = layer.weight.clone()
+    if layout == "column-major":
+        layer.weight = torch.nn.Parameter(column_major(layer.weight), requires_grad=False)
+    x = torch.randn(1, 1, 16, requires_grad=True)
+    expected = F.linear(x, reference, layer.bias)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    y = layer(x)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x.detach()), expected.detach(), rtol=1e-5, atol=1e-5)
