@@ -52,6 +52,10 @@ from model import CheckpointError
 DENSE_TWIN = {"gated": "eager", "gated-compiled": "compiled"}
 # Each selecting system is compared with the gated system without selection.
 GATED_TWIN = {"selected": "gated", "selected-compiled": "gated-compiled"}
+# The compiled dense prefill breaks its graph inside the blocks' nested_compile_region (the dense cache's host read
+# below); torch 2.13 takes that, torch 2.11 refuses it (UncapturedHigherOrderOpError), so there the prefill runs
+# eagerly and only the decode step is compiled, as in generate.py.
+PREFILL_COMPILES = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
 
 
 def log(*args) -> None:
@@ -60,8 +64,8 @@ def log(*args) -> None:
 
 class Ours:
     """Our model with dense caches, or write-gated ones when gate is a --gate spec. Compiled: the decode
-    step as generate.py --compile does, and the dense prefill with dynamic shapes (the gated prefill
-    reads its admitted counts on the host to size its blocks, so it runs eagerly, as in generate.py).
+    step as generate.py --compile does, and the dense prefill with dynamic shapes where PREFILL_COMPILES (the
+    gated prefill reads its admitted counts on the host to size its blocks, so it runs eagerly, as in generate.py).
     One set of caches (and gates) per context, reused, so the compiled step sees the same buffers
     again instead of recompiling."""
 
@@ -73,7 +77,7 @@ class Ours:
         # Not fullgraph: the dense cache reads where a chunk ends on the host, to take the causal kernel when
         # the chunk is the whole sequence (one break per layer around that read).
         self.prefill_step = torch.compile(generate.prefill) \
-            if compiled and gate is None else generate.prefill
+            if compiled and gate is None and PREFILL_COMPILES else generate.prefill
         self.decode_step = generate.compile_decode_step("cpu") if compiled else generate.decode_one_token
 
     def run(self, ids: list[int], new_tokens: int, max_seq_len: int) -> RunStats:
