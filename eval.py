@@ -60,7 +60,7 @@ from cache import DenseCache, Eviction, WriteGatedCache, allocated_bytes, pages_
 from convert_gguf import checkpoint_or_default
 from data import DataError, chat_prefix, make_samples, read_documents
 from gate import (DEFAULT_PAGE_SIZE, DEFAULT_WINDOW, SNAPKV_OBSERVE, Budget, ConstantGate, build_caches, gate_settings,
-                  install, load_gates, parse_budget, parse_policy)
+                  install, load_gates, parse_budget, parse_policy, selected_pages)
 from model import DTYPES, Transformer, default_dtype
 from tokenizer import Tokenizer
 
@@ -761,7 +761,8 @@ def gate_files(model: Transformer, gates_dir: str, gate: list[str], window: int 
 
 
 def check_grid(grid: dict, model: Transformer, gate_meta: dict, backend: str, device: str) -> None:
-    """Check the whole grid before the first long run: EvalError (GateError for --kv-budget), one line."""
+    """Check the whole grid before the first long run: EvalError (GateError for --kv-budget and --select-budgets),
+    one line."""
     resolve_backend(backend, device)
     lengths, passkey_lengths, window = grid["lengths"], grid["passkey_lengths"], grid["window"]
     limit = model.config.max_position_embeddings
@@ -783,9 +784,8 @@ def check_grid(grid: dict, model: Transformer, gate_meta: dict, backend: str, de
         raise EvalError(f"depths {grid['depths']} must lie in [0, 1]")
     if any(not 0 < b <= 100 for b in grid["budgets"]):
         raise EvalError(f"--budgets {grid['budgets']}: each a share of the dense cache in (0, 100]")
-    if any(n < window + DEFAULT_PAGE_SIZE for n in grid["select_budgets"]):
-        raise EvalError(f"--select-budgets {grid['select_budgets']}: each at least the window plus one page "
-                        f"({window} + {DEFAULT_PAGE_SIZE})")
+    for n in grid["select_budgets"]:   # a budget below the window plus a page: GateError, one line
+        selected_pages(n, window, DEFAULT_PAGE_SIZE, "--select-budgets")
     parse_budget(grid["kv_budget"])   # a bad --kv-budget: GateError, one line
     families = grid["families"]
     if (lengths or passkey_lengths) and not families:

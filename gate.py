@@ -459,6 +459,14 @@ def parse_budget(spec: str | None) -> Budget | None:
     return Budget("bytes", number * _UNITS[m[2]])
 
 
+def selected_pages(select_budget: int, window: int, page_size: int, flag: str = "--select-budget") -> int:
+    """The store pages a decode step reads per KV head under a select budget of tokens attended, the window's among
+    them; GateError (one line, naming `flag`) for a budget below the window plus one page."""
+    if select_budget < window + page_size:
+        raise GateError(f"{flag} {select_budget}: must be at least the window plus one page ({window} + {page_size})")
+    return (select_budget - window) // page_size
+
+
 def pool_pages(budget: Budget | None, *, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
                capacity: int | list[int], page_size: int, dense_tokens: int, element_size: int,
                admitted_per_layer: list[float] | None) -> tuple[int, str]:
@@ -581,10 +589,7 @@ def setup_write_gated(model: Transformer, gate: str | list[nn.Module], *, batch_
         raise GateError(f"window {window} must be at least 1")
     if page_size < 1:
         raise GateError(f"page size {page_size} must be at least 1")
-    if select_budget is not None and select_budget < window + page_size:
-        raise GateError(f"--select-budget {select_budget}: must be at least the window plus one page "
-                        f"({window} + {page_size})")
-    select_pages = 0 if select_budget is None else (select_budget - window) // page_size
+    select_pages = 0 if select_budget is None else selected_pages(select_budget, window, page_size)
     needed = max_seq_len - window
     if policy.kind == "none":
         needed = 0
