@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from pages import PagePool, dynamic_sizes, gather_store, pages_for, pool_rows, release_pages, summarize_pages
+from pages import PagePool, dynamic_sizes, gather_store, pages_for, pool_rows, reads_host, release_pages, summarize_pages
 
 
 @contextlib.contextmanager
@@ -74,7 +74,7 @@ class DenseCache(nn.Module):
             # The write-gated store's partial attention over the filled slots 0..p: on a CPU it reads only
             # those, and compiled it is plain tensor code for Inductor, where the fused SDPA kernel took
             # about a third of a compiled SmolLM2 step at 1k tokens (one query, a mask over every slot).
-            o, _ = kernels.partial_attention_ref(q[:, :, 0], self.k_cache, self.v_cache, (pos + 1)[:, None], self.scale)
+            o = kernels.prefix_attention(q[:, :, 0], self.k_cache, self.v_cache, (pos + 1)[:, None], self.scale)
             return o[:, :, None].to(q.dtype)                                                          # (B, Hq, 1, D)
         visible = self.positions[None, :] <= pos[:, None]                                           # (B, S)
         return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible[:, None, None],
@@ -104,6 +104,15 @@ def attend_after(q: Tensor, k_held: Tensor, v_held: Tensor, k: Tensor, v: Tensor
     o_new, lse_new = kernels.attention_lse(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), scale, causal=True)
     o, _ = kernels.merge_attention(o_held.reshape(B, Hq, T, D), lse_held.reshape(B, Hq, T), o_new, lse_new)
     return o.to(q.dtype)                                                                             # (B, Hq, T, D)
+
+
+def may_promote(admitted: Tensor) -> bool:
+    """Whether a decode step's promotion may have work: False only where no head admits its leaving token, and only
+    where reading that flag is free (pages.reads_host: eager, on a CPU). Most steps admit nothing in most layers
+    (the default gate admits about a fifth of the tokens), and promotion with nothing admitted changes nothing, so
+    the eager step skips its ~60 small operations there. Compiled, or on a GPU, the step never reads the device and
+    always promotes (a head that admits nothing writes only the scratch page)."""
+    return not reads_host(admitted) or bool(admitted.any())
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -310,12 +319,13 @@ class WriteGatedCache(nn.Module):
         admitted = g_out > self.threshold                                                      # (B, Hkv)
         self.n_left.add_(g_out >= 0)                                                           # bools add as 0/1
         self.n_admitted.add_(admitted)
-        before = self.global_len.clone()
-        written = self.ops.promote(*self.store(), k_out, v_out, g_out, self.threshold)        # (B, Hkv) slot or -1
-        self.summarize(written[..., None] // self.pool.page_size)                              # -1: the scratch page
-        # An admitted token that did not lengthen the store either replaced an entry or was rejected:
-        # either way one admitted token is gone.
-        self.n_capacity_drops.add_(admitted & (self.global_len == before))
+        if may_promote(admitted):
+            before = self.global_len.clone()
+            written = self.ops.promote(*self.store(), k_out, v_out, g_out, self.threshold)    # (B, Hkv) slot or -1
+            self.summarize(written[..., None] // self.pool.page_size)                          # -1: the scratch page
+            # An admitted token that did not lengthen the store either replaced an entry or was rejected:
+            # either way one admitted token is gone.
+            self.n_capacity_drops.add_(admitted & (self.global_len == before))
         # Indexing (index_put_), which Inductor writes in place after the reads of the old slot above.
         self.ring_k[rows, :, slot] = k[:, :, 0]
         self.ring_v[rows, :, slot] = v[:, :, 0]

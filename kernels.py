@@ -26,20 +26,20 @@ import triton.language as tl       # noqa: E402
 from torch.library import triton_op, wrap_triton   # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction   # noqa: E402
 
-from pages import gather_store, pool_rows, store_room   # noqa: E402
+from pages import gather_store, pages_for, pool_rows, store_room   # noqa: E402
 
 
 # The references' .item() (the keys in use) becomes a symbolic size in the compiled graph instead of a graph break.
 torch._dynamo.config.capture_scalar_outputs = True
 
 
-# --- attention with its log-sum-exp, in PyTorch: what the references share ---------------------
+# --- attention in PyTorch: what the references and the dense cache share ---------------------
 
-def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Decode attention over the first `lengths` keys of each (batch, KV head).
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> Tensor:
+    """Decode attention over the first `lengths` keys of each (batch, KV head): the dense cache's.
 
     q: (B, Hq, D); k, v: (B, Hkv, S, D); lengths: (B, Hkv) or () integer tensor.
-    Returns o: (B, Hq, D) float32 and lse: (B, Hq) float32; an empty key set gives o = 0, lse = -inf.
+    Returns (B, Hq, D) float32; an empty key set gives 0.
     """
     B, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -62,10 +62,9 @@ def partial_attention_ref(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scal
     scores = (qg @ k.float().transpose(-1, -2)).mul_(scale)                                 # (B, Hkv, G, S)
     invalid = torch.arange(S, device=q.device) >= lengths.expand(B, Hkv)[..., None, None]  # (B, Hkv, 1, S)
     scores.masked_fill_(invalid, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)                                     # (B, Hkv, G, 1)
-    # An empty key set has lse = -inf; subtracting a finite floor instead keeps its weights at 0, not NaN.
-    o = scores.sub_(lse.clamp(min=torch.finfo(torch.float32).min)).exp_() @ v.float()        # (B, Hkv, G, D)
-    return o.view(B, Hq, D), lse.view(B, Hq)
+    # An empty key set (its softmax: NaN) gets weights 0.
+    weights = torch.softmax(scores, dim=-1).masked_fill_(invalid.all(-1, keepdim=True), 0.0)   # (B, Hkv, G, S)
+    return (weights @ v.float()).view(B, Hq, D)
 
 
 def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
@@ -636,42 +635,64 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
     q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (B,) per batch row (rows at different positions),
     or () for all; pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); global_len: (B, Hkv).
     Returns (B, Hq, D) in q's dtype; a head that sees no key gives 0.
-    The store is read in place, its pages never copied out first: its scores are a product-sum over rows picked
-    from the pool, which Inductor fuses into one loop, and the weighted sum of its V rows is an embedding bag (a
-    gather-reduce kernel), the weights rounded to the store's dtype as the Triton kernel rounds them.
     """
     B, Hkv, M = page_table.shape
     Hq, W, (P, D) = q.shape[1], ring_k.shape[2], pool_k.shape[1:]
-    G, S = Hq // Hkv, M * P
+    G, n = Hq // Hkv, M
     if q.device.type == "cpu" or not torch.compiler.is_compiling():
-        # Read only the store's slots in use, so a store sized for the whole context costs what it holds. That
-        # reads the lengths on the host: free on a CPU, where torch.compile keeps the length as a symbolic size
+        # Read only the store's pages in use, so a store sized for the whole context costs what it holds. That
+        # reads the lengths on the host: free on a CPU, where torch.compile keeps the count as a symbolic size
         # (capture_scalar_outputs, above) and one graph serves every length; on a GPU a sync, so compiled there
         # the shapes stay static and the mask does the work (the Triton kernel skips the empty tiles itself).
         # At least two slots where there are two, so that compiled code knows the keys are not one row (a layout
         # question Inductor asks, which it cannot answer of a data-dependent size).
-        shortest = min(2, S)
-        S = global_len.max().clamp(min=shortest).item()
-        torch._check(S >= 1)
-        torch._check(S >= shortest)
-        torch._check(S <= M * P)
-    rows = pool_rows(page_table, torch.arange(S, device=q.device).expand(B, Hkv, S), P)     # (B, Hkv, S)
+        shortest = min(pages_for(2, P), M)
+        n = pages_for(global_len.max(), P).clamp(min=shortest).item()
+        torch._check(n >= 1)
+        torch._check(n >= shortest)
+        torch._check(n <= M)
+    S, pages = n * P, page_table[:, :, :n]                                                   # (B, Hkv, n) pages in use
     qg = q.float().view(B, Hkv, G, D)
     ring = qg @ ring_k.float().transpose(-1, -2)                                             # (B, Hkv, G, W)
-    stored = (qg[:, :, :, None] * pool_k.view(-1, D)[rows][:, :, None].float()).sum(-1)      # (B, Hkv, G, S) fused
+    stored = store_scores(qg, pool_k, pages)                                                 # (B, Hkv, G, S)
     # Key j of the W + S is seen if it is a ring slot below ring_len or a store slot below global_len.
     j = torch.arange(W + S, device=q.device)
     ends = torch.where(j < W, ring_len.expand(B)[:, None, None], W + global_len[..., None])  # (B, Hkv, W + S)
-    scores = torch.cat((ring, stored), dim=-1).mul_(scale).masked_fill_((j >= ends)[:, :, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)                                     # (B, Hkv, G, 1)
-    # A head that sees no key has lse = -inf; subtracting a finite floor instead keeps its weights at 0, not NaN.
-    weights = scores.sub_(lse.clamp(min=torch.finfo(torch.float32).min)).exp_()             # (B, Hkv, G, W + S)
-    bags = rows[:, :, None].expand(B, Hkv, G, S).reshape(B * Hq, S)                         # (B*Hq, S) V rows per query
-    o_store = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
-                              per_sample_weights=weights[..., W:].reshape(B * Hq, S).to(pool_v.dtype))   # (B*Hq, D)
-    o = torch.baddbmm(o_store.view(B * Hkv, G, D).float(), weights[..., :W].reshape(B * Hkv, G, W),
+    hidden = (j >= ends)[:, :, None]                                                         # (B, Hkv, 1, W + S)
+    scores = torch.cat((ring, stored), dim=-1).mul_(scale).masked_fill_(hidden, float("-inf"))
+    # A head that sees no key (its softmax: NaN) gets weights 0.
+    weights = torch.softmax(scores, dim=-1).masked_fill_(hidden.all(-1, keepdim=True), 0.0)  # (B, Hkv, G, W + S)
+    o_store = store_values(weights[..., W:], pool_v, pages)                                 # (B, Hkv, G, D)
+    o = torch.baddbmm(o_store.view(B * Hkv, G, D), weights[..., :W].reshape(B * Hkv, G, W),
                       ring_v.float().reshape(B * Hkv, W, D))                                 # (B*Hkv, G, D)
     return o.view(B, Hq, D).to(q.dtype)
+
+
+# The store's two products read its pages in place where the step is compiled and gathered where it runs eagerly,
+# as model.Linear picks its product: compiled for a CPU, a product-sum over rows picked from the pool is one fused
+# loop over the keys (0.99 ms against 1.82 ms gathered first, one SmolLM2 layer at 1,792 stored tokens, BENCHMARKS.md);
+# eager, the same product-sum writes and rereads G times the keys, where a gather of the pages in use (an
+# index_select, a copy per page) and a matrix product read them once or twice.
+
+def store_scores(qg: Tensor, pool_k: Tensor, pages: Tensor) -> Tensor:
+    """Queries qg (B, Hkv, G, D) float32 times the keys of each head's pages (B, Hkv, n): (B, Hkv, G, n * P)."""
+    if torch.compiler.is_compiling():
+        return (qg[:, :, :, None] * gather_store(pool_k, pages, pages.shape[-1])[:, :, None].float()).sum(-1)
+    return qg @ gather_store(pool_k, pages, pages.shape[-1]).float().transpose(-1, -2)
+
+
+def store_values(weights: Tensor, pool_v: Tensor, pages: Tensor) -> Tensor:
+    """Attention weights (B, Hkv, G, n * P) float32 over each head's pages (B, Hkv, n) times their values, the weights
+    rounded to the store's dtype first, as the Triton kernel rounds them: (B, Hkv, G, D) float32."""
+    B, Hkv, G, S = weights.shape
+    D = pool_v.shape[-1]
+    if torch.compiler.is_compiling():   # an embedding bag: a gather-reduce over the pool's rows, in place
+        rows = (pages[..., None] * pool_v.shape[1] + torch.arange(pool_v.shape[1], device=pages.device)).flatten(2)
+        bags = rows[:, :, None].expand(B, Hkv, G, S).reshape(B * Hkv * G, S)                  # (B*Hq, S) V rows per query
+        o = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
+                            per_sample_weights=weights.reshape(B * Hkv * G, S).to(pool_v.dtype))   # (B*Hq, D)
+        return o.view(B, Hkv, G, D).float()
+    return weights.to(pool_v.dtype).float() @ gather_store(pool_v, pages, pages.shape[-1]).float()
 
 
 # Split-K over a fixed grid: the keys of all heads (ring, then global store) are cut into tiles

@@ -107,8 +107,17 @@ def summarize_pages(pool: PagePool, page_table: Tensor, global_len: Tensor, colu
 
 
 def gather_store(pool: Tensor, page_table: Tensor, n_pages: int) -> Tensor:
-    """The first n_pages pages of every head's store: pool (N + 1, P, ...) -> (B, Hkv, n_pages * P, ...)."""
-    return pool[page_table[:, :, :n_pages]].flatten(2, 3)
+    """The first n_pages pages of every head's store: pool (N + 1, P, ...) -> (B, Hkv, n_pages * P, ...). One
+    index_select of whole pages: on a CPU about 4x faster than the same gather written pool[pages] (SmolLM2's
+    store at 1k tokens: 36 against 129 us, 1 thread), and compiled it is the same indirect load."""
+    pages = page_table[:, :, :n_pages]                                                     # (B, Hkv, n_pages)
+    return pool.index_select(0, pages.reshape(-1)).view(*pages.shape[:2], -1, *pool.shape[2:])
+
+
+def reads_host(x: Tensor) -> bool:
+    """Whether reading x on the host is free: run eagerly, on a CPU (a read of host memory, not a device sync). There
+    a decode step may read a flag to skip work that would change nothing; compiled, or on a GPU, it never does."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def grant_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, held: Tensor, want: Tensor) -> Tensor:
@@ -116,8 +125,11 @@ def grant_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, held: Te
 
     held, want: (B, Hkv) pages each head holds and how many more it wants. The table entries
     [held, held + got) receive the pages; a head asking past its table or past what is left gets fewer.
-    Returns got (B, Hkv). No host sync: prefix sums, a gather and a select.
+    Returns got (B, Hkv). No host sync: prefix sums, a gather and a select (run eagerly on a CPU, a grant nobody
+    wants, as most of decode's are, returns at once: reads_host).
     """
+    if reads_host(want) and not bool(want.any()):
+        return torch.zeros_like(held)
     M = page_table.shape[-1]
     want = torch.minimum(want, M - held).flatten()                                          # (B*Hkv,)
     before = (want.cumsum(0) - want).view_as(held)                                          # wanted by earlier heads
