@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from pages import PagePool, dynamic_sizes, gather_store, pages_for, pool_rows, reads_host, release_pages, summarize_pages
+from pages import (PagePool, dynamic_sizes, gather_store, pages_for, pages_in_use, pool_rows, reads_host, release_pages,
+                   summarize_pages)
 
 
 @contextlib.contextmanager
@@ -348,16 +349,20 @@ class WriteGatedCache(nn.Module):
         upper bound of the page's logits. A head holding at most k = select_pages pages keeps them all; else its
         partly filled last page (if any) and its highest-scored others (ties: the lower page), k in all. Returns
         their page table (B, Hkv, k) in store order and the tokens they hold (B, Hkv), the decode attention's
-        page_table and global_len. Fixed shapes, no host sync.
+        page_table and global_len. No host sync where it would be a device sync; only the columns of the longest
+        store are scored (pages_in_use: a host read on a CPU, all M compiled on a GPU), not the table sized for the
+        whole context.
         """
         P, k = self.pool.page_size, self.select_pages
         B, Hkv, M = self.page_table.shape
         G, D = q.shape[1] // Hkv, q.shape[-1]
+        M = pages_in_use(self.global_len, P, M, at_least=k)       # the columns of the longest store, at least k
+        table = self.page_table[:, :, :M]                                                      # (B, Hkv, M)
         held = pages_for(self.global_len, P)                                                   # (B, Hkv)
         partial = self.global_len % P != 0                                                     # (B, Hkv) last page not full
         qg = q.float().view(B, Hkv, G, 1, D)
-        kmin = self.pool.kmin[self.page_table].float()[:, :, None]                             # (B, Hkv, 1, M, D)
-        kmax = self.pool.kmax[self.page_table].float()[:, :, None]                             # (B, Hkv, 1, M, D)
+        kmin = self.pool.kmin.index_select(0, table.flatten()).view(B, Hkv, 1, M, D).float()   # (B, Hkv, 1, M, D)
+        kmax = self.pool.kmax.index_select(0, table.flatten()).view(B, Hkv, 1, M, D).float()   # (B, Hkv, 1, M, D)
         score = torch.maximum(qg * kmax, qg * kmin).sum(-1).amax(2)                            # (B, Hkv, M)
         col = torch.arange(M, device=q.device)
         score = score.masked_fill(col >= held[..., None], float("-inf"))                       # no page there
@@ -367,7 +372,7 @@ class WriteGatedCache(nn.Module):
         n = held.clamp(max=k)                                                                  # pages chosen
         length = torch.where(partial, (n - 1) * P + self.global_len % P, n * P)                # (B, Hkv)
         self.n_scored.add_(held)
-        return self.page_table.gather(2, chosen), length
+        return table.gather(2, chosen), length
 
     def summarize(self, columns: Tensor) -> None:
         """Recompute the summaries of the pages at these page-table columns (B, Hkv, J), where the pool keeps them."""

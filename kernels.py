@@ -26,7 +26,7 @@ import triton.language as tl       # noqa: E402
 from torch.library import triton_op, wrap_triton   # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction   # noqa: E402
 
-from pages import gather_store, pages_for, pool_rows, store_room   # noqa: E402
+from pages import gather_store, pages_for, pages_in_use, pool_rows, store_room   # noqa: E402
 
 
 # The references' .item() (the keys in use) becomes a symbolic size in the compiled graph instead of a graph break.
@@ -638,19 +638,9 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
     """
     B, Hkv, M = page_table.shape
     Hq, W, (P, D) = q.shape[1], ring_k.shape[2], pool_k.shape[1:]
-    G, n = Hq // Hkv, M
-    if q.device.type == "cpu" or not torch.compiler.is_compiling():
-        # Read only the store's pages in use, so a store sized for the whole context costs what it holds. That
-        # reads the lengths on the host: free on a CPU, where torch.compile keeps the count as a symbolic size
-        # (capture_scalar_outputs, above) and one graph serves every length; on a GPU a sync, so compiled there
-        # the shapes stay static and the mask does the work (the Triton kernel skips the empty tiles itself).
-        # At least two slots where there are two, so that compiled code knows the keys are not one row (a layout
-        # question Inductor asks, which it cannot answer of a data-dependent size).
-        shortest = min(pages_for(2, P), M)
-        n = pages_for(global_len.max(), P).clamp(min=shortest).item()
-        torch._check(n >= 1)
-        torch._check(n >= shortest)
-        torch._check(n <= M)
+    # The pages in use only (a host read on a CPU), at least two slots where there are two, so that compiled code
+    # knows the keys are not one row (a layout question Inductor asks, which it cannot answer of a data-dependent size).
+    G, n = Hq // Hkv, pages_in_use(global_len, P, M, at_least=min(pages_for(2, P), M))
     S, pages = n * P, page_table[:, :, :n]                                                   # (B, Hkv, n) pages in use
     qg = q.float().view(B, Hkv, G, D)
     ring = qg @ ring_k.float().transpose(-1, -2)                                             # (B, Hkv, G, W)

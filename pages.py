@@ -100,7 +100,7 @@ def summarize_pages(pool: PagePool, page_table: Tensor, global_len: Tensor, colu
     held = (columns >= 0) & (columns < M) & (columns * P < global_len[..., None])           # (B, Hkv, J)
     pages = torch.where(held, page_table.gather(2, columns.clamp(0, M - 1)), N)             # (B, Hkv, J)
     filled = columns[..., None] * P + torch.arange(P, device=columns.device) < global_len[..., None, None]  # (B, Hkv, J, P)
-    keys = pool.k[pages]                                                                     # (B, Hkv, J, P, D)
+    keys = pool.k.index_select(0, pages.flatten()).view(*pages.shape, *pool.k.shape[1:])     # (B, Hkv, J, P, D)
     inf = torch.tensor(float("inf"), dtype=keys.dtype, device=keys.device)
     pool.kmin[pages.flatten()] = torch.where(filled[..., None], keys, inf).amin(3).flatten(0, 2)
     pool.kmax[pages.flatten()] = torch.where(filled[..., None], keys, -inf).amax(3).flatten(0, 2)
@@ -118,6 +118,22 @@ def reads_host(x: Tensor) -> bool:
     """Whether reading x on the host is free: run eagerly, on a CPU (a read of host memory, not a device sync). There
     a decode step may read a flag to skip work that would change nothing; compiled, or on a GPU, it never does."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def pages_in_use(global_len: Tensor, page_size: int, n_columns: int, at_least: int = 1) -> int:
+    """How many page-table columns (of n_columns) a decode step reads: those of the longest store, at least
+    `at_least`. Where reading the lengths is free or allowed (a CPU, or eager anywhere) it reads them on the host,
+    so that a table sized for the whole context costs what the stores hold; torch.compile keeps the count as a
+    symbolic size (kernels.py sets capture_scalar_outputs), so one graph serves every length. Compiled on a GPU,
+    where it would be a device sync, all n_columns: the masks do the work there, and the Triton kernels skip empty
+    tiles themselves."""
+    if global_len.device.type != "cpu" and torch.compiler.is_compiling():
+        return n_columns
+    n = pages_for(global_len.max(), page_size).clamp(min=at_least).item()
+    torch._check(n >= 1)
+    torch._check(n >= at_least)
+    torch._check(n <= n_columns)
+    return n
 
 
 def grant_pages(free_pages: Tensor, n_free: Tensor, page_table: Tensor, held: Tensor, want: Tensor) -> Tensor:
