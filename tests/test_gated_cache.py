@@ -197,6 +197,22 @@ def test_capacity_fills_during_decode(page_size):
     run_capacity(cache, T0=4, steps=30 if page_size == 1 else 45, seed=1)
 
 
+def test_eager_decode_promotes_only_when_a_head_admits():
+    # Eager on a CPU, a step whose leaving tokens no head admits skips promotion (cache.may_promote); the store
+    # must still follow the rule (run_capacity's check, the compiled tests compare against the unskipped path).
+    cache = WriteGatedCache(1, 2, 8, window=2, threshold=0.5, capacity=16, dtype=torch.float32, page_size=4)
+    calls = []
+    promote = cache.ops.promote
+    cache.ops = cache.ops._replace(promote=lambda *args: calls.append(args[-2].clone()) or promote(*args))
+    run_capacity(cache, T0=3, steps=20, seed=2)
+    torch.manual_seed(2)
+    torch.randn(1, 2, 23, 8)
+    g = torch.rand(1, 2, 23)                                                       # run_capacity's g
+    admitting = [(g[:, :, p - 2] > 0.5).any().item() for p in range(3, 23)]     # the token leaving at step p
+    assert len(calls) == sum(admitting) and 0 < len(calls) < 20
+    assert all((g_out > 0.5).any() for g_out in calls)
+
+
 def pool_oracle(gs: list[torch.Tensor], T0: int, window: int, threshold: float, page_size: int, n_pages: int,
                 max_pages: int) -> dict:
     """The stores a pool of n_pages should leave, by the plain rule applied token by token, layers in order
