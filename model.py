@@ -194,11 +194,19 @@ def rope_frequencies(config: LlamaConfig) -> Tensor:
     return inv_freq
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (the Hugging Face layout). x: (B, H, T, D); cos, sin: (T, D) or (B, 1, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def rope_tables(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and the signed sin that apply_rope takes, (..., D) in dtype, from the angles (..., D/2) of one frequency
+    each: cos = cat(cos, cos) and sin_signed = cat(-sin, sin), Hugging Face's sin with its first half negated."""
+    cos, sin = angles.cos(), angles.sin()
+    cos, sin_signed = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return (cos, sin_signed) if dtype == torch.float32 else (cos.to(dtype), sin_signed.to(dtype))
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate-half RoPE (the Hugging Face layout), x * cos + rotate_half(x) * sin, where rotate_half(x) =
+    cat(-x2, x1) is x rolled by D/2 with its first half negated, the sign carried by sin_signed (rope_tables): three
+    ops. x: (B, H, T, D); cos, sin_signed: (T, D) or (B, 1, T, D)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
 class Linear(nn.Linear):
@@ -245,7 +253,7 @@ class Attention(nn.Module):
         self.cache: nn.Module | None = None   # (q, k, v, g, input_pos) -> (B, Hq, T, D)
         self.gate: nn.Module | None = None    # (k_pre, k_post, input_pos) -> g (B, Hkv, T)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin_signed: Tensor, input_pos: Tensor) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)          # (B, Hq, T, D)
         k_pre = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
@@ -253,8 +261,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             # The gate's pre-RoPE key is the normed one, as in the authors' Qwen3 patch (see README).
             q, k_pre = self.q_norm(q), self.k_norm(k_pre)                                  # (B, H, T, D)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k_pre, cos, sin)
+        q = apply_rope(q, cos, sin_signed)
+        k = apply_rope(k_pre, cos, sin_signed)
         g = self.gate(k_pre, k, input_pos) if self.gate is not None else None            # (B, Hkv, T)
         if self.cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, Hq, T, D)
@@ -287,8 +295,8 @@ class Block(nn.Module):
     # subgraph that every layer calls, compiled once instead of once per layer (the step stays one graph,
     # so a CUDA graph still captures it whole). Eager, this is a plain call.
     @torch.compiler.nested_compile_region
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin_signed: Tensor, input_pos: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin_signed, input_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -333,16 +341,15 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)
         # The angles are built in float32 from the positions, so no (S_max, D) table need be kept.
         angles = input_pos.float()[..., None] * self.inv_freq                          # (T, D/2) or (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)                                   # (T, D) or (B, T, D)
         if angles.dim() == 3:
-            angles = angles[:, None]                                                   # (B, 1, T, D), over the heads
+            angles = angles[:, None]                                                   # (B, 1, T, D/2), over the heads
         x = self.tok_embeddings(tokens)                                                # (B, T, dim)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin_signed = rope_tables(angles, x.dtype)                                        # (T, D) or (B, 1, T, D)
         for layer in self.layers:
             if recompute and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, input_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin_signed, input_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, input_pos)
+                x = layer(x, cos, sin_signed, input_pos)
         return self.norm(x)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
