@@ -317,8 +317,8 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(config).float(), persistent=False)   # (D/2,)
 
     def lay_out_for_decode(self) -> None:
-        """On a CPU, store each projection wider than tall (the head, the MLP's gate and up projections) column-major
-        (see Linear), one weight at a time, so that eager one-row products stream it; the narrower ones stay
+        """On a CPU, store each projection wider than tall (the head, the fused q/k/v and the MLP's fused gate and up
+        projections) column-major (see Linear), one weight at a time, so that eager one-row products stream it; the narrower ones stay
         row-major, where the CPU's BLAS reads them faster than the other layout (SmolLM2's down projection). A tied
         embedding keeps sharing the head's tensor: one copy, whose rows a lookup reads strided (about 50 ms per
         1,000 prompt tokens for SmolLM2's, against 0.4 ms contiguous). Names, shapes and values stay as they were."""
