@@ -37,6 +37,11 @@ class GateError(CheckpointError):
     """A gate file or policy that cannot be used as asked; the message names the problem in one line."""
 
 
+def float32(x: Tensor) -> Tensor:
+    """x in float32; x itself when it is already (no call to dispatch in an eager step)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 class WriteGate(nn.Module):
     """One layer's gates: an independent two-layer MLP per KV head over the normed pre/post-RoPE key."""
 
@@ -54,11 +59,19 @@ class WriteGate(nn.Module):
         self.b2 = nn.Parameter(torch.empty(n_kv_heads).uniform_(-bound2, bound2))                        # (Hkv,)
 
     def forward(self, k_pre: Tensor, k_post: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """k_pre, k_post: (B, Hkv, T, D) -> g: (B, Hkv, T) float32."""
-        x = torch.cat((self.pre_key_norm(k_pre.float()), self.post_key_norm(k_post.float())), dim=-1)   # (B, Hkv, T, 2D)
-        h = F.gelu(torch.einsum("bhtd,hkd->bhtk", x, self.w1) + self.b1[:, None, :])                      # (B, Hkv, T, hidden)
-        logit = torch.einsum("bhtk,hk->bht", h, self.w2) + self.b2[:, None]                               # (B, Hkv, T)
-        return torch.sigmoid(logit).clamp_min(MIN_GATE)
+        """k_pre, k_post: (B, Hkv, T, D) -> g: (B, Hkv, T) float32.
+
+        Written for few ops in an eager decode step, where each costs more than its arithmetic: both norms in one
+        call over the concatenated keys, each half then taking its own weight, and the heads' MLPs as products
+        batched over the KV heads with the biases folded in (baddbmm)."""
+        B, H, T, D = k_pre.shape
+        x = torch.cat((float32(k_pre), float32(k_post)), dim=-1).view(B, H, T, 2, D)
+        weight = torch.stack((self.pre_key_norm.weight, self.post_key_norm.weight))               # (2, D)
+        x = F.rms_norm(x, (D,), eps=GATE_NORM_EPS) * weight                                       # (B, Hkv, T, 2, D)
+        x = x.transpose(0, 1).reshape(H, B * T, 2 * D)                                            # (Hkv, B*T, 2D)
+        h = F.gelu(torch.baddbmm(self.b1[:, None, :], x, self.w1.transpose(1, 2)))               # (Hkv, B*T, hidden)
+        logit = torch.baddbmm(self.b2.view(H, 1, 1), h, self.w2[:, :, None])                       # (Hkv, B*T, 1)
+        return torch.sigmoid(logit).clamp_min(MIN_GATE).view(H, B, T).transpose(0, 1)              # (B, Hkv, T)
 
     def official_state(self) -> dict[str, Tensor]:
         """The authors' per-layer tensors: conv1/conv2 are grouped 1x1 convolutions, one group per KV head."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, pre_tokenizers
 
 import convert_gguf
-from model import CheckpointError, Transformer, hf_to_ours
+from model import CheckpointError, Transformer, hf_to_ours, split_projections
 
 ROOT = Path(__file__).resolve().parent.parent
 Q = gguf.GGMLQuantizationType
@@ -104,7 +104,7 @@ def test_tiny_gguf_weights_and_config(tmp_path, tied):
     config = model.config
     assert (config.dim, config.n_layers, config.n_heads, config.n_kv_heads) == (DIM, N_LAYERS, N_HEADS, N_KV_HEADS)
     assert (config.rope_theta, config.max_position_embeddings, config.tie_word_embeddings) == (50000.0, 128, tied)
-    state = model.state_dict()
+    state = split_projections(model.state_dict(), model.config)
     for name, (weight, qtype) in source.items():
         got, want = state[hf_to_ours(name)], torch.from_numpy(weight)
         # Q8_0: 32-wide blocks, one f16 scale amax/127 each, so the error is at most about half a step.

@@ -77,12 +77,13 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_wide_projections_are_column_major_with_the_checkpoints_values(tmp_path):
     """from_pretrained stores the projections wider than tall column-major (model.Linear), one copy, the tied
-    embedding sharing the head's; names, shapes and values are the checkpoint's."""
+    embedding sharing the head's; names, shapes and values are the checkpoint's (q/k/v and the MLP's gate and up
+    projections stacked, fuse_projections)."""
     from safetensors.torch import load_file
-    from model import Linear, hf_to_ours
+    from model import Linear, fuse_projections, hf_to_ours
     hf_call("save_random_model", tmp_path, "llama", **CONFIGS["gqa-tied"])
     ours = Transformer.from_pretrained(tmp_path)
-    saved = {hf_to_ours(k): v for k, v in load_file(tmp_path / "model.safetensors").items()}
+    saved = fuse_projections({hf_to_ours(k): v for k, v in load_file(tmp_path / "model.safetensors").items()})
     assert set(ours.state_dict()) == set(Transformer(ours.config).state_dict())
     layouts = set()
     for name, module in ours.named_modules():
