@@ -18,7 +18,7 @@ from torch import Tensor
 
 import kernels
 from pages import (PagePool, dynamic_sizes, gather_store, pages_for, pages_in_use, pool_rows, reads_host, release_pages,
-                   summarize_pages)
+                   summarize_pages, take)
 
 
 @contextlib.contextmanager
@@ -361,8 +361,8 @@ class WriteGatedCache(nn.Module):
         held = pages_for(self.global_len, P)                                                   # (B, Hkv)
         partial = self.global_len % P != 0                                                     # (B, Hkv) last page not full
         qg = q.float().view(B, Hkv, G, 1, D)
-        kmin = self.pool.kmin.index_select(0, table.flatten()).view(B, Hkv, 1, M, D).float()   # (B, Hkv, 1, M, D)
-        kmax = self.pool.kmax.index_select(0, table.flatten()).view(B, Hkv, 1, M, D).float()   # (B, Hkv, 1, M, D)
+        kmin = take(self.pool.kmin, table).float()[:, :, None]                                 # (B, Hkv, 1, M, D)
+        kmax = take(self.pool.kmax, table).float()[:, :, None]                                 # (B, Hkv, 1, M, D)
         score = torch.maximum(qg * kmax, qg * kmin).sum(-1).amax(2)                            # (B, Hkv, M)
         col = torch.arange(M, device=q.device)
         score = score.masked_fill(col >= held[..., None], float("-inf"))                       # no page there

@@ -661,8 +661,8 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
 # The store's two products read its pages in place where the step is compiled and gathered where it runs eagerly,
 # as model.Linear picks its product: compiled for a CPU, a product-sum over rows picked from the pool is one fused
 # loop over the keys (0.99 ms against 1.82 ms gathered first, one SmolLM2 layer at 1,792 stored tokens, BENCHMARKS.md);
-# eager, the same product-sum writes and rereads G times the keys, where a gather of the pages in use (an
-# index_select, a copy per page) and a matrix product read them once or twice.
+# eager, the same product-sum writes and rereads G times the keys, where a gather of the pages in use (pages.take:
+# an index_select, a copy per page) and a matrix product read them once or twice.
 
 def store_scores(qg: Tensor, pool_k: Tensor, pages: Tensor) -> Tensor:
     """Queries qg (B, Hkv, G, D) float32 times the keys of each head's pages (B, Hkv, n): (B, Hkv, G, n * P)."""
@@ -677,7 +677,8 @@ def store_values(weights: Tensor, pool_v: Tensor, pages: Tensor) -> Tensor:
     B, Hkv, G, S = weights.shape
     D = pool_v.shape[-1]
     if torch.compiler.is_compiling():   # an embedding bag: a gather-reduce over the pool's rows, in place
-        rows = (pages[..., None] * pool_v.shape[1] + torch.arange(pool_v.shape[1], device=pages.device)).flatten(2)
+        P = pool_v.shape[1]
+        rows = (pages[..., None] * P + torch.arange(P, device=pages.device)).flatten(2)       # (B, Hkv, S) pool rows
         bags = rows[:, :, None].expand(B, Hkv, G, S).reshape(B * Hkv * G, S)                  # (B*Hq, S) V rows per query
         o = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
                             per_sample_weights=weights.reshape(B * Hkv * G, S).to(pool_v.dtype))   # (B*Hq, D)
