@@ -653,7 +653,9 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
     # A head that sees no key (its softmax: NaN) gets weights 0.
     weights = torch.softmax(scores, dim=-1).masked_fill_(hidden.all(-1, keepdim=True), 0.0)  # (B, Hkv, G, W + S)
     o_store = store_values(weights[..., W:], pool_v, pages)                                 # (B, Hkv, G, D)
-    o = torch.baddbmm(o_store.view(B * Hkv, G, D), weights[..., :W].reshape(B * Hkv, G, W),
+    # The ring's weights copied out (G x W values): a slice of the data-dependent W + S row would leave Inductor a
+    # stride it cannot read when B * Hkv is 1 (one KV head, as under tensor parallelism).
+    o = torch.baddbmm(o_store.view(B * Hkv, G, D), weights[..., :W].contiguous().view(B * Hkv, G, W),
                       ring_v.float().reshape(B * Hkv, W, D))                                 # (B*Hkv, G, D)
     return o.view(B, Hq, D).to(q.dtype)
 
