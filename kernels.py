@@ -43,20 +43,11 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: fl
     """
     B, Hq, D = q.shape
     Hkv = k.shape[1]
-    if q.device.type == "cpu" or not torch.compiler.is_compiling():
-        # Read only the filled slots, so a store sized for the whole context costs what it holds. That
-        # reads the lengths on the host: free on a CPU, where torch.compile keeps the length as a symbolic
-        # size (capture_scalar_outputs, above) and one graph serves every length; on a GPU a sync,
-        # so compiled there the shapes stay static and the mask does the work (the Triton kernel skips
-        # the empty tiles itself).
-        # At least two keys where there are two, so that compiled code knows the keys are not one row (a
-        # layout question Inductor's bmm asks, which it cannot answer of a data-dependent size).
-        shortest = min(2, k.shape[2])
-        filled = lengths.max().clamp(min=shortest).item()
-        torch._check(filled >= 1)
-        torch._check(filled >= shortest)
-        torch._check(filled <= k.shape[2])
-        k, v = k[:, :, :filled], v[:, :, :filled]
+    # Only the filled slots (pages_in_use with pages of one slot: a host read on a CPU), at least two where there
+    # are two, so that compiled code knows the keys are not one row (a layout question Inductor's bmm asks, which
+    # it cannot answer of a data-dependent size).
+    filled = pages_in_use(lengths, 1, k.shape[2], at_least=min(2, k.shape[2]))
+    k, v = k[:, :, :filled], v[:, :, :filled]
     S = k.shape[2]
     qg = q.float().view(B, Hkv, Hq // Hkv, D)                                               # (B, Hkv, G, D)
     scores = (qg @ k.float().transpose(-1, -2)).mul_(scale)                                 # (B, Hkv, G, S)

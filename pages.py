@@ -129,14 +129,15 @@ def reads_host(x: Tensor) -> bool:
 
 def pages_in_use(global_len: Tensor, page_size: int, n_columns: int, at_least: int = 1) -> int:
     """How many page-table columns (of n_columns) a decode step reads: those of the longest store, at least
-    `at_least`. Where reading the lengths is free or allowed (a CPU, or eager anywhere) it reads them on the host,
+    `at_least` (page_size 1: the slots of a contiguous cache, kernels.prefix_attention). Where reading the lengths is free or allowed (a CPU, or eager anywhere) it reads them on the host,
     so that a table sized for the whole context costs what the stores hold; torch.compile keeps the count as a
     symbolic size (kernels.py sets capture_scalar_outputs), so one graph serves every length. Compiled on a GPU,
     where it would be a device sync, all n_columns: the masks do the work there, and the Triton kernels skip empty
     tiles themselves."""
     if global_len.device.type != "cpu" and torch.compiler.is_compiling():
         return n_columns
-    n = pages_for(global_len.max(), page_size).clamp(min=at_least).item()
+    longest = global_len.max()
+    n = (longest if page_size == 1 else pages_for(longest, page_size)).clamp(min=at_least).item()
     torch._check(n >= 1)
     torch._check(n >= at_least)
     torch._check(n <= n_columns)
