@@ -25,6 +25,7 @@ from torch import Tensor
 
 from cache import (DenseCache, Eviction, PagePool, WriteGatedCache, allocated_bytes, pages_for, resolve_backend,
                    summed_counts)
+from kernels import float32
 from model import CheckpointError, RMSNorm, Transformer
 
 GATE_NORM_EPS = 1e-6
@@ -35,11 +36,6 @@ DEFAULT_THRESHOLD = 0.1
 
 class GateError(CheckpointError):
     """A gate file or policy that cannot be used as asked; the message names the problem in one line."""
-
-
-def float32(x: Tensor) -> Tensor:
-    """x in float32; x itself when it is already (no call to dispatch in an eager step)."""
-    return x if x.dtype == torch.float32 else x.float()
 
 
 class WriteGate(nn.Module):

@@ -35,6 +35,16 @@ torch._dynamo.config.capture_scalar_outputs = True
 
 # --- attention in PyTorch: what the references and the dense cache share ---------------------
 
+def float32(x: Tensor) -> Tensor:
+    """x in float32; x itself when it is already (no call to dispatch in an eager step, where each costs microseconds)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def rounded(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 x rounded to dtype's precision, still in float32 (x itself for float32)."""
+    return x if dtype == torch.float32 else x.to(dtype).float()
+
+
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> Tensor:
     """Decode attention over the first `lengths` keys of each (batch, KV head): the dense cache's.
 

@@ -134,7 +134,9 @@ def pages_in_use(global_len: Tensor, page_size: int, n_columns: int, at_least: i
     symbolic size (kernels.py sets capture_scalar_outputs), so one graph serves every length. Compiled on a GPU,
     where it would be a device sync, all n_columns: the masks do the work there, and the Triton kernels skip empty
     tiles themselves."""
-    if global_len.device.type != "cpu" and torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():   # eager: one read of the longest length, then integers
+        return max(pages_for(int(global_len.max()), page_size), at_least)
+    if global_len.device.type != "cpu":
         return n_columns
     longest = global_len.max()
     n = (longest if page_size == 1 else pages_for(longest, page_size)).clamp(min=at_least).item()
