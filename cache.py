@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
+from kernels import float32
 from pages import (PagePool, dynamic_sizes, gather_store, pages_for, pages_in_use, pool_rows, reads_host, release_pages,
                    summarize_pages, take)
 
@@ -311,30 +312,33 @@ class WriteGatedCache(nn.Module):
     def decode(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, input_pos: Tensor) -> Tensor:
         """One token per row at position p (each row its own): promote the token leaving slot p % W, write the
         new one there, attend."""
-        B = q.shape[0]
+        (B, H, W, D), tau = self.ring_k.shape, self.threshold
         pos = input_pos.expand(B, 1)[:, 0]                                                     # (B,)
-        rows, slot = torch.arange(B, device=pos.device), pos % self.window                     # (B,), (B,)
-        k_out = self.ring_k[rows, :, slot]                                                     # (B, Hkv, D)
-        v_out = self.ring_v[rows, :, slot]                                                     # (B, Hkv, D)
-        g_out = self.ring_g[rows, :, slot]                                                     # (B, Hkv)
-        admitted = g_out > self.threshold                                                      # (B, Hkv)
+        # Each (row, head)'s slot p % W as a row of the flat ring (B*Hkv*W, ...): one index for every read and
+        # write below, each an index_select or index_copy_ (pages.take), a few times cheaper eager than indexing.
+        slots = torch.arange(0, B * H * W, W, device=pos.device).view(B, H) + (pos % W)[:, None]  # (B, Hkv)
+        ring_k, ring_v, ring_g = self.ring_k.view(-1, D), self.ring_v.view(-1, D), self.ring_g.view(-1)
+        g_out = take(ring_g, slots)                                                            # (B, Hkv)
+        admitted = g_out > tau                                                                 # (B, Hkv)
         self.n_left.add_(g_out >= 0)                                                           # bools add as 0/1
         self.n_admitted.add_(admitted)
         if may_promote(admitted):
             before = self.global_len.clone()
-            written = self.ops.promote(*self.store(), k_out, v_out, g_out, self.threshold)    # (B, Hkv) slot or -1
+            written = self.ops.promote(*self.store(), take(ring_k, slots), take(ring_v, slots), g_out, tau)  # (B, Hkv)
             self.summarize(written[..., None] // self.pool.page_size)                          # -1: the scratch page
             # An admitted token that did not lengthen the store either replaced an entry or was rejected:
             # either way one admitted token is gone.
             self.n_capacity_drops.add_(admitted & (self.global_len == before))
-        # Indexing (index_put_), which Inductor writes in place after the reads of the old slot above.
-        self.ring_k[rows, :, slot] = k[:, :, 0]
-        self.ring_v[rows, :, slot] = v[:, :, 0]
-        self.ring_g[rows, :, slot] = g[:, :, 0].float()
+        # Written after the reads of the old slot above (Inductor keeps that order: the writes are in place).
+        rows = slots.flatten()
+        ring_k.index_copy_(0, rows, k.reshape(B * H, D))
+        ring_v.index_copy_(0, rows, v.reshape(B * H, D))
+        ring_g.index_copy_(0, rows, float32(g).reshape(B * H))
         if self.observe:
-            self.recent_q[rows, :, pos % self.observe] = q[:, :, 0]
-            self.recent_pos[rows, pos % self.observe] = pos
-        ring_len = (pos + 1).clamp(max=self.window)                                            # (B,)
+            batch = torch.arange(B, device=pos.device)
+            self.recent_q[batch, :, pos % self.observe] = q[:, :, 0]
+            self.recent_pos[batch, pos % self.observe] = pos
+        ring_len = (pos + 1).clamp(max=W)                                                      # (B,)
         page_table, global_len = self.select(q[:, :, 0]) if self.select_pages else (self.page_table, self.global_len)
         self.n_decoded.add_(1)
         self.n_read.add_(ring_len[:, None] + global_len)

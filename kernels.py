@@ -26,7 +26,7 @@ import triton.language as tl       # noqa: E402
 from torch.library import triton_op, wrap_triton   # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction   # noqa: E402
 
-from pages import gather_store, pages_for, pages_in_use, pool_rows, store_room   # noqa: E402
+from pages import gather_store, pages_for, pages_in_use, pool_rows, reads_host, store_room   # noqa: E402
 
 
 # The references' .item() (the keys in use) becomes a symbolic size in the compiled graph instead of a graph break.
@@ -552,17 +552,23 @@ def promote_ref(pool_k: Tensor, pool_v: Tensor, pool_g: Tensor, free_pages: Tens
     P, D = pool_k.shape[1:]
     admitted = g_out > threshold                                                            # (B, Hkv)
     room = store_room(free_pages, n_free, page_table, global_len, P, admitted.long()) > 0   # (B, Hkv)
-    empty = torch.arange(M * P, device=g_out.device) >= global_len[..., None]              # (B, Hkv, C)
-    held_g = gather_store(pool_g, page_table, M).masked_fill(empty, float("inf"))           # (B, Hkv, C)
-    lowest_g, lowest = held_g.min(-1)                                                       # (B, Hkv)
-    write = admitted & (room | (g_out > lowest_g))
-    slot = torch.where(room, global_len, lowest)
+    # The lowest entry matters only to an admitted token without room: run eagerly on a CPU, where that flag is
+    # free to read (pages.reads_host), a step where every admitted token has room skips the scan of the stores.
+    if reads_host(room) and not bool((admitted & ~room).any()):
+        write, slot = admitted, global_len
+    else:
+        empty = torch.arange(M * P, device=g_out.device) >= global_len[..., None]          # (B, Hkv, C)
+        held_g = gather_store(pool_g, page_table, M).masked_fill(empty, float("inf"))       # (B, Hkv, C)
+        lowest_g, lowest = held_g.min(-1)                                                   # (B, Hkv)
+        write = admitted & (room | (g_out > lowest_g))
+        slot = torch.where(room, global_len, lowest)
     row = torch.where(write, pool_rows(page_table, slot[..., None], P)[..., 0], (pool_k.shape[0] - 1) * P).flatten()
-    pool_k.view(-1, D)[row] = k_out.flatten(0, 1).to(pool_k.dtype)
-    pool_v.view(-1, D)[row] = v_out.flatten(0, 1).to(pool_v.dtype)
-    pool_g.view(-1)[row] = g_out.flatten().to(pool_g.dtype)
-    global_len.add_((write & room).to(global_len.dtype))
-    return torch.where(write, slot, -1)
+    pool_k.view(-1, D).index_copy_(0, row, k_out.reshape(-1, D).to(pool_k.dtype))
+    pool_v.view(-1, D).index_copy_(0, row, v_out.reshape(-1, D).to(pool_v.dtype))
+    pool_g.view(-1).index_copy_(0, row, g_out.flatten().to(pool_g.dtype))
+    written = torch.where(write, slot, -1)                                                  # before slot (global_len) grows
+    global_len.add_(write & room)
+    return written
 
 
 @triton.jit
