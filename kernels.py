@@ -641,17 +641,61 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
 
     q: (B, Hq, D); ring_k, ring_v: (B, Hkv, W, D); ring_len: (B,) per batch row (rows at different positions),
     or () for all; pool_k, pool_v: (N + 1, P, D); page_table: (B, Hkv, M); global_len: (B, Hkv).
-    Returns (B, Hq, D) in q's dtype; a head that sees no key gives 0.
+    Returns (B, Hq, D) in q's dtype; a head that sees no key gives 0. Eager, head by head over the keys each holds
+    (attention_by_head); compiled, every head at once over the pages of the longest store (attention_padded).
     """
+    if torch.compiler.is_compiling():
+        return attention_padded(q, ring_k, ring_v, ring_len, pool_k, pool_v, page_table, global_len, scale)
+    return attention_by_head(q, ring_k, ring_v, ring_len, pool_k, pool_v, page_table, global_len, scale)
+
+
+def attention_by_head(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
+                      pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
+    """decode_attention_ref run eagerly: the lengths read on the host, then each (batch row, KV head) over exactly
+    the keys it holds, its ring's first ring_len and its store's pages gathered (an index_select) and cut to its
+    length, in matrix products of two dimensions. The gate admits very unequally across a layer's heads (SmolLM2's
+    default gate at 8k: one head of a layer 7,906 tokens, the others 1,107 and 1,082), so padding every head to the
+    longest, as attention_padded does, reads about twice the stored keys and masks them; this way one SmolLM2
+    layer's decode attention took about half the time at 8k and a fifth less at 1k (1 thread, BENCHMARKS.md). The
+    operations grow with B * Hkv: a batch of eight prompts runs eight times the loop."""
+    B, Hkv, _ = page_table.shape
+    Hq, (P, D) = q.shape[1], pool_k.shape[1:]
+    G = Hq // Hkv
+    ring_lens, lengths = ring_len.expand(B).tolist(), global_len.tolist()      # host reads: eager only
+    qg = float32(q).view(B, Hkv, G, D)
+    ring = qg @ float32(ring_k).transpose(-1, -2)                  # (B, Hkv, G, W); each row reads its first ring_len
+    out = torch.empty(B, Hkv, G, D, dtype=torch.float32, device=q.device)
+    # Each head's tensors as views from unbind, one call a row for all its heads (an index is a call a tensor).
+    per_row = (x.unbind(0) for x in (qg, ring, float32(ring_v), page_table, out))
+    for r, row, *heads in zip(ring_lens, lengths, *per_row):
+        for n, q_h, ring_h, ring_v_h, table_h, out_h in zip(row, *(x.unbind(0) for x in heads)):
+            pages = table_h[:pages_for(n, P)]                                                  # (pages,)
+            keys = pool_k.index_select(0, pages).view(-1, D)[:n]                               # (n, D)
+            values = pool_v.index_select(0, pages).view(-1, D)[:n]                             # (n, D)
+            scores = torch.cat((ring_h[:, :r], q_h @ float32(keys).t()), dim=-1).mul_(scale)   # (G, r + n)
+            weights = torch.softmax(scores, dim=-1)                # no key at all: (G, 0), and the products give 0
+            # The store's weights rounded to its dtype, as the Triton kernel rounds them.
+            stored = rounded(weights[:, r:], pool_v.dtype) @ float32(values)                   # (G, D)
+            torch.addmm(stored, weights[:, :r], ring_v_h[:r], out=out_h)
+    return out.view(B, Hq, D).to(q.dtype)
+
+
+def attention_padded(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tensor,
+                     pool_k: Tensor, pool_v: Tensor, page_table: Tensor, global_len: Tensor, scale: float) -> Tensor:
+    """decode_attention_ref compiled: every head at once over the pages of the longest store, one graph for every
+    length (pages_in_use: a symbolic size on a CPU, every column on a GPU); a store slot past its head's length
+    is masked. Compiled for a CPU, the two products over the store read the pool in place: a product-sum over
+    the rows picked from the pool is one fused loop over the keys (0.99 ms against 1.82 ms gathered first, one
+    SmolLM2 layer at 1,792 stored tokens, BENCHMARKS.md), the values an embedding bag."""
     B, Hkv, M = page_table.shape
     Hq, W, (P, D) = q.shape[1], ring_k.shape[2], pool_k.shape[1:]
-    # The pages in use only (a host read on a CPU), at least two slots where there are two, so that compiled code
-    # knows the keys are not one row (a layout question Inductor asks, which it cannot answer of a data-dependent size).
+    # At least two slots where there are two, so that compiled code knows the keys are not one row (a layout
+    # question Inductor asks, which it cannot answer of a data-dependent size).
     G, n = Hq // Hkv, pages_in_use(global_len, P, M, at_least=min(pages_for(2, P), M))
     S, pages = n * P, page_table[:, :, :n]                                                   # (B, Hkv, n) pages in use
-    qg = q.float().view(B, Hkv, G, D)
-    ring = qg @ ring_k.float().transpose(-1, -2)                                             # (B, Hkv, G, W)
-    stored = store_scores(qg, pool_k, pages)                                                 # (B, Hkv, G, S)
+    qg = float32(q).view(B, Hkv, G, D)
+    ring = qg @ float32(ring_k).transpose(-1, -2)                                             # (B, Hkv, G, W)
+    stored = (qg[:, :, :, None] * float32(gather_store(pool_k, pages, n))[:, :, None]).sum(-1)   # (B, Hkv, G, S)
     # Key j of the W + S is seen if it is a ring slot below ring_len or a store slot below global_len.
     j = torch.arange(W + S, device=q.device)
     ends = torch.where(j < W, ring_len.expand(B)[:, None, None], W + global_len[..., None])  # (B, Hkv, W + S)
@@ -663,36 +707,21 @@ def decode_attention_ref(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Te
     # The ring's weights copied out (G x W values): a slice of the data-dependent W + S row would leave Inductor a
     # stride it cannot read when B * Hkv is 1 (one KV head, as under tensor parallelism).
     o = torch.baddbmm(o_store.view(B * Hkv, G, D), weights[..., :W].contiguous().view(B * Hkv, G, W),
-                      ring_v.float().reshape(B * Hkv, W, D))                                 # (B*Hkv, G, D)
+                      float32(ring_v).reshape(B * Hkv, W, D))                                # (B*Hkv, G, D)
     return o.view(B, Hq, D).to(q.dtype)
-
-
-# The store's two products read its pages in place where the step is compiled and gathered where it runs eagerly,
-# as model.Linear picks its product: compiled for a CPU, a product-sum over rows picked from the pool is one fused
-# loop over the keys (0.99 ms against 1.82 ms gathered first, one SmolLM2 layer at 1,792 stored tokens, BENCHMARKS.md);
-# eager, the same product-sum writes and rereads G times the keys, where a gather of the pages in use (pages.take:
-# an index_select, a copy per page) and a matrix product read them once or twice.
-
-def store_scores(qg: Tensor, pool_k: Tensor, pages: Tensor) -> Tensor:
-    """Queries qg (B, Hkv, G, D) float32 times the keys of each head's pages (B, Hkv, n): (B, Hkv, G, n * P)."""
-    if torch.compiler.is_compiling():
-        return (qg[:, :, :, None] * gather_store(pool_k, pages, pages.shape[-1])[:, :, None].float()).sum(-1)
-    return qg @ gather_store(pool_k, pages, pages.shape[-1]).float().transpose(-1, -2)
 
 
 def store_values(weights: Tensor, pool_v: Tensor, pages: Tensor) -> Tensor:
     """Attention weights (B, Hkv, G, n * P) float32 over each head's pages (B, Hkv, n) times their values, the weights
-    rounded to the store's dtype first, as the Triton kernel rounds them: (B, Hkv, G, D) float32."""
+    rounded to the store's dtype first, as the Triton kernel rounds them: (B, Hkv, G, D) float32. An embedding bag: a
+    gather-reduce over the pool's rows, in place."""
     B, Hkv, G, S = weights.shape
-    D = pool_v.shape[-1]
-    if torch.compiler.is_compiling():   # an embedding bag: a gather-reduce over the pool's rows, in place
-        P = pool_v.shape[1]
-        rows = (pages[..., None] * P + torch.arange(P, device=pages.device)).flatten(2)       # (B, Hkv, S) pool rows
-        bags = rows[:, :, None].expand(B, Hkv, G, S).reshape(B * Hkv * G, S)                  # (B*Hq, S) V rows per query
-        o = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
-                            per_sample_weights=weights.reshape(B * Hkv * G, S).to(pool_v.dtype))   # (B*Hq, D)
-        return o.view(B, Hkv, G, D).float()
-    return weights.to(pool_v.dtype).float() @ gather_store(pool_v, pages, pages.shape[-1]).float()
+    P, D = pool_v.shape[1:]
+    rows = (pages[..., None] * P + torch.arange(P, device=pages.device)).flatten(2)           # (B, Hkv, S) pool rows
+    bags = rows[:, :, None].expand(B, Hkv, G, S).reshape(B * Hkv * G, S)                      # (B*Hq, S) V rows per query
+    o = F.embedding_bag(bags, pool_v.view(-1, D), mode="sum",
+                        per_sample_weights=weights.reshape(B * Hkv * G, S).to(pool_v.dtype))   # (B*Hq, D)
+    return float32(o.view(B, Hkv, G, D))
 
 
 # Split-K over a fixed grid: the keys of all heads (ring, then global store) are cut into tiles
