@@ -59,14 +59,20 @@ class WriteGate(nn.Module):
 
         Written for few ops in an eager decode step, where each costs more than its arithmetic: both norms in one
         call over the concatenated keys, each half then taking its own weight, and the heads' MLPs as products
-        batched over the KV heads with the biases folded in (baddbmm)."""
+        batched over the KV heads with the biases folded in (baddbmm). Compiled for a CPU, one token (a decode
+        step): multiply-and-sum products instead, as model.Linear's, which Inductor fuses into passes over the
+        weights where it calls the BLAS for baddbmm (SmolLM2's 30 gates: 1.05 against 1.94 ms, 1 thread)."""
         B, H, T, D = k_pre.shape
         x = torch.cat((float32(k_pre), float32(k_post)), dim=-1).view(B, H, T, 2, D)
         weight = torch.stack((self.pre_key_norm.weight, self.post_key_norm.weight))               # (2, D)
         x = F.rms_norm(x, (D,), eps=GATE_NORM_EPS) * weight                                       # (B, Hkv, T, 2, D)
         x = x.transpose(0, 1).reshape(H, B * T, 2 * D)                                            # (Hkv, B*T, 2D)
-        h = F.gelu(torch.baddbmm(self.b1[:, None, :], x, self.w1.transpose(1, 2)))               # (Hkv, B*T, hidden)
-        logit = torch.baddbmm(self.b2.view(H, 1, 1), h, self.w2[:, :, None])                       # (Hkv, B*T, 1)
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and B * T == 1:
+            h = F.gelu((x * self.w1).sum(-1) + self.b1)                                            # (Hkv, hidden)
+            logit = ((h * self.w2).sum(-1) + self.b2).view(H, 1, 1)                                # (Hkv, 1, 1)
+        else:
+            h = F.gelu(torch.baddbmm(self.b1[:, None, :], x, self.w1.transpose(1, 2)))           # (Hkv, B*T, hidden)
+            logit = torch.baddbmm(self.b2.view(H, 1, 1), h, self.w2[:, :, None])                   # (Hkv, B*T, 1)
         return torch.sigmoid(logit).clamp_min(MIN_GATE).view(H, B, T).transpose(0, 1)              # (B, Hkv, T)
 
     def official_state(self) -> dict[str, Tensor]:
