@@ -163,6 +163,8 @@ def test_decode_attention(G, D, dtype, W, ring_len, lengths, page_size):
     ref = kernels.decode_attention_ref(*args)
     assert out.shape == ref.shape and out.dtype == dtype
     assert_close(out, ref, dtype)
+    # The reference's compiled form (every head over the longest store's pages, masked), run eagerly here.
+    assert_close(kernels.attention_padded(*args), ref, dtype)
     # The paged reference is plain attention over each head's ring and stored tokens.
     keys, values = pages.gather_store(pool_k, page_table, page_table.shape[-1]), pages.gather_store(pool_v, page_table, page_table.shape[-1])
     for b in range(B):
