@@ -655,9 +655,10 @@ def attention_by_head(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tenso
     the keys it holds, its ring's first ring_len and its store's pages gathered (an index_select) and cut to its
     length, in matrix products of two dimensions. The gate admits very unequally across a layer's heads (SmolLM2's
     default gate at 8k: one head of a layer 7,906 tokens, the others 1,107 and 1,082), so padding every head to the
-    longest, as attention_padded does, reads about twice the stored keys and masks them; this way one SmolLM2
-    layer's decode attention took about half the time at 8k and a fifth less at 1k (1 thread, BENCHMARKS.md). The
-    operations grow with B * Hkv: a batch of eight prompts runs eight times the loop."""
+    longest, as attention_padded does, reads about twice the stored keys and masks them; this way a SmolLM2 layer's
+    eager decode attention at 8k took a quarter to half the time where its stores are long, and about the same at
+    1k (1 thread, BENCHMARKS.md). The operations grow with B * Hkv: a batch of four prompts runs four times the
+    loop, and decoded 9% slower than padded (one run each, BENCHMARKS.md)."""
     B, Hkv, _ = page_table.shape
     Hq, (P, D) = q.shape[1], pool_k.shape[1:]
     G = Hq // Hkv
