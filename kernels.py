@@ -26,7 +26,7 @@ import triton.language as tl       # noqa: E402
 from torch.library import triton_op, wrap_triton   # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction   # noqa: E402
 
-from pages import gather_store, pages_for, pages_in_use, pool_rows, reads_host, store_room   # noqa: E402
+from pages import gather_store, pages_for, pages_in_use, pool_rows, reads_host, store_room, take   # noqa: E402
 
 
 # The references' .item() (the keys in use) becomes a symbolic size in the compiled graph instead of a graph break.
@@ -671,8 +671,8 @@ def attention_by_head(q: Tensor, ring_k: Tensor, ring_v: Tensor, ring_len: Tenso
     for r, row, *heads in zip(ring_lens, lengths, *per_row):
         for n, q_h, ring_h, ring_v_h, table_h, out_h in zip(row, *(x.unbind(0) for x in heads)):
             pages = table_h[:pages_for(n, P)]                                                  # (pages,)
-            keys = pool_k.index_select(0, pages).view(-1, D)[:n]                               # (n, D)
-            values = pool_v.index_select(0, pages).view(-1, D)[:n]                             # (n, D)
+            keys = take(pool_k, pages).flatten(0, 1)[:n]                                       # (n, D)
+            values = take(pool_v, pages).flatten(0, 1)[:n]                                     # (n, D)
             scores = torch.cat((ring_h[:, :r], q_h @ float32(keys).t()), dim=-1).mul_(scale)   # (G, r + n)
             weights = torch.softmax(scores, dim=-1)                # no key at all: (G, 0), and the products give 0
             # The store's weights rounded to its dtype, as the Triton kernel rounds them.

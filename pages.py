@@ -129,11 +129,11 @@ def reads_host(x: Tensor) -> bool:
 
 def pages_in_use(global_len: Tensor, page_size: int, n_columns: int, at_least: int = 1) -> int:
     """How many page-table columns (of n_columns) a decode step reads: those of the longest store, at least
-    `at_least` (page_size 1: the slots of a contiguous cache, kernels.prefix_attention). Where reading the lengths is free or allowed (a CPU, or eager anywhere) it reads them on the host,
-    so that a table sized for the whole context costs what the stores hold; torch.compile keeps the count as a
-    symbolic size (kernels.py sets capture_scalar_outputs), so one graph serves every length. Compiled on a GPU,
-    where it would be a device sync, all n_columns: the masks do the work there, and the Triton kernels skip empty
-    tiles themselves."""
+    `at_least` (page_size 1: the slots of a contiguous cache, kernels.prefix_attention). Where reading the lengths
+    is free or allowed (a CPU, or eager anywhere) it reads them on the host, so that a table sized for the whole
+    context costs what the stores hold; torch.compile keeps the count as a symbolic size (kernels.py sets
+    capture_scalar_outputs), so one graph serves every length. Compiled on a GPU, where it would be a device sync,
+    all n_columns: the masks do the work there, and the Triton kernels skip empty tiles themselves."""
     if not torch.compiler.is_compiling():   # eager: one read of the longest length, then integers
         return max(pages_for(int(global_len.max()), page_size), at_least)
     if global_len.device.type != "cpu":
