@@ -96,23 +96,30 @@ def test_wide_projections_are_column_major_with_the_checkpoints_values(tmp_path)
     assert ours.output.weight is ours.tok_embeddings.weight
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("layout", ["row-major", "column-major"])
-def test_one_row_linear_equals_f_linear_eager_and_compiled(layout):
+def test_one_row_linear_equals_f_linear_eager_and_compiled(layout, threads):
     """A decode step's one-row product in either layout, eager and compiled, and the input gradient the gate
-    trainer backpropagates through it: F.linear on the contiguous weight."""
+    trainer backpropagates through it: F.linear on the contiguous weight. With 3 threads the eager product runs
+    as 3 blocks of 16 output columns (Linear.split_product)."""
     import torch.nn.functional as F
     from model import Linear, column_major
-    torch.manual_seed(0)
-    layer = Linear(16, 48, bias=True).requires_grad_(False)
-    reference = layer.weight.clone()
-    if layout == "column-major":
-        layer.weight = torch.nn.Parameter(column_major(layer.weight), requires_grad=False)
-    x = torch.randn(1, 1, 16, requires_grad=True)
-    expected = F.linear(x, reference, layer.bias)
-    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
-    y = layer(x)
-    (grad,) = torch.autograd.grad(y.square().sum(), x)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, grad_expected, rtol=1e-5, atol=1e-5)
-    compiled = torch.compile(layer, fullgraph=True)
-    torch.testing.assert_close(compiled(x.detach()), expected.detach(), rtol=1e-5, atol=1e-5)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        layer = Linear(16, 48, bias=True).requires_grad_(False)
+        reference = layer.weight.clone()
+        if layout == "column-major":
+            layer.weight = torch.nn.Parameter(column_major(layer.weight), requires_grad=False)
+        x = torch.randn(1, 1, 16, requires_grad=True)
+        expected = F.linear(x, reference, layer.bias)
+        (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+        y = layer(x)
+        (grad,) = torch.autograd.grad(y.square().sum(), x)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, grad_expected, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x.detach()), expected.detach(), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(saved_threads)
