@@ -72,6 +72,7 @@ class Ours:
     def __init__(self, model, compiled: bool, gate: str | None = None, kv_budget: str | None = None,
                  select_budget: int | None = None):
         self.model, self.gate, self.kv_budget, self.select_budget, self.caches = model, gate, kv_budget, select_budget, {}
+        model.lay_out_for_decode(compiled)   # as generate.py --compile loads it, or without
         # Automatic dynamic shapes: the second prompt length of the warm-up makes the length symbolic. (dynamic=True
         # would make the weights' sizes symbolic too, which the blocks' nested_compile_region does not take.)
         # Not fullgraph: the dense cache reads where a chunk ends on the host, to take the causal kernel when
@@ -145,7 +146,7 @@ def compile_seconds(checkpoint: str, system: str, gate: str, sizes: list[int], c
 
 def compile_child(checkpoint: str, system: str, gate: str, sizes: list[int]) -> None:
     """--compile-child: compile the system's decode step for each cache size, print the seconds of each."""
-    model, tokenizer = generate.load(checkpoint)
+    model, tokenizer = generate.load(checkpoint, compiled=True)
     runner = Ours(model, compiled=True, gate=gate if system == "gated-compiled" else None)
     runner.prefill_step = generate.prefill   # the decode step alone is timed
     for size in sizes:
@@ -211,8 +212,9 @@ def batch_throughput(checkpoint: str | None, systems: list[str], batch_sizes: li
     ours = [s for s in systems if s != "transformers"]
     results = {}
     for name in ours:
-        gated = name.startswith("gated")
-        step = generate.compile_decode_step("cpu") if name.endswith("compiled") else generate.decode_one_token
+        gated, compiled = name.startswith("gated"), name.endswith("compiled")
+        model.lay_out_for_decode(compiled)
+        step = generate.compile_decode_step("cpu") if compiled else generate.decode_one_token
         for c in contexts:
             for b in batch_sizes:
                 options = dict(gate=gate or "random:0.2", kv_budget=kv_budget, backend="torch") if gated else {}

@@ -47,13 +47,14 @@ class BadInput(ValueError):
 
 
 def load(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-         tp: TensorParallel = TensorParallel()) -> tuple[Transformer, Tokenizer]:
-    """The model (under tensor parallelism this rank's share) and tokenizer of a Hugging Face checkpoint directory."""
+         tp: TensorParallel = TensorParallel(), compiled: bool = False) -> tuple[Transformer, Tokenizer]:
+    """The model (under tensor parallelism this rank's share) and tokenizer of a Hugging Face checkpoint directory,
+    its weights laid out for a compiled decode step or an eager one (Transformer.lay_out_for_decode)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint {checkpoint} is not a directory")
     try:
-        model = Transformer.from_pretrained(checkpoint, dtype=dtype, device=device, tp=tp)
+        model = Transformer.from_pretrained(checkpoint, dtype=dtype, device=device, tp=tp, compiled=compiled)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint {checkpoint} has unreadable weights: {e}") from None
     return model, Tokenizer(checkpoint)
@@ -666,7 +667,7 @@ def main(checkpoint: str | None = None, prompt: str | list[str] | None = None, p
     if seed is None and tp.world > 1:   # the ranks sample with one seed, so they draw the same tokens
         seed = from_rank0(tp, random.randrange, 2**31)
 
-    model, tokenizer = load(checkpoint, device, DTYPES[dtype], tp)
+    model, tokenizer = load(checkpoint, device, DTYPES[dtype], tp, compiled=compile)
     sampling = sampling_settings(checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty)
     generating = dict(**sampling, prefill_chunk=prefill_chunk,

@@ -211,19 +211,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
 
 class Linear(nn.Linear):
     """nn.Linear whose one-row product (a decode step) streams its weight near the memory's rate on a CPU, in
-    whichever of two layouts the weight is stored; `weight` is (out, in) either way, as checkpoints hold it.
+    whichever of two layouts the weight is stored (Transformer.lay_out_for_decode picks them for eager or compiled
+    decode); `weight` is (out, in) either way, as checkpoints hold it.
 
-    - Row-major (contiguous, the default): compiled for a CPU, the one-row product is a multiply-and-sum that
-      Inductor fuses into one vectorised pass over the weight, where the BLAS matrix-vector product reads it at
-      a third to a half of the memory's rate on this project's CPU (SmolLM2's head: 11 ms against 3.8 ms, 1
-      thread). Eager it is F.linear, at that BLAS rate.
-    - Column-major (an (out, in) view of an (in, out) contiguous tensor, set by column_major at load for the
-      projections wider than tall): F.linear then multiplies the row by the contiguous (in, out) matrix, the
-      BLAS product that streams, eager and compiled (SmolLM2's head: 4.4 ms against 8.8 ms eager, 2 threads).
+    - Row-major (contiguous): compiled for a CPU, the one-row product is a multiply-and-sum that Inductor fuses
+      into one vectorised pass over the weight, where the BLAS matrix-vector product reads it at a third to a half
+      of the memory's rate on this project's CPU (SmolLM2's head: 11 ms against 3.8 ms, 1 thread). Eager it is
+      F.linear, at that BLAS rate.
+    - Column-major (an (out, in) view of an (in, out) contiguous tensor): eager, F.linear then multiplies the row
+      by the contiguous (in, out) matrix, the BLAS product that streams (SmolLM2's head: 4.4 ms against 8.8 ms, 2
+      threads). Compiled it is that same BLAS call, slower than the multiply-and-sum over row-major weights
+      (SmolLM2's compiled gated step at 1k: 37.2 against 31.2 ms, 2 threads, BENCHMARKS.md).
     - Eager with several threads, in either layout: the BLAS runs a one-row product on one thread, so the output
       columns are cut into one block per thread and multiplied as a batch (split_product), which the BLAS runs
       in parallel (SmolLM2's down projections, 2 threads: 35 against 20 GB/s; its head 53 against 28; a whole
-      eager step 1.06-1.09x faster, BENCHMARKS.md).
+      eager step 1.06-1.09x faster, BENCHMARKS.md). Compiled, the blocks would be copied out first (7 GB/s).
     More rows (a prefill) or a GPU: F.linear, whatever the layout.
     """
 
@@ -331,16 +333,22 @@ class Transformer(nn.Module):
         self.output = Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config).float(), persistent=False)   # (D/2,)
 
-    def lay_out_for_decode(self) -> None:
-        """On a CPU, store each projection wider than tall (the head, the fused q/k/v and the MLP's fused gate and up
-        projections) column-major (see Linear), one weight at a time, so that eager one-row products stream it; the narrower ones stay
-        row-major, where the CPU's BLAS reads them faster than the other layout (SmolLM2's down projection). A tied
-        embedding keeps sharing the head's tensor: one copy, whose rows a lookup reads strided (about 50 ms per
-        1,000 prompt tokens for SmolLM2's, against 0.4 ms contiguous). Names, shapes and values stay as they were."""
+    def lay_out_for_decode(self, compiled: bool = False) -> None:
+        """Store each projection in the layout its one-row products read fastest on a CPU (see Linear), one weight
+        at a time. Eager: those wider than tall (the head, the fused q/k/v, the MLP's fused gate and up projections)
+        column-major, the narrower ones row-major, where the CPU's BLAS reads them faster than the other layout
+        (SmolLM2's down projection). Compiled: every one row-major, for Inductor's multiply-and-sum. A tied embedding
+        keeps sharing the head's tensor: one copy, whose rows a lookup reads strided when it is column-major (about
+        50 ms per 1,000 prompt tokens for SmolLM2's, against 0.4 ms contiguous). Names, shapes and values stay as
+        they were; a second call with the other mode lays the weights out again."""
         tied = self.output.weight is self.tok_embeddings.weight
         for m in self.modules():
-            if isinstance(m, Linear) and m.out_features > m.in_features and m.weight.device.type == "cpu":
-                m.weight = nn.Parameter(column_major(m.weight.detach()), requires_grad=m.weight.requires_grad)
+            if isinstance(m, Linear) and m.weight.device.type == "cpu":
+                wide = m.out_features > m.in_features and not compiled
+                if m.weight.is_contiguous() == wide:   # not in the layout wanted
+                    weight = m.weight.detach()
+                    m.weight = nn.Parameter(column_major(weight) if wide else weight.contiguous(),
+                                            requires_grad=m.weight.requires_grad)
         if tied:
             self.tok_embeddings.weight = self.output.weight
 
@@ -376,9 +384,11 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", tp: TensorParallel = TensorParallel()) -> "Transformer":
+                        device: str | torch.device = "cpu", tp: TensorParallel = TensorParallel(),
+                        compiled: bool = False) -> "Transformer":
         """Load a Hugging Face Llama or Qwen3 directory (config.json + *.safetensors, single or sharded); under
-        tensor parallelism only this rank's slices of the split weights are read (read_tensor)."""
+        tensor parallelism only this rank's slices of the split weights are read (read_tensor). compiled: the
+        weights laid out for a compiled decode step, else for an eager one (lay_out_for_decode)."""
         from safetensors import safe_open
         checkpoint = Path(checkpoint)
         config = LlamaConfig.from_hf(read_json(checkpoint / "config.json"))
@@ -415,7 +425,7 @@ class Transformer(nn.Module):
         model.inv_freq = rope_frequencies(config).float().to(device)
         if config.tie_word_embeddings:
             model.output.weight = model.tok_embeddings.weight
-        model.lay_out_for_decode()
+        model.lay_out_for_decode(compiled)
         return model.eval().requires_grad_(False)
 
 
