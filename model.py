@@ -220,8 +220,8 @@ class Linear(nn.Linear):
       F.linear, at that BLAS rate.
     - Column-major (an (out, in) view of an (in, out) contiguous tensor): eager, F.linear then multiplies the row
       by the contiguous (in, out) matrix, the BLAS product that streams (SmolLM2's head: 4.4 ms against 8.8 ms, 2
-      threads). Compiled it is that same BLAS call, slower than the multiply-and-sum over row-major weights
-      (SmolLM2's compiled gated step at 1k: 37.2 against 31.2 ms, 2 threads, BENCHMARKS.md).
+      threads). Compiled it is that same BLAS call on one thread, slower with several than the multiply-and-sum
+      over row-major weights (SmolLM2's compiled gated step at 1k, 2 threads: 37.2 against 31.2 ms, BENCHMARKS.md).
     - Eager with several threads, in either layout: the BLAS runs a one-row product on one thread, so the output
       columns are cut into one block per thread and multiplied as a batch (split_product), which the BLAS runs
       in parallel (SmolLM2's down projections, 2 threads: 35 against 20 GB/s; its head 53 against 28; a whole
@@ -337,14 +337,16 @@ class Transformer(nn.Module):
         """Store each projection in the layout its one-row products read fastest on a CPU (see Linear), one weight
         at a time. Eager: those wider than tall (the head, the fused q/k/v, the MLP's fused gate and up projections)
         column-major, the narrower ones row-major, where the CPU's BLAS reads them faster than the other layout
-        (SmolLM2's down projection). Compiled: every one row-major, for Inductor's multiply-and-sum. A tied embedding
+        (SmolLM2's down projection). Compiled with several threads: every one row-major, for Inductor's
+        multiply-and-sum, which runs on all of them where the BLAS runs a one-row product on one (with one thread
+        the BLAS is as fast: the eager layout, 0.95x for the other in SmolLM2's compiled gated step). A tied embedding
         keeps sharing the head's tensor: one copy, whose rows a lookup reads strided when it is column-major (about
         50 ms per 1,000 prompt tokens for SmolLM2's, against 0.4 ms contiguous). Names, shapes and values stay as
         they were; a second call with the other mode lays the weights out again."""
         tied = self.output.weight is self.tok_embeddings.weight
         for m in self.modules():
             if isinstance(m, Linear) and m.weight.device.type == "cpu":
-                wide = m.out_features > m.in_features and not compiled
+                wide = m.out_features > m.in_features and not (compiled and torch.get_num_threads() > 1)
                 if m.weight.is_contiguous() == wide:   # not in the layout wanted
                     weight = m.weight.detach()
                     m.weight = nn.Parameter(column_major(weight) if wide else weight.contiguous(),

@@ -97,26 +97,34 @@ def test_wide_projections_are_column_major_with_the_checkpoints_values(tmp_path)
 
 
 def test_compiled_decode_loads_every_projection_row_major(tmp_path):
-    """compiled=True (generate.py --compile) stores every projection row-major, for Inductor's multiply-and-sum,
-    with the checkpoint's values; lay_out_for_decode turns a model from one layout to the other and back, the
-    tied embedding sharing the head's tensor throughout."""
+    """compiled=True (generate.py --compile) with several threads stores every projection row-major, for Inductor's
+    multiply-and-sum, with the checkpoint's values (with one thread, the eager layout); lay_out_for_decode turns a
+    model from one layout to the other and back, the tied embedding sharing the head's tensor throughout."""
     from model import Linear
     hf_call("save_random_model", tmp_path, "llama", **CONFIGS["gqa-tied"])
-    eager, compiled = Transformer.from_pretrained(tmp_path), Transformer.from_pretrained(tmp_path, compiled=True)
 
     def layouts(model):
         return {name: m.weight.is_contiguous() for name, m in model.named_modules() if isinstance(m, Linear)}
 
-    assert all(layouts(compiled).values()) and not all(layouts(eager).values())
-    for name, value in compiled.state_dict().items():
-        torch.testing.assert_close(value, eager.state_dict()[name], rtol=0, atol=0)
-    before = layouts(eager)
-    eager.lay_out_for_decode(compiled=True)
-    assert layouts(eager) == layouts(compiled) and eager.output.weight is eager.tok_embeddings.weight
-    eager.lay_out_for_decode()
-    assert layouts(eager) == before and eager.output.weight is eager.tok_embeddings.weight
-    for name, value in compiled.state_dict().items():
-        torch.testing.assert_close(value, eager.state_dict()[name], rtol=0, atol=0)
+    saved_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = Transformer.from_pretrained(tmp_path, compiled=True)
+        torch.set_num_threads(2)
+        eager, compiled = Transformer.from_pretrained(tmp_path), Transformer.from_pretrained(tmp_path, compiled=True)
+        assert all(layouts(compiled).values()) and not all(layouts(eager).values())
+        assert layouts(one_thread) == layouts(eager)
+        for name, value in compiled.state_dict().items():
+            torch.testing.assert_close(value, eager.state_dict()[name], rtol=0, atol=0)
+        before = layouts(eager)
+        eager.lay_out_for_decode(compiled=True)
+        assert layouts(eager) == layouts(compiled) and eager.output.weight is eager.tok_embeddings.weight
+        eager.lay_out_for_decode()
+        assert layouts(eager) == before and eager.output.weight is eager.tok_embeddings.weight
+        for name, value in compiled.state_dict().items():
+            torch.testing.assert_close(value, eager.state_dict()[name], rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(saved_threads)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
