@@ -242,7 +242,7 @@ def test_device_cuda_loads_the_checkpoints_dtype(tiny_checkpoint, monkeypatch):
     class Loaded(Exception):
         pass
 
-    def load(checkpoint, device, dtype, tp):
+    def load(checkpoint, device, dtype, tp, compiled=False):
         asked.update(device=device, dtype=dtype)
         raise Loaded
 
