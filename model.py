@@ -346,10 +346,10 @@ class Transformer(nn.Module):
         tied = self.output.weight is self.tok_embeddings.weight
         for m in self.modules():
             if isinstance(m, Linear) and m.weight.device.type == "cpu":
-                wide = m.out_features > m.in_features and not (compiled and torch.get_num_threads() > 1)
-                if m.weight.is_contiguous() == wide:   # not in the layout wanted
+                column = m.out_features > m.in_features and not (compiled and torch.get_num_threads() > 1)
+                if m.weight.is_contiguous() == column:   # not in the layout wanted
                     weight = m.weight.detach()
-                    m.weight = nn.Parameter(column_major(weight) if wide else weight.contiguous(),
+                    m.weight = nn.Parameter(column_major(weight) if column else weight.contiguous(),
                                             requires_grad=m.weight.requires_grad)
         if tied:
             self.tok_embeddings.weight = self.output.weight
