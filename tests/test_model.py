@@ -1,4 +1,6 @@
 """model.py and the dense cache against transformers' LlamaForCausalLM on tiny random configs (Qwen3: test_qwen3.py)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -96,6 +98,17 @@ def test_wide_projections_are_column_major_with_the_checkpoints_values(tmp_path)
     assert ours.output.weight is ours.tok_embeddings.weight
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n inside the block, the caller's count restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_compiled_decode_loads_every_projection_row_major(tmp_path):
     """compiled=True (generate.py --compile) with several threads stores every projection row-major, for Inductor's
     multiply-and-sum, with the checkpoint's values (with one thread, the eager layout); lay_out_for_decode turns a
@@ -106,11 +119,9 @@ def test_compiled_decode_loads_every_projection_row_major(tmp_path):
     def layouts(model):
         return {name: m.weight.is_contiguous() for name, m in model.named_modules() if isinstance(m, Linear)}
 
-    saved_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one_thread = Transformer.from_pretrained(tmp_path, compiled=True)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         eager, compiled = Transformer.from_pretrained(tmp_path), Transformer.from_pretrained(tmp_path, compiled=True)
         assert all(layouts(compiled).values()) and not all(layouts(eager).values())
         assert layouts(one_thread) == layouts(eager)
@@ -123,8 +134,6 @@ def test_compiled_decode_loads_every_projection_row_major(tmp_path):
         assert layouts(eager) == before and eager.output.weight is eager.tok_embeddings.weight
         for name, value in compiled.state_dict().items():
             torch.testing.assert_close(value, eager.state_dict()[name], rtol=0, atol=0)
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -135,22 +144,19 @@ def test_one_row_linear_equals_f_linear_eager_and_compiled(layout, threads):
     as 3 blocks of 16 output columns (Linear.split_product)."""
     import torch.nn.functional as F
     from model import Linear, column_major
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        layer = Linear(16, 48, bias=True).requires_grad_(False)
-        reference = layer.weight.clone()
-        if layout == "column-major":
-            layer.weight = torch.nn.Parameter(column_major(layer.weight), requires_grad=False)
-        x = torch.randn(1, 1, 16, requires_grad=True)
-        expected = F.linear(x, reference, layer.bias)
-        (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.manual_seed(0)
+    layer = Linear(16, 48, bias=True).requires_grad_(False)
+    reference = layer.weight.clone()
+    if layout == "column-major":
+        layer.weight = torch.nn.Parameter(column_major(layer.weight), requires_grad=False)
+    x = torch.randn(1, 1, 16, requires_grad=True)
+    expected = F.linear(x, reference, layer.bias)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    with torch_threads(threads):
         y = layer(x)
         (grad,) = torch.autograd.grad(y.square().sum(), x)
-        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad, grad_expected, rtol=1e-5, atol=1e-5)
         compiled = torch.compile(layer, fullgraph=True)
-        torch.testing.assert_close(compiled(x.detach()), expected.detach(), rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(saved_threads)
+        y_compiled = compiled(x.detach())
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_compiled, expected.detach(), rtol=1e-5, atol=1e-5)
